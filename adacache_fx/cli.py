@@ -1,0 +1,125 @@
+"""The ``adacache-fx`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from . import presets
+from .config import AdaCacheConfig, MoRegConfig
+
+
+def _tiny_wan(num_layers: int, dim_head: int, heads: int, frames: int, size: int, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=4,
+        out_channels=4, text_dim=64, freq_dim=64, ffn_dim=4 * heads * dim_head, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    ).eval()
+    latents = torch.randn(1, 4, frames, size, size)
+    text = torch.randn(1, 16, 64)
+    return model, latents, text
+
+
+def _euler_loop(model, latents, text, num_steps: int):
+    """A flow-matching Euler loop (as diffusers' FlowMatchEulerDiscreteScheduler, shift 1)."""
+    x = latents.clone()
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
+    with torch.no_grad():
+        for i in range(num_steps):
+            t = (sigmas[i] * 1000).reshape(1)
+            v = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
+    return x
+
+
+def cmd_speed(args) -> int:
+    """Issue-3 figures: tiny Wan, eager, N steps: computed steps, speedup, cache memory stack vs block."""
+    import adacache_fx as ax
+
+    from .timing import measure_interleaved
+
+    torch.set_num_threads(args.threads)
+    model, latents, text = _tiny_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
+    codebook = presets.PRESETS[args.codebook]
+    variants = {"baseline": model}
+    for granularity in ("stack", "block"):
+        variants[granularity] = ax.transform(
+            model, AdaCacheConfig(num_steps=args.steps, codebook=codebook, granularity=granularity)
+        )
+    outputs = {name: _euler_loop(m, latents, text, args.steps) for name, m in variants.items()}
+    timings = measure_interleaved(
+        {name: (lambda m=m: _euler_loop(m, latents, text, args.steps)) for name, m in variants.items()},
+        repeats=args.repeats,
+        warmup=0,
+    )
+    tokens = args.frames * (args.size // 2) ** 2
+    print(
+        f"tiny Wan: {args.layers} blocks, hidden {args.heads * args.head_dim}, {args.frames} latent frames of "
+        f"{args.size}x{args.size} (patch 2: {tokens} tokens), {args.steps} steps, codebook {args.codebook}, "
+        f"eager, {args.threads} threads, median of {args.repeats}"
+    )
+    print(f"{'variant':10s} {'computed':>9s} {'time s':>8s} {'speedup':>8s} {'cache MiB':>10s} {'max|diff|':>10s}")
+    base = timings["baseline"].median_s
+    for name in variants:
+        if name == "baseline":
+            computed, cache = f"{args.steps}", "-"
+        else:
+            rep = ax.report(variants[name])
+            computed, cache = f"{rep.num_computed}", f"{rep.cache_bytes / 2**20:.3f}"
+        diff = float((outputs[name] - outputs["baseline"]).abs().max())
+        print(
+            f"{name:10s} {computed:>9s} {timings[name].median_s:8.3f} {base / timings[name].median_s:8.2f}x "
+            f"{cache:>10s} {diff:10.4f}"
+        )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adacache-fx",
+        description="AdaCache for video diffusion transformers as a torch.fx pass.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="generate videos with and without AdaCache and compare them")
+    demo.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    demo.add_argument("--codebook", choices=sorted(presets.PRESETS), default="fast")
+    demo.add_argument("--moreg", action="store_true", help="enable motion regularization")
+    demo.add_argument("--out", default="adacache-fx-out", help="output folder")
+    demo.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    demo.set_defaults(func=cmd_demo)
+
+    speed = sub.add_parser("speed", help="eager speedup and cache memory on a tiny random Wan (stack vs block)")
+    speed.add_argument("--layers", type=int, default=8)
+    speed.add_argument("--heads", type=int, default=4)
+    speed.add_argument("--head-dim", type=int, default=64)
+    speed.add_argument("--frames", type=int, default=8)
+    speed.add_argument("--size", type=int, default=16, help="latent height and width")
+    speed.add_argument("--steps", type=int, default=30)
+    speed.add_argument("--codebook", choices=sorted(presets.PRESETS), default="fast")
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    speed.set_defaults(func=cmd_speed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+__all__ = ["main", "build_parser", "MoRegConfig"]

@@ -1,0 +1,127 @@
+"""Typed configuration objects for the AdaCache transform."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+GRANULARITIES = ("stack", "block")
+
+
+def _default_codebook() -> dict[float, int]:
+    from .presets import FAST_30
+
+    return dict(FAST_30)
+
+
+@dataclass(frozen=True)
+class MoRegConfig:
+    """Motion regularization (MoReg): spend more compute on videos with more motion.
+
+    Args:
+        strides: frame strides ``i`` of the motion metric (averaged).
+        window: inclusive 1-based step window in which the motion metric is active; outside it m = 1.
+        power: ``(a, b, d)`` of the normalization ``m = ((m / a) ** b) / d``.
+        grad_scale: ``k`` of the motion gradient ``g = k * (m - m_prev) / r_prev``.
+        frames: number of latent frames T at the metric location; ``None`` infers it from the patch
+            embedding of the captured graph.
+    """
+
+    strides: tuple[int, ...] = (1,)
+    window: tuple[int, int] = (4, 26)
+    power: tuple[float, float, float] = (0.385, 8.0, 1.0)
+    grad_scale: float = 10.0
+    frames: int | None = None
+
+    def __post_init__(self):
+        strides = tuple(int(s) for s in self.strides)
+        if not strides or min(strides) < 1:
+            raise ValueError(f"MoRegConfig.strides must be positive frame strides, got {self.strides!r}")
+        object.__setattr__(self, "strides", strides)
+        if len(self.window) != 2 or self.window[0] > self.window[1]:
+            raise ValueError(f"MoRegConfig.window must be (first, last) with first <= last, got {self.window!r}")
+        if len(self.power) != 3 or self.power[0] <= 0 or self.power[2] == 0:
+            raise ValueError(f"MoRegConfig.power must be (a, b, d) with a > 0 and d != 0, got {self.power!r}")
+        if self.frames is not None and self.frames < 2:
+            raise ValueError(f"MoRegConfig.frames must be >= 2 (motion needs frames), got {self.frames}")
+
+
+@dataclass(frozen=True)
+class AdaCacheConfig:
+    """How :func:`adacache_fx.transform` caches a model.
+
+    Args:
+        num_steps: denoising steps N of a generation; may also be given later with
+            :func:`adacache_fx.reset` or by :func:`adacache_fx.enable` from the pipeline call.
+        codebook: ordered map ``{threshold: rate}``; the new cache rate is the rate of the first
+            threshold with ``c < threshold``, else the last rate. Default: ``presets.FAST_30``.
+        metric_block: index of the block (execution order, from 0) whose residual drives the
+            decision; ``None`` is the middle block. A sequence averages several blocks.
+        metric_branch: index of the residual branch inside that block (0: the first, usually
+            self-attention).
+        granularity: ``"stack"`` (one cached region over the block stack, the default) or
+            ``"block"`` (every block its own region).
+        moreg: optional :class:`MoRegConfig`.
+        compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
+            the cache. Replaces the adaptive policy; must contain step 1.
+    """
+
+    num_steps: int | None = None
+    codebook: Mapping[float, int] = field(default_factory=_default_codebook)
+    metric_block: int | Sequence[int] | None = None
+    metric_branch: int = 0
+    granularity: str = "stack"
+    moreg: MoRegConfig | None = None
+    compute_steps: Sequence[int] | None = None
+
+    def __post_init__(self):
+        if self.num_steps is not None:
+            check_num_steps(self.num_steps)
+        object.__setattr__(self, "codebook", validate_codebook(self.codebook))
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.metric_branch < 0:
+            raise ValueError(f"metric_branch must be >= 0, got {self.metric_branch}")
+        if self.compute_steps is not None:
+            steps = tuple(sorted({int(s) for s in self.compute_steps}))
+            if not steps or steps[0] != 1:
+                raise ValueError("compute_steps must contain step 1: the first step has nothing cached")
+            object.__setattr__(self, "compute_steps", steps)
+
+    @property
+    def metric_blocks(self) -> tuple[int, ...] | None:
+        if self.metric_block is None:
+            return None
+        if isinstance(self.metric_block, int):
+            return (self.metric_block,)
+        return tuple(int(b) for b in self.metric_block)
+
+
+def check_num_steps(num_steps) -> int:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 3:
+        raise ValueError(
+            f"num_steps must be an int >= 3 (steps 1, N-1 and N always compute), got {num_steps!r}"
+        )
+    return num_steps
+
+
+def validate_codebook(codebook: Mapping[float, int]) -> dict[float, int]:
+    """Check a ``{threshold: rate}`` codebook: non-empty, thresholds increasing, rates positive ints."""
+    if isinstance(codebook, Mapping):
+        items = list(codebook.items())
+    else:
+        raise TypeError(f"codebook must be a mapping {{threshold: rate}}, got {type(codebook).__name__}")
+    if not items:
+        raise ValueError("codebook is empty: give at least one {threshold: rate} entry")
+    thresholds = [float(t) for t, _ in items]
+    if any(math.isnan(t) or t <= 0 for t in thresholds):
+        raise ValueError(f"codebook thresholds must be positive, got {thresholds}")
+    if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
+        raise ValueError(f"codebook thresholds must be strictly increasing, got {thresholds}")
+    rates = []
+    for _, r in items:
+        if isinstance(r, bool) or int(r) != r or int(r) < 1:
+            raise ValueError(f"codebook rates must be integers >= 1, got {[r for _, r in items]}")
+        rates.append(int(r))
+    return dict(zip(thresholds, rates))

@@ -1,0 +1,196 @@
+"""CachedModel: the stateful shell around the rewritten graph.
+
+The rewritten graph is a pure function ``(inputs..., state...) -> (outputs..., new_state...)``. This
+module captures and rewrites the wrapped model lazily on the first call of each input signature,
+holds the state tensors (one set per cache context and signature), feeds them in and writes the new
+values back in place. Nothing here reads a tensor value during a generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .capture import CapturedGraph, capture, signature
+from .config import AdaCacheConfig, check_num_steps
+from .passes import PassError, RewriteResult, StateSpec, rewrite
+
+DEFAULT_CONTEXT = "default"
+
+
+class TransformError(RuntimeError):
+    """The model's structure does not allow caching (no block stack, a block that cannot be skipped...)."""
+
+
+@dataclass
+class Program:
+    """A captured and rewritten call signature."""
+
+    captured: CapturedGraph
+    rewrite: RewriteResult
+
+    @property
+    def graph_module(self):
+        return self.rewrite.graph_module
+
+    @property
+    def specs(self) -> list[StateSpec]:
+        return self.rewrite.state_specs
+
+
+class CachedModel(nn.Module):
+    """A model whose block stack is skipped on the steps AdaCache decides to reuse.
+
+    Behaves like the wrapped model: same call signature and outputs, ``config``, ``dtype``,
+    ``device`` and the wrapped model's ``state_dict``. Use :meth:`cache_context` for separate
+    conditional / unconditional state, and :func:`adacache_fx.reset` to start a new generation.
+    """
+
+    def __init__(self, model: nn.Module, config: AdaCacheConfig):
+        super().__init__()
+        self.model = model
+        self.adacache_config = config
+        self._num_steps = config.num_steps
+        self._programs: dict[tuple, Program] = {}
+        self._states: dict[str, dict[tuple, dict[str, torch.Tensor]]] = {}
+        self._last_key: dict[str, tuple] = {}
+        self._context = DEFAULT_CONTEXT
+
+    # -- behave like the wrapped model ------------------------------------------------------------
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.model.load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.half() may replace buffers: captured graphs would keep the old ones.
+        self._programs.clear()
+        self._states.clear()
+        self._last_key.clear()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"adacache={self.adacache_config}"
+
+    # -- cache contexts and generations -----------------------------------------------------------
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
+        previous, self._context = self._context, name
+        try:
+            yield
+        finally:
+            self._context = previous
+
+    @property
+    def num_steps(self) -> int | None:
+        return self._num_steps
+
+    def reset(self, num_steps: int | None = None) -> None:
+        """Start a new generation in every context; optionally change the number of steps N."""
+        if num_steps is not None:
+            check_num_steps(num_steps)
+            if num_steps != self._num_steps:
+                self._num_steps = num_steps
+                self._states.clear()
+                self._last_key.clear()
+                return
+        for states in self._states.values():
+            for state in states.values():
+                state["step"].zero_()
+                state["history"].fill_(float("nan"))
+
+    # -- the call ---------------------------------------------------------------------------------
+    def _key(self, args, kwargs) -> tuple:
+        param = next(self.model.parameters(), None)
+        where = (param.dtype, param.device.type) if param is not None else None
+        return (signature(args, kwargs), where)
+
+    def _prepare(self, key, args, kwargs) -> Program:
+        if torch.compiler.is_compiling():
+            raise TransformError(
+                "adacache_fx captures the model on its first eager call of each input signature; "
+                "run one step eagerly before torch.compile traces it, or use adacache_fx.compile()"
+            )
+        captured = capture(self.model, args, kwargs)
+        try:
+            result = rewrite(captured.graph_module, self.adacache_config)
+        except PassError as error:
+            raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
+        program = Program(captured, result)
+        self._programs[key] = program
+        return program
+
+    def _state(self, program: Program, key, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+        states = self._states.setdefault(self._context, {})
+        state = states.get(key)
+        if state is None:
+            if self._num_steps is None:
+                raise ValueError(
+                    "adacache_fx does not know the number of denoising steps N: set "
+                    "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
+                    "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
+                )
+            state = {}
+            for spec in program.specs:
+                shape = (self._num_steps, 4) if spec.shape is None else spec.shape
+                state[spec.name] = torch.full(shape, spec.fill, dtype=spec.dtype, device=reference.device)
+            state["num_steps"].fill_(self._num_steps)
+            states[key] = state
+        return state
+
+    def _check_generation(self, key) -> None:
+        """Eager only: refuse a new input signature in the middle of a generation."""
+        last = self._last_key.get(self._context)
+        if last is not None and last != key:
+            old = self._states.get(self._context, {}).get(last)
+            if old is not None and 0 < int(old["step"]) < int(old["num_steps"]):
+                raise ValueError(
+                    f"the input signature changed in the middle of a generation (step {int(old['step'])} "
+                    f"of {int(old['num_steps'])} in cache context {self._context!r}); call "
+                    "adacache_fx.reset(model) first. The cached state was left untouched."
+                )
+        self._last_key[self._context] = key
+
+    def forward(self, *args, **kwargs):
+        key = self._key(args, kwargs)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._prepare(key, args, kwargs)
+        flat = program.captured.flatten_inputs(args, kwargs)
+        reference = next(t for t in flat if isinstance(t, torch.Tensor))
+        if not torch.compiler.is_compiling():
+            self._check_generation(key)
+        state = self._state(program, key, reference)
+        outputs = program.graph_module(*flat, *state.values())
+        returned = [state[spec.name] for spec in program.specs if spec.returned]
+        n_user = len(outputs) - len(returned)
+        for tensor, new in zip(returned, outputs[n_user:]):
+            tensor.copy_(new)
+        return program.captured.unflatten_outputs(outputs[:n_user])
+
+    # -- introspection ----------------------------------------------------------------------------
+    def current_state(self, context: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The state of the last signature used in ``context`` (default: the active context)."""
+        context = self._context if context is None else context
+        key = self._last_key.get(context)
+        if key is None:
+            return None
+        return self._states.get(context, {}).get(key)
+
+    def program(self, context: str | None = None) -> Program | None:
+        key = self._last_key.get(self._context if context is None else context)
+        return None if key is None else self._programs.get(key)

@@ -1,0 +1,83 @@
+"""Graph passes, one concern per module, and the one place that runs them in order.
+
+find_blocks -> plan_regions (uses find_streams) -> plan_metric -> frame_layout -> insert_cache
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from ..config import AdaCacheConfig
+from .find_blocks import Block, find_blocks
+from .frame_layout import first_batch, infer_frame_layout
+from .graph_utils import PassError, fake
+from .insert_cache import StateSpec, insert_cache
+from .plan_regions import MetricSite, Region, plan_metric, plan_regions
+
+__all__ = ["PassError", "RewriteResult", "StateSpec", "rewrite"]
+
+
+@dataclass
+class RewriteResult:
+    graph_module: fx.GraphModule
+    state_specs: list[StateSpec]
+    blocks: list[str] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    metric_sites: list[str] = field(default_factory=list)
+    frame_layout: tuple[int, int] | None = None
+
+
+def _moreg_layout(graph: fx.Graph, config: AdaCacheConfig, sites: list[MetricSite]) -> tuple[int, int]:
+    moreg = config.moreg
+    if moreg.frames is not None:
+        layout = (first_batch(graph), moreg.frames)
+    else:
+        layout = infer_frame_layout(graph)
+        if layout is None:
+            raise PassError(
+                "MoReg needs the number of latent frames, and this graph has no convolutional patch "
+                "embedding to infer it from: set MoRegConfig(frames=T)"
+            )
+    batch, frames = layout
+    site = sites[0]
+    value = fake(site.value if site.value is not None else site.stream.out)
+    if frames < 2 or value.numel() % (batch * frames):
+        raise PassError(
+            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} as "
+            f"[batch={batch}, frames={frames}, ...]; set MoRegConfig(frames=T) to the latent frame count"
+        )
+    if max(moreg.strides) >= frames:
+        raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
+    return layout
+
+
+def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
+    """Run the passes over a captured graph module (in place) and return it with its state layout."""
+    graph = gm.graph
+    blocks: list[Block] = find_blocks(graph)
+    regions: list[Region] = plan_regions(graph, blocks, config.granularity)
+    sites = plan_metric(graph, blocks, regions, config.metric_blocks, config.metric_branch)
+    layout = _moreg_layout(graph, config, sites) if config.moreg is not None else None
+    result = RewriteResult(
+        graph_module=gm,
+        state_specs=[],
+        blocks=[b.path for b in blocks],
+        regions=[r.name for r in regions],
+        metric_sites=[
+            f"{s.block.path} branch {config.metric_branch}" if s.value is not None else f"{s.block.path} (block)"
+            for s in sites
+        ],
+        frame_layout=layout,
+    )
+    _, result.state_specs = insert_cache(
+        gm,
+        regions,
+        sites,
+        codebook=dict(config.codebook),
+        moreg=config.moreg,
+        frame_layout=layout,
+        compute_steps=config.compute_steps,
+    )
+    return result

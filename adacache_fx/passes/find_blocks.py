@@ -1,0 +1,75 @@
+"""find_blocks: locate the transformer block stack in a captured graph.
+
+Matches: nodes whose ``nn_module_stack`` contains a scope ``<list>.<i>`` (an indexed child of a
+container that is never called itself, i.e. a ``ModuleList``), taking the outermost such scope so
+that ``blocks.3.attn.to_out.0`` belongs to ``blocks.3``. Of all block lists, the ones closest to the
+model root form the stack (a list nested in an embedder, like a text refiner, does not); several
+lists at that depth (double- then single-stream blocks, interleaved spatial and temporal blocks) are
+merged in execution order. Rewrites nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .graph_utils import PassError
+
+
+@dataclass
+class Block:
+    """One block of the stack: its module path and the graph nodes it runs, in graph order."""
+
+    index: int
+    path: str
+    nodes: list[fx.Node] = field(repr=False)
+
+    @property
+    def list_path(self) -> str:
+        return self.path.rsplit(".", 1)[0]
+
+
+def block_scope(node: fx.Node) -> str | None:
+    """The outermost indexed-child scope of a node (``"blocks.3"``), or None outside any block."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    paths = [entry[0] for entry in stack.values()]
+    called = set(paths)
+    for path in paths:
+        parent, _, last = path.rpartition(".")
+        if last.isdigit() and parent and parent not in called:
+            return path
+    return None
+
+
+def find_blocks(graph: fx.Graph) -> list[Block]:
+    """Return the blocks of the main stack in execution order.
+
+    Raises :class:`PassError` if the graph has no block list, or if a block's nodes interleave with
+    another block's (the region between two blocks must be glue, not another block).
+    """
+    spans: dict[str, list[int]] = {}
+    order = list(graph.nodes)
+    for i, node in enumerate(order):
+        if node.op != "call_function":
+            continue
+        scope = block_scope(node)
+        if scope is not None:
+            span = spans.setdefault(scope, [i, i])
+            span[1] = i
+    if not spans:
+        raise PassError(
+            "no transformer block stack found: no node runs inside an indexed child of a module "
+            "container (e.g. an nn.ModuleList of blocks)"
+        )
+    depth = min(path.count(".") for path in spans)
+    stack = sorted(((s, path) for path, s in spans.items() if path.count(".") == depth))
+    blocks = []
+    for index, ((start, end), path) in enumerate(stack):
+        if index and start <= stack[index - 1][0][1]:
+            raise PassError(f"blocks {stack[index - 1][1]} and {path} interleave in the graph")
+        nodes = [n for n in order[start : end + 1] if n.op == "call_function"]
+        blocks.append(Block(index, path, nodes))
+    return blocks

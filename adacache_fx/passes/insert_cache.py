@@ -1,0 +1,224 @@
+"""insert_cache: rewrite each planned region into a ``torch.cond`` over compute and cached branches.
+
+Matches: the regions from :mod:`plan_regions` and the metric sites from ``plan_metric``.
+Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., new_state...)``:
+
+* state tensors become placeholders after the user inputs (see :class:`StateSpec`);
+* a :class:`~adacache_fx.policy.StepBegin` call at the top yields the 0-dim bool ``compute``;
+* each region's nodes move into a *compute* branch that returns every stream's new value, its
+  residual ``out - inp``, the metric residual and its distances; a *cached* branch returns
+  ``inp + cached_residual`` and the cached values unchanged; ``torch.cond(compute, ...)`` picks one,
+  so on a cached step the region does not run at all;
+* a :class:`~adacache_fx.policy.StepEnd` call after the last region computes the next schedule.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from ..policy import MotionMagnitude, ResidualDistance, StepBegin, StepEnd
+from .graph_utils import fake, is_view
+from .plan_regions import MetricSite, Region
+
+aten = torch.ops.aten
+cond = torch.ops.higher_order.cond
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor: name, shape (None: the ``[N, 4]`` history), dtype, initial value."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype
+    fill: float
+    returned: bool = True  # the graph returns an updated value
+
+
+SCALAR_STATE = (
+    StateSpec("step", (), torch.int64, 0),
+    StateSpec("num_steps", (), torch.int64, 0, returned=False),
+    StateSpec("rate", (), torch.int64, 1),
+    StateSpec("next_compute", (), torch.int64, 1),
+    StateSpec("m_prev", (), torch.float32, 1.0),
+    StateSpec("history", None, torch.float32, float("nan")),
+)
+
+
+def _after(graph: fx.Graph, node: fx.Node):
+    """Insert new nodes right after ``node``, in creation order."""
+    return graph.inserting_before(node.next)
+
+
+def _getitems(graph: fx.Graph, node: fx.Node, count: int) -> list[fx.Node]:
+    with _after(graph, node):
+        return [graph.call_function(operator.getitem, (node, i)) for i in range(count)]
+
+
+def _fresh(graph: fx.Graph, value: fx.Node) -> fx.Node:
+    """A branch output must not alias a branch input or another output: copy views."""
+    return graph.call_function(aten.clone.default, (value,)) if is_view(value) else value
+
+
+def _scalar_zero(graph: fx.Graph, like: fx.Node) -> fx.Node:
+    return graph.call_function(aten.new_zeros.default, (like, []), {"dtype": torch.float32})
+
+
+def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: MetricSite | None):
+    """Return ``(compute_gm, cached_gm, n_outputs)`` with identical signatures and output metadata."""
+    n_streams = len(region.streams)
+    compute, cached = fx.Graph(), fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in region.inputs:
+        env[node] = compute.placeholder(node.name)
+    for k in range(n_streams):
+        compute.placeholder(f"cache_{k}")  # unused by the compute branch: both branches take the same operands
+    p_prev_in = [compute.placeholder(f"p_prev_{j}") for j in range(len(sites))]
+    for node in region.nodes:
+        for arg in node.all_input_nodes:
+            if arg not in env and arg.op == "get_attr":
+                env[arg] = compute.get_attr(arg.target)
+        env[node] = compute.node_copy(node, lambda arg: env[arg])
+    outs = [_fresh(compute, env[s.out]) for s in region.streams]
+    residuals = [compute.call_function(aten.sub.Tensor, (env[s.out], env[s.inp])) for s in region.streams]
+    p_values, distances = [], []
+    for j, site in enumerate(sites):
+        if site.value is not None:
+            p = _fresh(compute, env[site.value])
+        else:
+            p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
+        p_values.append(p)
+        distances.append(compute.call_module("adacache_distance", (p, p_prev_in[j])))
+    motions = []
+    if motion_site is not None:
+        motions.append(compute.call_module("adacache_motion", (p_values[sites.index(motion_site)],)))
+    compute.output(tuple(outs + residuals + p_values + distances + motions))
+
+    c_inputs = [cached.placeholder(node.name) for node in region.inputs]
+    c_cache = [cached.placeholder(f"cache_{k}") for k in range(n_streams)]
+    c_p_prev = [cached.placeholder(f"p_prev_{j}") for j in range(len(sites))]
+    stream_in = {node: ph for node, ph in zip(region.inputs, c_inputs)}
+    c_outs = [cached.call_function(aten.add.Tensor, (stream_in[s.inp], c_cache[k])) for k, s in
+              enumerate(region.streams)]
+    c_res = [cached.call_function(aten.clone.default, (c,)) for c in c_cache]
+    c_p = [cached.call_function(aten.clone.default, (p,)) for p in c_p_prev]
+    like = c_cache[0]
+    c_dist = [_scalar_zero(cached, like) for _ in sites]
+    c_motion = [_scalar_zero(cached, like) for _ in motions]
+    cached.output(tuple(c_outs + c_res + c_p + c_dist + c_motion))
+
+    compute_gm = fx.GraphModule(gm, compute, class_name="ComputeBranch")
+    cached_gm = fx.GraphModule(torch.nn.Module(), cached, class_name="CachedBranch")
+    return compute_gm, cached_gm
+
+
+def insert_cache(
+    gm: fx.GraphModule,
+    regions: list[Region],
+    sites: list[MetricSite],
+    *,
+    codebook: dict[float, int],
+    moreg=None,
+    frame_layout: tuple[int, int] | None = None,
+    compute_steps: tuple[int, ...] | None = None,
+) -> tuple[fx.GraphModule, list[StateSpec]]:
+    """Rewrite ``gm`` in place and return it with the ordered list of its state tensors."""
+    graph = gm.graph
+    specs = list(SCALAR_STATE)
+    for j, site in enumerate(sites):
+        value = site.value if site.value is not None else site.stream.out
+        specs.append(StateSpec(f"p_prev_{j}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+    for r, region in enumerate(regions):
+        for k, stream in enumerate(region.streams):
+            specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(stream.out).shape), fake(stream.out).dtype, 0.0))
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    state: dict[str, fx.Node] = {}
+    with _after(graph, placeholders[-1]):
+        for spec in specs:
+            state[spec.name] = graph.placeholder(f"adacache_{spec.name}")
+    last_state = state[specs[-1].name]
+
+    gm.add_submodule("adacache_begin", StepBegin(compute_steps))
+    gm.add_submodule("adacache_end", StepEnd(codebook, moreg))
+    gm.add_submodule("adacache_distance", ResidualDistance())
+    motion_site = None
+    if moreg is not None:
+        batch, frames = frame_layout
+        gm.add_submodule("adacache_motion", MotionMagnitude(batch, frames, moreg.strides))
+        motion_site = sites[0]
+
+    with _after(graph, last_state):
+        begin = graph.call_module(
+            "adacache_begin",
+            tuple(state[k] for k in ("step", "num_steps", "rate", "next_compute", "m_prev")),
+        )
+    s, compute, rate, next_compute, m_prev = _getitems(graph, begin, 5)
+
+    distances, motions, new_state = [], [], {}
+    replaced: dict[fx.Node, fx.Node] = {}  # stream outputs of rewritten regions -> their cond outputs
+    for r, region in enumerate(regions):
+        region.inputs = [replaced.get(n, n) for n in region.inputs]
+        for stream in region.streams:
+            stream.inp = replaced.get(stream.inp, stream.inp)
+        for site in sites:
+            site.stream.inp = replaced.get(site.stream.inp, site.stream.inp)
+        region_sites = [site for site in sites if site.region == r]
+        site_ids = [sites.index(site) for site in region_sites]
+        region_motion = motion_site if motion_site in region_sites else None
+        compute_gm, cached_gm = _build_branches(gm, region, region_sites, region_motion)
+        compute_gm.add_submodule("adacache_distance", gm.adacache_distance)
+        if region_motion is not None:
+            compute_gm.add_submodule("adacache_motion", gm.adacache_motion)
+        gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
+        gm.add_submodule(f"adacache_region{r}_cached", cached_gm)
+        operands = (
+            list(region.inputs)
+            + [state[f"cache_{r}_{k}"] for k in range(len(region.streams))]
+            + [state[f"p_prev_{j}"] for j in site_ids]
+        )
+        with _after(graph, region.nodes[-1]):
+            true_fn = graph.get_attr(f"adacache_region{r}_compute")
+            false_fn = graph.get_attr(f"adacache_region{r}_cached")
+            node = graph.call_function(cond, (compute, true_fn, false_fn, tuple(operands)))
+        n = len(region.streams)
+        items = _getitems(graph, node, 2 * n + 2 * len(region_sites) + (region_motion is not None))
+        inside = set(region.nodes)
+        for k, stream in enumerate(region.streams):
+            stream.out.replace_all_uses_with(items[k], delete_user_cb=lambda user, inside=inside: user not in inside)
+            replaced[stream.out] = items[k]
+            new_state[f"cache_{r}_{k}"] = items[n + k]
+        for i, j in enumerate(site_ids):
+            new_state[f"p_prev_{j}"] = items[2 * n + i]
+            distances.append(items[2 * n + len(region_sites) + i])
+        if region_motion is not None:
+            motions.append(items[-1])
+        for old in reversed(region.nodes):
+            graph.erase_node(old)
+        last = items[-1]
+
+    with _after(graph, last):
+        if len(distances) == 1:
+            distance = distances[0]
+        else:
+            distance = graph.call_function(aten.mean.default, (graph.call_function(aten.stack.default, (distances,)),))
+        motion = motions[0] if motions else distance
+        end = graph.call_module(
+            "adacache_end", (s, compute, distance, motion, rate, next_compute, m_prev, state["history"])
+        )
+    for name, item in zip(("step", "rate", "next_compute", "m_prev", "history"), _getitems(graph, end, 5)):
+        new_state[name] = item
+
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    output = graph.output_node()
+    (outputs,) = output.args
+    output.args = (tuple(outputs) + tuple(new_state[spec.name] for spec in specs if spec.returned),)
+    graph.lint()
+    gm.recompile()
+    return gm, specs

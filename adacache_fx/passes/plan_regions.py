@@ -1,0 +1,144 @@
+"""plan_regions: choose the regions that a cached step skips, and the metric sites inside them.
+
+A region is a run of consecutive blocks plus the glue between them that depends on them. Every value
+it hands to the rest of the graph must be a stream update ``out = inp + residual`` (see
+:mod:`find_streams`), so that a cached step can produce ``inp + cached_residual``. The stack is tried as
+one region; where a value leaving it is not such an update (a reshape between interleaved spatial
+and temporal blocks, a concatenation of two streams), the run is split at the glue between blocks,
+then into single blocks. Rewrites nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .find_blocks import Block
+from .find_streams import Stream, pair_streams, primary_stream
+from .graph_utils import PassError, fake, live_ins, positions
+
+
+@dataclass
+class Region:
+    blocks: list[Block]
+    nodes: list[fx.Node] = field(repr=False)
+    inputs: list[fx.Node] = field(repr=False)  # tensor live-ins, parameters excluded
+    streams: list[Stream] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        first, last = self.blocks[0].path, self.blocks[-1].path
+        return first if first == last else f"{first}..{last}"
+
+
+@dataclass
+class MetricSite:
+    """Where the decision metric is read: a residual branch ``value`` (or ``out - inp``) of a block."""
+
+    block: Block
+    region: int
+    value: fx.Node | None
+    stream: Stream
+
+
+def region_nodes(blocks: list[Block], pos: dict[fx.Node, int]) -> list[fx.Node]:
+    """The nodes a region over ``blocks`` runs: the blocks' nodes and the glue that depends on them."""
+    graph_nodes = list(blocks[0].nodes[0].graph.nodes)
+    start, end = pos[blocks[0].nodes[0]], pos[blocks[-1].nodes[-1]]
+    in_block = {n for b in blocks for n in b.nodes}
+    members: list[fx.Node] = []
+    member_set: set[fx.Node] = set()
+    for node in graph_nodes[start : end + 1]:
+        if node.op != "call_function":
+            continue
+        inputs = node.all_input_nodes
+        if node.target is operator.getitem and inputs and inputs[0] not in member_set:
+            continue  # an item of an outside value is free: leave it outside
+        if node in in_block or any(arg in member_set for arg in inputs):
+            members.append(node)
+            member_set.add(node)
+    return members
+
+
+def _build(blocks: list[Block], pos) -> tuple[Region | None, list[fx.Node]]:
+    nodes = region_nodes(blocks, pos)
+    streams, unpaired = pair_streams(nodes, pos)
+    if unpaired:
+        return None, unpaired
+    inputs = [n for n in live_ins(nodes) if n.op != "get_attr"]
+    bad = [n for n in inputs if fake(n) is None]
+    if bad:
+        raise PassError(
+            f"region {blocks[0].path}..{blocks[-1].path} takes non-tensor values from outside: "
+            f"{[n.name for n in bad]}; it cannot become a conditional subgraph"
+        )
+    return Region(blocks, nodes, inputs, streams), []
+
+
+def _split_runs(blocks: list[Block], pos) -> list[list[Block]]:
+    """Split at glue: between two blocks whose nodes are not adjacent in the graph."""
+    runs = [[blocks[0]]]
+    graph_nodes = list(blocks[0].nodes[0].graph.nodes)
+    for prev, block in zip(blocks, blocks[1:]):
+        between = graph_nodes[pos[prev.nodes[-1]] + 1 : pos[block.nodes[0]]]
+        if any(n.op == "call_function" for n in between):
+            runs.append([block])
+        else:
+            runs[-1].append(block)
+    return runs
+
+
+def plan_regions(graph: fx.Graph, blocks: list[Block], granularity: str = "stack") -> list[Region]:
+    """Return the regions, in execution order, covering every block once."""
+    pos = positions(graph)
+    pending = [blocks] if granularity == "stack" else [[b] for b in blocks]
+    regions = []
+    while pending:
+        run = pending.pop(0)
+        region, unpaired = _build(run, pos)
+        if region is not None:
+            regions.append(region)
+            continue
+        if len(run) == 1:
+            shapes = [tuple(fake(n).shape) if fake(n) is not None else None for n in unpaired]
+            raise PassError(
+                f"block {run[0].path} hands on values that are not residual updates of a stream that "
+                f"entered it: {[n.name for n in unpaired]} with shapes {shapes}; it cannot be cached"
+            )
+        runs = _split_runs(run, pos)
+        pending[:0] = runs if len(runs) > 1 else [[b] for b in run]
+    return regions
+
+
+def plan_metric(
+    graph: fx.Graph, blocks: list[Block], regions: list[Region], metric_blocks, metric_branch: int
+) -> list[MetricSite]:
+    """Locate the residual(s) that drive the decision: branch ``metric_branch`` of each metric block."""
+    pos = positions(graph)
+    if metric_blocks is None:
+        metric_blocks = (len(blocks) // 2,)
+    sites = []
+    for index in metric_blocks:
+        if not -len(blocks) <= index < len(blocks):
+            raise PassError(f"metric_block {index} is out of range: the stack has {len(blocks)} blocks")
+        block = blocks[index]
+        region = next(i for i, r in enumerate(regions) if block in r.blocks)
+        streams, _ = pair_streams(block.nodes, pos)
+        if not streams:
+            raise PassError(f"metric block {block.path} has no residual stream")
+        stream = primary_stream(streams)
+        if stream.adds:
+            if metric_branch >= len(stream.adds):
+                raise PassError(
+                    f"metric_branch {metric_branch} is out of range: block {block.path} has "
+                    f"{len(stream.adds)} residual branches on its main stream"
+                )
+            value = stream.adds[metric_branch][2]
+        elif metric_branch == 0:
+            value = None  # no residual add found: the whole block's residual out - inp
+        else:
+            raise PassError(f"block {block.path} has no separable residual branches; use metric_branch=0")
+        sites.append(MetricSite(block, region, value, stream))
+    return sites

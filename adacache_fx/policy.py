@@ -1,0 +1,123 @@
+"""The caching decision as tensor code, so it runs inside the graph (no host sync, no graph break).
+
+Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora implementation):
+
+* Steps are counted 1..N within a generation; steps 1, N-1 and N always compute.
+* A cache rate r starts at 1. After a compute step s the next compute step is s + r; the steps in
+  between reuse the cached residuals.
+* At every compute step after the first, the metric residual p (by default the first residual branch,
+  usually self-attention, of the middle block) is compared with the one cached at the previous compute
+  step: ``c = ||p - p_prev||_1 / ||p_prev||_1 / r_prev``, summed over all elements, with ``r_prev`` the
+  rate that scheduled this step. Several metric sites average their distances.
+* With motion regularization (MoReg), the motion of p is measured between frames ``i`` apart:
+  ``m_i = ||p[:, i:] - p[:, :-i]||_1 / (||p[:, i:]||_1 + ||p[:, :-i]||_1)`` on p laid out as
+  ``[B, T, ...]``, averaged over the strides. Inside the step window, ``m = ((m / a) ** b) / d``, else
+  ``m = 1``; the motion gradient ``g = k * (m - m_prev) / r_prev`` (m_prev starts at 1 and keeps the
+  last regularized-before-gradient m), then ``c = c * (m + |g|)``.
+* The codebook ``{threshold: rate}`` (thresholds increasing) gives the new rate: the rate of the first
+  threshold with ``c < threshold``, else the last rate.
+* A forced schedule (``compute_steps``) replaces all of this with a fixed set of compute steps.
+
+All metrics are computed in float32 whatever the model dtype. The per-step history rows are
+``(computed, c, m, rate)`` with NaN for c and m where no metric was computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Columns of the history state tensor.
+HISTORY_COLUMNS = ("computed", "metric", "motion", "rate")
+
+
+class StepBegin(nn.Module):
+    """Top of the graph: advance the step counter and decide whether this step computes.
+
+    Returns ``(s, compute, rate, next_compute, m_prev)``; a finished generation (step >= N) restarts.
+    """
+
+    def __init__(self, compute_steps: tuple[int, ...] | None = None):
+        super().__init__()
+        self.forced = compute_steps is not None
+        steps = torch.tensor(compute_steps if self.forced else [], dtype=torch.int64)
+        self.register_buffer("compute_steps", steps, persistent=False)
+
+    def forward(self, step, num_steps, rate, next_compute, m_prev):
+        fresh = step >= num_steps
+        one = torch.ones_like(step)
+        s = torch.where(fresh, one, step + 1)
+        rate = torch.where(fresh, one, rate)
+        next_compute = torch.where(fresh, one, next_compute)
+        m_prev = torch.where(fresh, torch.ones_like(m_prev), m_prev)
+        if self.forced:
+            compute = (self.compute_steps == s).any()
+        else:
+            compute = (s == 1) | (s >= num_steps - 1) | (s >= next_compute)
+        return s, compute, rate, next_compute, m_prev
+
+
+class ResidualDistance(nn.Module):
+    """Relative L1 distance ``||p - p_prev||_1 / ||p_prev||_1`` in float32 (inside the compute branch)."""
+
+    def forward(self, p, p_prev):
+        p, p_prev = p.float(), p_prev.float()
+        return (p - p_prev).abs().sum() / p_prev.abs().sum().clamp_min(1e-12)
+
+
+class MotionMagnitude(nn.Module):
+    """Raw MoReg motion of a residual laid out as ``[batch, frames, ...]`` (inside the compute branch)."""
+
+    def __init__(self, batch: int, frames: int, strides: tuple[int, ...]):
+        super().__init__()
+        self.batch, self.frames, self.strides = batch, frames, tuple(strides)
+
+    def forward(self, p):
+        q = p.float().reshape(self.batch, self.frames, -1)
+        total = torch.zeros((), dtype=torch.float32, device=p.device)
+        for i in self.strides:
+            later, earlier = q[:, i:], q[:, :-i]
+            total = total + (later - earlier).abs().sum() / (later.abs().sum() + earlier.abs().sum()).clamp_min(
+                1e-12
+            )
+        return total / len(self.strides)
+
+
+class StepEnd(nn.Module):
+    """Bottom of the graph: turn the metric into the next rate and schedule, and record history.
+
+    Returns ``(step, rate, next_compute, m_prev, history)``.
+    """
+
+    def __init__(self, codebook: dict[float, int], moreg=None):
+        super().__init__()
+        thresholds = torch.tensor(list(codebook.keys()), dtype=torch.float32)
+        rates = torch.tensor(list(codebook.values()), dtype=torch.int64)
+        self.register_buffer("thresholds", thresholds, persistent=False)
+        self.register_buffer("rates", rates, persistent=False)
+        self.moreg = moreg
+
+    def forward(self, s, compute, distance, motion, rate, next_compute, m_prev, history):
+        has_metric = compute & (s > 1)
+        rate_f = rate.to(torch.float32)
+        c = distance / rate_f
+        m = torch.ones_like(c)
+        if self.moreg is not None:
+            first, last = self.moreg.window
+            a, b, d = self.moreg.power
+            in_window = (s >= first) & (s <= last)
+            m = torch.where(in_window, ((motion / a) ** b) / d, m)
+            grad = self.moreg.grad_scale * (m - m_prev) / rate_f
+            m_prev = torch.where(has_metric, m, m_prev)
+            m = m + grad.abs()
+            c = c * m
+        index = (c >= self.thresholds).sum().clamp(max=self.rates.numel() - 1)
+        rate = torch.where(has_metric, self.rates[index], rate)
+        next_compute = torch.where(compute, s + rate, next_compute)
+        nan = torch.full_like(c, float("nan"))
+        row = torch.stack(
+            [compute.to(torch.float32), torch.where(has_metric, c, nan), torch.where(has_metric, m, nan),
+             rate.to(torch.float32)]
+        )
+        history = history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+        return s, rate, next_compute, m_prev, history

@@ -1,0 +1,67 @@
+"""Reference video DiT for adacache_fx: synthetic captioned clips, a tiny Wan transformer, a sampler and
+a caption-faithfulness check."""
+
+from .checks import ClipCheck, check_clip, check_clips
+from .data import (
+    COLOURS,
+    DIRECTIONS,
+    MAX_CAPTION_LEN,
+    SHAPES,
+    SIZES,
+    SPEEDS,
+    VOCAB,
+    Caption,
+    decode_tokens,
+    encode_captions,
+    parse_caption,
+    render_clip,
+    sample_batch,
+    sample_caption,
+)
+from .sampling import sample
+
+# The model names import diffusers (seconds); load them on first access so data/checks stay light.
+_MODEL_NAMES = (
+    "REFERENCE_CONFIG",
+    "WEIGHTS_DIR",
+    "CaptionEncoder",
+    "build_reference_model",
+    "load_reference_model",
+    "save_reference_model",
+)
+
+
+def __getattr__(name: str):
+    if name in _MODEL_NAMES:
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "COLOURS",
+    "DIRECTIONS",
+    "MAX_CAPTION_LEN",
+    "REFERENCE_CONFIG",
+    "SHAPES",
+    "SIZES",
+    "SPEEDS",
+    "VOCAB",
+    "WEIGHTS_DIR",
+    "Caption",
+    "CaptionEncoder",
+    "ClipCheck",
+    "build_reference_model",
+    "check_clip",
+    "check_clips",
+    "decode_tokens",
+    "encode_captions",
+    "load_reference_model",
+    "parse_caption",
+    "render_clip",
+    "sample",
+    "sample_batch",
+    "sample_caption",
+    "save_reference_model",
+]

@@ -1,0 +1,125 @@
+"""Synthetic reference data, tokenizer and the caption-faithfulness check (fast, no model)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from adacache_fx.reference import (
+    COLOURS,
+    DIRECTIONS,
+    MAX_CAPTION_LEN,
+    SHAPES,
+    SIZES,
+    VOCAB,
+    Caption,
+    check_clip,
+    check_clips,
+    decode_tokens,
+    encode_captions,
+    parse_caption,
+    render_clip,
+    sample_batch,
+    sample_caption,
+)
+
+
+def test_sample_batch_is_deterministic_and_well_formed():
+    clips_a, caps_a = sample_batch(np.random.default_rng(7), 6)
+    clips_b, caps_b = sample_batch(np.random.default_rng(7), 6)
+    clips_c, _ = sample_batch(np.random.default_rng(8), 6)
+    assert caps_a == caps_b
+    assert torch.equal(clips_a, clips_b)
+    assert not torch.equal(clips_a, clips_c)
+    assert clips_a.shape == (6, 3, 8, 32, 32)
+    assert clips_a.dtype == torch.float32
+    assert clips_a.min() >= -1.0 and clips_a.max() <= 1.0
+    # dark background dominates, the object reaches full brightness in its brightest channel
+    assert clips_a.median() == pytest.approx(-0.9)
+    assert torch.allclose(clips_a.amax(dim=(1, 2, 3, 4)), torch.ones(6))
+
+
+def test_every_caption_round_trips_through_text_and_tokens():
+    captions = [Caption(s, c, z, None, "still") for s, c, z in itertools.product(SHAPES, COLOURS, SIZES)]
+    captions += [
+        Caption(s, c, z, d, v)
+        for s, c, z, d, v in itertools.product(SHAPES, COLOURS, SIZES, DIRECTIONS, ("slow", "fast"))
+    ]
+    assert len(captions) == 3 * 6 * 2 * (1 + 4 * 2)
+    texts = [c.text for c in captions]
+    assert texts[0] == "a small red circle staying still"
+    assert "a large blue square moving left fast" in texts
+    assert [parse_caption(t) for t in texts] == captions
+    assert decode_tokens(encode_captions(texts)) == texts
+
+
+def test_invalid_captions_are_rejected():
+    with pytest.raises(ValueError):
+        parse_caption("a large red circle moving sideways fast")
+    with pytest.raises(ValueError):
+        parse_caption("a red circle")
+    with pytest.raises(ValueError):
+        Caption("circle", "red", "large", "left", "still")
+    with pytest.raises(ValueError):
+        encode_captions(["a large purple circle"])
+
+
+def test_tokenizer_shapes_and_padding():
+    ids = encode_captions(["a large red circle moving left fast", "a small blue square staying still", ""])
+    assert ids.shape == (3, MAX_CAPTION_LEN)
+    assert ids.dtype == torch.long
+    w = VOCAB.index
+    assert ids[0].tolist() == [w("a"), w("large"), w("red"), w("circle"), w("moving"), w("left"), w("fast"), 0]
+    assert ids[1, 6:].tolist() == [0, 0]
+    assert (ids[1, :6] > 0).all()
+    assert ids[2].tolist() == [0] * MAX_CAPTION_LEN  # unconditional input for CFG
+    assert VOCAB[0] == "<pad>"
+    assert encode_captions(["a small red circle"], max_len=12).shape == (1, 12)
+
+
+def test_check_agrees_with_ground_truth():
+    rng = np.random.default_rng(0)
+    captions = [sample_caption(rng) for _ in range(60)]
+    clips = torch.stack([render_clip(c, rng) for c in captions])
+    rates = check_clips(clips, captions)
+    assert rates == {k: 1.0 for k in rates}
+
+
+def test_measured_speeds():
+    rng = np.random.default_rng(1)
+    speeds = {"still": [], "slow": [], "fast": []}
+    for speed, direction in itertools.product(speeds, DIRECTIONS):
+        cap = Caption("square", "white", "large", None if speed == "still" else direction, speed)
+        result = check_clip(render_clip(cap, rng), cap)
+        assert result.ok
+        speeds[speed].append(result.speed_px)
+        assert result.jitter_px < 0.1
+        if speed != "still":
+            assert result.direction == direction
+    assert max(speeds["still"]) < 1e-3
+    assert 0.9 < min(speeds["slow"]) and max(speeds["slow"]) <= 1.0 + 1e-3
+    assert 2.9 < min(speeds["fast"]) and max(speeds["fast"]) <= 3.0 + 1e-3
+    assert min(speeds["fast"]) > 2.5 * max(speeds["slow"])
+
+
+def test_check_reports_mismatches_and_missing_objects():
+    rng = np.random.default_rng(2)
+    truth = Caption("circle", "green", "small", "up", "fast")
+    clip = render_clip(truth, rng)
+    wrong = check_clip(clip, Caption("circle", "red", "small", "down", "slow"))
+    assert not wrong.colour_ok and not wrong.direction_ok and not wrong.speed_ok and not wrong.ok
+    assert wrong.colour == "green" and wrong.direction == "up" and wrong.speed == "fast"
+    blank = check_clip(torch.full((3, 8, 32, 32), -0.9), truth)
+    assert blank.visible_frames == 0 and not blank.ok and blank.direction is None
+
+
+def test_check_tolerates_mild_noise():
+    rng = np.random.default_rng(3)
+    gen = torch.Generator().manual_seed(0)
+    captions = [sample_caption(rng) for _ in range(12)]
+    clips = torch.stack([render_clip(c, rng) for c in captions])
+    noisy = (clips + 0.05 * torch.randn(clips.shape, generator=gen)).clamp(-1, 1)
+    assert check_clips(noisy, captions)["ok"] == 1.0
