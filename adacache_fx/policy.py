@@ -34,7 +34,8 @@ HISTORY_COLUMNS = ("computed", "metric", "motion", "rate")
 class StepBegin(nn.Module):
     """Top of the graph: advance the step counter and decide whether this step computes.
 
-    Returns ``(s, compute, rate, next_compute, m_prev)``; a finished generation (step >= N) restarts.
+    Returns ``(s, compute, rate, next_compute, m_prev)``. A new generation starts when no step was done
+    yet (step 0, after a reset) or the last one finished (step >= N).
     """
 
     def __init__(self, compute_steps: tuple[int, ...] | None = None):
@@ -44,7 +45,7 @@ class StepBegin(nn.Module):
         self.register_buffer("compute_steps", steps, persistent=False)
 
     def forward(self, step, num_steps, rate, next_compute, m_prev):
-        fresh = step >= num_steps
+        fresh = (step == 0) | (step >= num_steps)
         one = torch.ones_like(step)
         s = torch.where(fresh, one, step + 1)
         rate = torch.where(fresh, one, rate)

@@ -28,8 +28,10 @@ VIDEO_FAMILIES = ["wan", "cogvideox", "latte", "hunyuan_video", "mochi", "allegr
 
 
 def _drift(base: torch.Tensor, step: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + step)
-    return base * (1.0 - 0.03 * step) + 0.03 * step * torch.randn(base.shape, generator=g, dtype=base.dtype)
+    """Latents moving smoothly along a fixed direction, with a little fresh noise per step."""
+    direction = torch.randn(base.shape, generator=torch.Generator().manual_seed(999), dtype=base.dtype)
+    jitter = torch.randn(base.shape, generator=torch.Generator().manual_seed(1000 + step), dtype=base.dtype)
+    return base + 0.02 * step * direction + 0.004 * jitter
 
 
 def _timestep(step: int, integer: bool = True) -> torch.Tensor:
@@ -260,7 +262,7 @@ class TinySTDiT(nn.Module):
         x = self.embed(hidden_states).flatten(2).transpose(1, 2)
         half = torch.exp(-torch.arange(16, dtype=torch.float32) * 0.5)
         freq = timestep.float()[:, None] * half[None]
-        t = self.t_embed(torch.cat([freq.sin(), freq.cos()], dim=-1))
+        t = self.t_embed(torch.cat([freq.sin(), freq.cos()], dim=-1).to(hidden_states.dtype))
         y = self.y_embed(encoder_hidden_states)
         for block in self.blocks:
             x = block(x, y, t, f)
