@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .capture import CapturedGraph, capture, signature
@@ -41,13 +42,32 @@ class Program:
         return self.rewrite.state_specs
 
 
+def _mark_static(args, kwargs) -> None:
+    """The captured graphs are specialized to their shapes: keep Dynamo from making sizes symbolic
+    (its automatic dynamic shapes on a second signature), which would recompile a static graph as
+    a dynamic one. A new signature gets its own capture and its own compilation instead."""
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor):
+            torch._dynamo.mark_static(leaf)
+
+
 class CachedModel(nn.Module):
     """A model whose block stack is skipped on the steps AdaCache decides to reuse.
 
     Behaves like the wrapped model: same call signature and outputs, ``config``, ``dtype``,
     ``device`` and the wrapped model's ``state_dict``. Use :meth:`cache_context` for separate
     conditional / unconditional state, and :func:`adacache_fx.reset` to start a new generation.
+
+    State layout: each (cache context, input signature) owns its state tensors (*storage*). For each
+    signature, one stable set of *bound* tensors is what the graph reads and writes; entering a cache
+    context re-points the bound tensors at that context's storage (``Tensor.set_``, no copy), so a
+    compiled graph sees the same tensors whatever the context and never recompiles for it.
     """
+
+    # ``torch.compile(module)`` runs ``_infer_parameters`` eagerly before every compiled call of a
+    # module that has ``_initialize_hook`` (its support for lazy modules). This module is lazy in the
+    # same way: it captures the model, and binds the state, outside the compiled region.
+    _initialize_hook = None
 
     def __init__(self, model: nn.Module, config: AdaCacheConfig):
         super().__init__()
@@ -55,9 +75,11 @@ class CachedModel(nn.Module):
         self.adacache_config = config
         self._num_steps = config.num_steps
         self._programs: dict[tuple, Program] = {}
-        self._states: dict[str, dict[tuple, dict[str, torch.Tensor]]] = {}
+        self._storage: dict[str, dict[tuple, dict[str, torch.Tensor]]] = {}
+        self._bound: dict[tuple, dict[str, torch.Tensor]] = {}
         self._last_key: dict[str, tuple] = {}
         self._context = DEFAULT_CONTEXT
+        self._current: tuple[Program, dict[str, torch.Tensor]] | None = None
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -78,8 +100,10 @@ class CachedModel(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.half() may replace buffers: captured graphs would keep the old ones.
         self._programs.clear()
-        self._states.clear()
+        self._storage.clear()
+        self._bound.clear()
         self._last_key.clear()
+        self._current = None
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -89,11 +113,17 @@ class CachedModel(nn.Module):
     @contextlib.contextmanager
     def cache_context(self, name: str):
         """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
-        previous, self._context = self._context, name
+        previous = self._context
+        self._switch(name)
         try:
             yield
         finally:
-            self._context = previous
+            self._switch(previous)
+
+    def _switch(self, name: str) -> None:
+        self._context = name
+        for key, bound in self._bound.items():
+            self._bind(key, bound)
 
     @property
     def num_steps(self) -> int | None:
@@ -105,26 +135,23 @@ class CachedModel(nn.Module):
             check_num_steps(num_steps)
             if num_steps != self._num_steps:
                 self._num_steps = num_steps
-                self._states.clear()
+                self._storage.clear()
                 self._last_key.clear()
+                for key, bound in self._bound.items():
+                    self._bind(key, bound)
                 return
-        for states in self._states.values():
+        for states in self._storage.values():
             for state in states.values():
                 state["step"].zero_()
                 state["history"].fill_(float("nan"))
 
-    # -- the call ---------------------------------------------------------------------------------
+    # -- preparing a call (always eager) ----------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         param = next(self.model.parameters(), None)
         where = (param.dtype, param.device.type) if param is not None else None
         return (signature(args, kwargs), where)
 
-    def _prepare(self, key, args, kwargs) -> Program:
-        if torch.compiler.is_compiling():
-            raise TransformError(
-                "adacache_fx captures the model on its first eager call of each input signature; "
-                "run one step eagerly before torch.compile traces it, or use adacache_fx.compile()"
-            )
+    def _capture(self, key, args, kwargs) -> Program:
         captured = capture(self.model, args, kwargs)
         try:
             result = rewrite(captured.graph_module, self.adacache_config)
@@ -134,8 +161,8 @@ class CachedModel(nn.Module):
         self._programs[key] = program
         return program
 
-    def _state(self, program: Program, key, reference: torch.Tensor) -> dict[str, torch.Tensor]:
-        states = self._states.setdefault(self._context, {})
+    def _storage_for(self, key, context: str) -> dict[str, torch.Tensor]:
+        states = self._storage.setdefault(context, {})
         state = states.get(key)
         if state is None:
             if self._num_steps is None:
@@ -144,19 +171,26 @@ class CachedModel(nn.Module):
                     "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
                     "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
                 )
+            program, device = self._programs[key], key[1][1] if key[1] else "cpu"
             state = {}
             for spec in program.specs:
                 shape = (self._num_steps, 4) if spec.shape is None else spec.shape
-                state[spec.name] = torch.full(shape, spec.fill, dtype=spec.dtype, device=reference.device)
+                state[spec.name] = torch.full(shape, spec.fill, dtype=spec.dtype, device=device)
             state["num_steps"].fill_(self._num_steps)
             states[key] = state
         return state
 
+    def _bind(self, key, bound: dict[str, torch.Tensor]) -> None:
+        storage = self._storage_for(key, self._context)
+        with torch.no_grad():
+            for name, tensor in storage.items():
+                bound[name].set_(tensor)
+
     def _check_generation(self, key) -> None:
-        """Eager only: refuse a new input signature in the middle of a generation."""
+        """Refuse a new input signature in the middle of a generation (reads the step: eager only)."""
         last = self._last_key.get(self._context)
         if last is not None and last != key:
-            old = self._states.get(self._context, {}).get(last)
+            old = self._storage.get(self._context, {}).get(last)
             if old is not None and 0 < int(old["step"]) < int(old["num_steps"]):
                 raise ValueError(
                     f"the input signature changed in the middle of a generation (step {int(old['step'])} "
@@ -165,16 +199,49 @@ class CachedModel(nn.Module):
                 )
         self._last_key[self._context] = key
 
-    def forward(self, *args, **kwargs):
+    def _prepare_call(self, args, kwargs) -> tuple[Program, dict[str, torch.Tensor]]:
         key = self._key(args, kwargs)
         program = self._programs.get(key)
         if program is None:
-            program = self._prepare(key, args, kwargs)
+            program = self._capture(key, args, kwargs)
+        self._check_generation(key)
+        bound = self._bound.get(key)
+        if bound is None:
+            storage = self._storage_for(key, self._context)
+            bound = {name: torch.empty(0, dtype=t.dtype, device=t.device) for name, t in storage.items()}
+            self._bind(key, bound)
+            self._bound[key] = bound
+        self._current = (program, bound)
+        return self._current
+
+    def _infer_parameters(self, module, args, kwargs=None):
+        """Called eagerly by ``torch.compile(module)`` before each compiled call (see ``_initialize_hook``)."""
+        self._prepare_call(tuple(args), dict(kwargs or {}))
+        _mark_static(args, kwargs)
+
+    def compile(self, *args, **kwargs):
+        """Like ``nn.Module.compile``, with the eager preparation of each call kept outside the graph."""
+        compiled = torch.compile(self._call_impl, *args, **kwargs)
+
+        def call(*call_args, **call_kwargs):
+            self._prepare_call(call_args, call_kwargs)
+            _mark_static(call_args, call_kwargs)
+            return compiled(*call_args, **call_kwargs)
+
+        self._compiled_call_impl = call
+
+    # -- the call ---------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            if self._current is None:
+                raise TransformError(
+                    "adacache_fx prepares each call eagerly: compile the transformed module itself "
+                    "(torch.compile(model) or model.compile()), not a function that calls it"
+                )
+            program, state = self._current
+        else:
+            program, state = self._prepare_call(args, kwargs)
         flat = program.captured.flatten_inputs(args, kwargs)
-        reference = next(t for t in flat if isinstance(t, torch.Tensor))
-        if not torch.compiler.is_compiling():
-            self._check_generation(key)
-        state = self._state(program, key, reference)
         outputs = program.graph_module(*flat, *state.values())
         returned = [state[spec.name] for spec in program.specs if spec.returned]
         n_user = len(outputs) - len(returned)
@@ -189,7 +256,7 @@ class CachedModel(nn.Module):
         key = self._last_key.get(context)
         if key is None:
             return None
-        return self._states.get(context, {}).get(key)
+        return self._storage.get(context, {}).get(key)
 
     def program(self, context: str | None = None) -> Program | None:
         key = self._last_key.get(self._context if context is None else context)

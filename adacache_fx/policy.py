@@ -113,7 +113,7 @@ class StepEnd(nn.Module):
             m = m + grad.abs()
             c = c * m
         index = (c >= self.thresholds).sum().clamp(max=self.rates.numel() - 1)
-        rate = torch.where(has_metric, self.rates[index], rate)
+        rate = torch.where(has_metric, self.rates.index_select(0, index.reshape(1)).reshape(()), rate)
         next_compute = torch.where(compute, s + rate, next_compute)
         nan = torch.full_like(c, float("nan"))
         row = torch.stack(

@@ -1,6 +1,7 @@
 """Graph passes, one concern per module, and the one place that runs them in order.
 
 find_blocks -> plan_regions (uses find_streams) -> plan_metric -> frame_layout -> insert_cache
+-> layout_barriers
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .find_blocks import Block, find_blocks
 from .frame_layout import first_batch, infer_frame_layout
 from .graph_utils import PassError, fake
 from .insert_cache import StateSpec, insert_cache
+from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
 
 __all__ = ["PassError", "RewriteResult", "StateSpec", "rewrite"]
@@ -80,4 +82,5 @@ def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
         frame_layout=layout,
         compute_steps=config.compute_steps,
     )
+    insert_layout_barriers(gm)
     return result

@@ -59,9 +59,13 @@ def _getitems(graph: fx.Graph, node: fx.Node, count: int) -> list[fx.Node]:
         return [graph.call_function(operator.getitem, (node, i)) for i in range(count)]
 
 
-def _fresh(graph: fx.Graph, value: fx.Node) -> fx.Node:
-    """A branch output must not alias a branch input or another output: copy views."""
-    return graph.call_function(aten.clone.default, (value,)) if is_view(value) else value
+def _fresh(graph: fx.Graph, value: fx.Node, original: fx.Node) -> fx.Node:
+    """A branch output must be dense and contiguous, and alias no input nor other output: copy views
+    and non-contiguous values (``original`` is the captured node whose metadata tells)."""
+    meta = fake(original)
+    if is_view(original) or meta is None or not meta.is_contiguous():
+        return graph.call_function(aten.clone.default, (value,), {"memory_format": torch.contiguous_format})
+    return value
 
 
 def _scalar_zero(graph: fx.Graph, like: fx.Node) -> fx.Node:
@@ -83,12 +87,12 @@ def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: Me
             if arg not in env and arg.op == "get_attr":
                 env[arg] = compute.get_attr(arg.target)
         env[node] = compute.node_copy(node, lambda arg: env[arg])
-    outs = [_fresh(compute, env[s.out]) for s in region.streams]
+    outs = [_fresh(compute, env[s.out], s.out) for s in region.streams]
     residuals = [compute.call_function(aten.sub.Tensor, (env[s.out], env[s.inp])) for s in region.streams]
     p_values, distances = [], []
     for j, site in enumerate(sites):
         if site.value is not None:
-            p = _fresh(compute, env[site.value])
+            p = _fresh(compute, env[site.value], site.value)
         else:
             p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
         p_values.append(p)
