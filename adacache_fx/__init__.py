@@ -6,9 +6,11 @@
 
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
+from .backends import compile
 from .capture import CaptureError
 from .config import AdaCacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
+from .pipeline import disable, enable
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,9 @@ __all__ = [
     "Report",
     "StepRecord",
     "TransformError",
+    "compile",
+    "disable",
+    "enable",
     "presets",
     "report",
     "reset",

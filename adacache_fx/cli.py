@@ -79,6 +79,12 @@ def cmd_speed(args) -> int:
     return 0
 
 
+def cmd_compile_bench(args) -> int:
+    from .bench_compile import run
+
+    return run(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -111,6 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     speed.set_defaults(func=cmd_speed)
+
+    bench = sub.add_parser(
+        "compile-bench", help="torch.compile cost of the transform: full, never-skip, cached steps, compile time"
+    )
+    bench.add_argument("--layers", type=int, default=8)
+    bench.add_argument("--heads", type=int, default=4)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--frames", type=int, default=8)
+    bench.add_argument("--size", type=int, default=16)
+    bench.add_argument("--steps", type=int, default=30)
+    bench.add_argument("--codebook", choices=sorted(presets.PRESETS), default="fast")
+    bench.add_argument("--repeats", type=int, default=7)
+    bench.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
+    bench.set_defaults(func=cmd_compile_bench)
     return parser
 
 

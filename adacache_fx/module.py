@@ -80,6 +80,8 @@ class CachedModel(nn.Module):
         self._last_key: dict[str, tuple] = {}
         self._context = DEFAULT_CONTEXT
         self._current: tuple[Program, dict[str, torch.Tensor]] | None = None
+        self._program_hooks: list = []  # called on each new Program (e.g. to compile its branches)
+        self._scheduler = None  # set by adacache_fx.enable: generations follow the pipeline's scheduler
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -111,10 +113,18 @@ class CachedModel(nn.Module):
 
     # -- cache contexts and generations -----------------------------------------------------------
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
+    def cache_context(self, name: str, **loop_info):
+        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG).
+
+        Accepts the keyword arguments diffusers pipelines pass (``step_index``,
+        ``num_inference_steps``, ...): ``num_inference_steps`` sets N, and ``step_index=0`` starts a
+        new generation in this context.
+        """
         previous = self._context
         self._switch(name)
+        steps = loop_info.get("num_inference_steps")
+        if loop_info.get("step_index") == 0 and steps is not None:
+            self._begin_generation(int(steps))
         try:
             yield
         finally:
@@ -124,6 +134,23 @@ class CachedModel(nn.Module):
         self._context = name
         for key, bound in self._bound.items():
             self._bind(key, bound)
+
+    def _begin_generation(self, num_steps: int) -> None:
+        """A new generation starts in the active context (all contexts if N changes)."""
+        if num_steps != self._num_steps:
+            self.reset(num_steps)
+            return
+        for state in self._storage.get(self._context, {}).values():
+            state["step"].zero_()
+            state["history"].fill_(float("nan"))
+
+    def _follow_scheduler(self) -> None:
+        """With :func:`adacache_fx.enable`: a scheduler that has not stepped yet means a new generation."""
+        scheduler = self._scheduler
+        if scheduler is not None and getattr(scheduler, "step_index", None) in (None, 0):
+            timesteps = getattr(scheduler, "timesteps", None)
+            if timesteps is not None and len(timesteps) >= 3:
+                self._begin_generation(len(timesteps))
 
     @property
     def num_steps(self) -> int | None:
@@ -158,6 +185,8 @@ class CachedModel(nn.Module):
         except PassError as error:
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
         program = Program(captured, result)
+        for hook in self._program_hooks:
+            hook(program)
         self._programs[key] = program
         return program
 
@@ -200,6 +229,7 @@ class CachedModel(nn.Module):
         self._last_key[self._context] = key
 
     def _prepare_call(self, args, kwargs) -> tuple[Program, dict[str, torch.Tensor]]:
+        self._follow_scheduler()
         key = self._key(args, kwargs)
         program = self._programs.get(key)
         if program is None:

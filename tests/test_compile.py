@@ -74,3 +74,36 @@ def test_inductor_equals_eager(family):
     compiled = torch.compile(ax.transform(model, config), fullgraph=True)
     got = generation(compiled, make_inputs, 5, contexts=("default",))
     assert max(float((a - b).abs().max()) for a, b in zip(got, eager)) < 1e-4
+
+
+def test_compile_convenience_transforms_and_compiles():
+    model, make_inputs = build("stdit", num_layers=2)
+    compiled = ax.compile(model, config=ax.AdaCacheConfig(num_steps=4, compute_steps=(1, 3, 4)), backend="inductor")
+    eager = ax.transform(model, ax.AdaCacheConfig(num_steps=4, compute_steps=(1, 3, 4)))
+    got = generation(compiled, make_inputs, 4, contexts=("default",))
+    expected = generation(eager, make_inputs, 4, contexts=("default",))
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-4
+    assert ax.report(compiled).computed_steps == [1, 3, 4]
+    with pytest.raises(ValueError, match="backend"):
+        ax.compile(model, backend="xla")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_tensorrt_backend_without_gpu_is_a_clear_error():
+    model, _ = build("stdit", num_layers=2)
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        ax.compile(model, backend="tensorrt")
+
+
+@pytest.mark.gpu
+def test_tensorrt_backend_equals_eager_on_gpu():
+    model, make_inputs = build("wan", num_layers=2)
+    model = model.cuda()
+
+    def cuda_inputs(step):
+        return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(step).items()}
+
+    config = ax.AdaCacheConfig(num_steps=5, compute_steps=(1, 2, 5))
+    expected = generation(ax.transform(model, config), cuda_inputs, 5, contexts=("default",))
+    got = generation(ax.compile(model, backend="tensorrt", config=config), cuda_inputs, 5, contexts=("default",))
+    assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-2

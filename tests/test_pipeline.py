@@ -1,0 +1,65 @@
+"""A stock diffusers WanPipeline (CFG, cond/uncond contexts) runs with the transformed transformer."""
+
+import pytest
+import torch
+
+import adacache_fx as ax
+
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # WanPipeline's module imports it
+
+
+def tiny_wan_pipeline():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    ).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=4, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer)
+
+
+def generate(pipe, steps=6, seed=0):
+    g = torch.Generator().manual_seed(123)
+    prompt, negative = torch.randn(1, 8, 32, generator=g), torch.randn(1, 8, 32, generator=g)
+    return pipe(
+        prompt_embeds=prompt, negative_prompt_embeds=negative, height=16, width=16, num_frames=5,
+        num_inference_steps=steps, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).frames
+
+
+def test_wan_pipeline_with_never_skip_equals_untransformed():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    expected = generate(pipe)
+    original = pipe.transformer
+    cached = ax.enable(pipe, ax.AdaCacheConfig(codebook=ax.presets.NEVER))
+    first = generate(pipe)
+    assert torch.equal(first, expected)
+    assert ax.report(cached, "cond").num_steps == 6  # N taken from the pipeline call
+    assert ax.report(cached, "cond").computed_steps == [1, 2, 3, 4, 5, 6]
+    assert ax.report(cached, "uncond").computed_steps == [1, 2, 3, 4, 5, 6]
+    ax.disable(pipe)
+    assert pipe.transformer is original
+
+
+def test_wan_pipeline_state_resets_between_calls_and_follows_num_steps():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cached = ax.enable(pipe, ax.AdaCacheConfig(codebook={100.0: 3}))
+    first = generate(pipe, steps=8)
+    assert ax.report(cached, "cond").computed_steps == [1, 2, 5, 7, 8]
+    second = generate(pipe, steps=8)
+    assert torch.equal(first, second)  # nothing leaked from the first call into the second
+    generate(pipe, steps=10)
+    rep = ax.report(cached, "uncond")
+    assert rep.num_steps == 10 and rep.computed_steps == [1, 2, 5, 8, 9, 10]
+    with pytest.raises(ValueError, match="already"):
+        ax.enable(pipe)
