@@ -1,0 +1,26 @@
+"""Export a transformed model with its AdaCache state as explicit inputs and outputs, and run it.
+
+    info = adacache_fx.export.to_onnx(cached, make_inputs(0), "model.onnx")
+    runner = adacache_fx.export.OnnxRunner("model.onnx")
+    sample = runner(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+Each cached region is an ONNX ``If`` node (a TensorRT conditional), so a cached step skips the block
+stack in ONNX Runtime and TensorRT as in torch. Files are specialized to the example's shapes.
+"""
+
+from .cli import add_export_arguments, build_model, cli_export
+from .onnx import ExportInfo, OnnxRunner, StatefulRunner, read_metadata, to_onnx
+from .tensorrt import TensorRTRunner, build_tensorrt_engine
+
+__all__ = [
+    "ExportInfo",
+    "OnnxRunner",
+    "StatefulRunner",
+    "TensorRTRunner",
+    "add_export_arguments",
+    "build_model",
+    "build_tensorrt_engine",
+    "cli_export",
+    "read_metadata",
+    "to_onnx",
+]

@@ -1,0 +1,127 @@
+"""TensorRT engines from :func:`~adacache_fx.export.to_onnx` files (GPU only).
+
+The ONNX ``If`` nodes become TensorRT conditionals, which evaluate only the branch taken, so a cached
+step skips the block stack on the GPU too. ``tensorrt`` is imported lazily: without it, or without a
+CUDA device, these raise a RuntimeError that says what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .onnx import StatefulRunner, read_metadata
+
+_INSTALL = "install the GPU extras: pip install adacache-fx[gpu] (tensorrt, onnxruntime-gpu, torch-tensorrt)"
+#: Rows of ``state.history`` (the number of steps N) an engine accepts.
+MAX_STEPS = 1000
+
+
+def _tensorrt():
+    """Import tensorrt, checking for a CUDA device first."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"TensorRT needs a CUDA device and torch with CUDA, and none is available; {_INSTALL}")
+    try:
+        import tensorrt
+    except ImportError as error:
+        raise RuntimeError(f"the tensorrt package is not installed; {_INSTALL}") from error
+    return tensorrt
+
+
+def _sidecar(engine_path: str | Path) -> Path:
+    return Path(f"{engine_path}.json")
+
+
+def build_tensorrt_engine(
+    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4
+) -> Path:
+    """Build a serialized TensorRT engine from a :func:`to_onnx` file.
+
+    Parses the ONNX file (external data included) into an explicit-batch network, limits the builder
+    workspace to ``workspace_gb`` GiB, allows FP16 kernels if ``fp16``, and gives the only dynamic
+    dimension, the rows of ``state.history``, the range 3..``MAX_STEPS`` (optimal: the export's N).
+    Writes the engine and, next to it, ``<engine_path>.json`` with the runner's metadata.
+    """
+    trt = _tensorrt()
+    metadata = read_metadata(onnx_path)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # the default since TensorRT 10
+    network = builder.create_network(0 if explicit is None else 1 << int(explicit))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    n = metadata["num_steps"]
+    profile.set_shape("state.history", (3, 4), (n, 4), (max(n, MAX_STEPS), 4))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    engine_path = Path(engine_path)
+    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    engine_path.write_bytes(bytes(serialized))
+    _sidecar(engine_path).write_text(json.dumps(metadata))
+    return engine_path
+
+
+class TensorRTRunner(StatefulRunner):
+    """Run an engine from :func:`build_tensorrt_engine` with the AdaCache state kept on the GPU.
+
+    Same interface as :class:`~adacache_fx.export.OnnxRunner`: call it like the torch model, ``reset``,
+    ``cache_context``, ``report``, ``state``/``load_state``. Inputs, outputs and state are torch CUDA
+    tensors bound by address (``set_tensor_address``); each call enqueues ``execute_async_v3`` on
+    torch's current stream, so results are ordered with the surrounding torch work.
+    """
+
+    def __init__(self, engine_path: str | Path, num_steps: int | None = None, device: int = 0):
+        trt = _tensorrt()
+        sidecar = _sidecar(engine_path)
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar} is missing: build engines with adacache_fx.export.build_tensorrt_engine")
+        super().__init__(json.loads(sidecar.read_text()), torch.device("cuda", device), num_steps)
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+            if self.engine is None:
+                raise RuntimeError(f"TensorRT could not deserialize {engine_path} (built by another TensorRT version?)")
+            self.context = self.engine.create_execution_context()
+        self._check_io(trt)
+
+    def _check_io(self, trt) -> None:
+        """The engine's I/O tensors must be the export's, with the dtypes the runner allocates."""
+        meta = self.metadata
+        expected = {i["name"]: i["dtype"] for i in meta["inputs"] if i["kind"] == "tensor"}
+        expected |= {o["name"]: o["dtype"] for o in meta["outputs"]}
+        for spec in meta["state"]:
+            expected[spec["input"]] = spec["dtype"]
+            if spec["output"] is not None:
+                expected[spec["output"]] = spec["dtype"]
+        names = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
+                 "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+        engine = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        problems = sorted(set(expected) ^ engine)
+        problems += [
+            f"{name}: engine {self.engine.get_tensor_dtype(name)}, expected {dtype}"
+            for name, dtype in expected.items()
+            if name in engine and self.engine.get_tensor_dtype(name) != getattr(trt.DataType, names[dtype])
+        ]
+        if problems:
+            raise RuntimeError(f"the engine's inputs and outputs do not match its adacache_fx metadata: {problems}")
+
+    def _execute(self, feeds, outputs):
+        for name, tensor in feeds.items():
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"TensorRT rejected the shape {tuple(tensor.shape)} of input {name!r}")
+        for name, tensor in {**feeds, **outputs}.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
