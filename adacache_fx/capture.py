@@ -62,6 +62,9 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
     try:
         with torch.no_grad():
             program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+            # functional ATen: in-place updates (e.g. a rotary embedding written into empty_like
+            # slices) become data edges the passes can see; no op is decomposed
+            program = program.run_decompositions({})
     except Exception as error:  # noqa: BLE001 - re-raised with context
         op = _failing_op(error)
         raise CaptureError(

@@ -47,7 +47,7 @@ def cmd_speed(args) -> int:
     model, latents, text = _tiny_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
     codebook = presets.PRESETS[args.codebook]
     variants = {"baseline": model}
-    for granularity in ("stack", "block"):
+    for granularity in ("stack", "block", "branch"):
         variants[granularity] = ax.transform(
             model, AdaCacheConfig(num_steps=args.steps, codebook=codebook, granularity=granularity)
         )
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     demo.set_defaults(func=cmd_demo)
 
-    speed = sub.add_parser("speed", help="eager speedup and cache memory on a tiny random Wan (stack vs block)")
+    speed = sub.add_parser("speed", help="eager speedup and cache memory on a tiny random Wan (stack, block, branch)")
     speed.add_argument("--layers", type=int, default=8)
     speed.add_argument("--heads", type=int, default=4)
     speed.add_argument("--head-dim", type=int, default=64)

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-GRANULARITIES = ("stack", "block")
+GRANULARITIES = ("stack", "block", "branch")
 
 
 def _default_codebook() -> dict[float, int]:
@@ -60,8 +60,9 @@ class AdaCacheConfig:
             decision; ``None`` is the middle block. A sequence averages several blocks.
         metric_branch: index of the residual branch inside that block (0: the first, usually
             self-attention).
-        granularity: ``"stack"`` (one cached region over the block stack, the default) or
-            ``"block"`` (every block its own region).
+        granularity: ``"stack"`` (one cached region over the block stack, the default),
+            ``"block"`` (every block its own region) or ``"branch"`` (every residual branch its own
+            region, caching the branch output ``f`` as AdaCache does per branch).
         moreg: optional :class:`MoRegConfig`.
         compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
             the cache. Replaces the adaptive policy; must contain step 1.

@@ -48,7 +48,7 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity):
         def fn(module, args, kwargs, output):
             outs = tensors(output)
             ins = stream_inputs(args, kwargs, outs)
-            if granularity == "block":
+            if granularity in ("block", "branch"):  # per-branch residuals sum to the block residual
                 if compute:
                     residual[i] = [o - x for o, x in zip(outs, ins)]
                     return output

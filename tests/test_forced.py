@@ -11,7 +11,7 @@ COMPUTE_STEPS = (1, 2, 5, 6, 9)
 
 
 @pytest.mark.parametrize("family", ["wan", "cogvideox", "stdit"])
-@pytest.mark.parametrize("granularity", ["stack", "block"])
+@pytest.mark.parametrize("granularity", ["stack", "block", "branch"])
 def test_forced_schedule_equals_hand_reference(family, granularity):
     model, make_inputs = build(family)
     expected = hand_reference(model, make_inputs, 10, COMPUTE_STEPS, granularity)

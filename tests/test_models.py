@@ -37,3 +37,12 @@ def test_fast_schedule_skips_and_keeps_outputs_close(family):
         assert float((expected[s - 1] - got[s - 1]).abs().max()) < 1e-5
     cached_steps = [s for s in range(1, 13) if s not in rep.computed_steps]
     assert all(float((expected[s - 1] - got[s - 1]).abs().max()) > 0 for s in cached_steps)
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "flux", "latte", "stdit"])
+def test_branch_granularity_never_skip_equals_original(family):
+    model, make_inputs = build(family)
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=ax.presets.NEVER, granularity="branch"))
+    assert max_diff(run_steps(model, make_inputs, 4), run_steps(cached, make_inputs, 4)) < 1e-5
+    regions = cached.program().rewrite.regions
+    assert len(regions) >= 2 * len(cached.program().rewrite.blocks) or family == "latte"

@@ -101,7 +101,7 @@ models = st.fixed_dictionaries(
         "ada": st.booleans(),
         "two_streams": st.booleans(),
         "cross": st.booleans(),
-        "granularity": st.sampled_from(["stack", "block"]),
+        "granularity": st.sampled_from(["stack", "block", "branch"]),
         "seed": st.integers(0, 1000),
     }
 )

@@ -36,7 +36,8 @@ def test_sample_batch_is_deterministic_and_well_formed():
     assert not torch.equal(clips_a, clips_c)
     assert clips_a.shape == (6, 3, 8, 32, 32)
     assert clips_a.dtype == torch.float32
-    assert clips_a.min() >= -1.0 and clips_a.max() <= 1.0
+    assert clips_a.min() >= -1.0
+    assert clips_a.max() <= 1.0
     # dark background dominates, the object reaches full brightness in its brightest channel
     assert clips_a.median() == pytest.approx(-0.9)
     assert torch.allclose(clips_a.amax(dim=(1, 2, 3, 4)), torch.ones(6))
@@ -57,13 +58,13 @@ def test_every_caption_round_trips_through_text_and_tokens():
 
 
 def test_invalid_captions_are_rejected():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown direction"):
         parse_caption("a large red circle moving sideways fast")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="outside the grammar"):
         parse_caption("a red circle")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no direction"):
         Caption("circle", "red", "large", "left", "still")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not in the vocabulary"):
         encode_captions(["a large purple circle"])
 
 
@@ -72,7 +73,16 @@ def test_tokenizer_shapes_and_padding():
     assert ids.shape == (3, MAX_CAPTION_LEN)
     assert ids.dtype == torch.long
     w = VOCAB.index
-    assert ids[0].tolist() == [w("a"), w("large"), w("red"), w("circle"), w("moving"), w("left"), w("fast"), 0]
+    assert ids[0].tolist() == [
+        w("a"),
+        w("large"),
+        w("red"),
+        w("circle"),
+        w("moving"),
+        w("left"),
+        w("fast"),
+        0,
+    ]
     assert ids[1, 6:].tolist() == [0, 0]
     assert (ids[1, :6] > 0).all()
     assert ids[2].tolist() == [0] * MAX_CAPTION_LEN  # unconditional input for CFG
@@ -85,7 +95,7 @@ def test_check_agrees_with_ground_truth():
     captions = [sample_caption(rng) for _ in range(60)]
     clips = torch.stack([render_clip(c, rng) for c in captions])
     rates = check_clips(clips, captions)
-    assert rates == {k: 1.0 for k in rates}
+    assert rates == dict.fromkeys(rates, 1.0)
 
 
 def test_measured_speeds():
@@ -100,8 +110,10 @@ def test_measured_speeds():
         if speed != "still":
             assert result.direction == direction
     assert max(speeds["still"]) < 1e-3
-    assert 0.9 < min(speeds["slow"]) and max(speeds["slow"]) <= 1.0 + 1e-3
-    assert 2.9 < min(speeds["fast"]) and max(speeds["fast"]) <= 3.0 + 1e-3
+    assert min(speeds["slow"]) > 0.9
+    assert max(speeds["slow"]) <= 1.0 + 1e-3
+    assert min(speeds["fast"]) > 2.9
+    assert max(speeds["fast"]) <= 3.0 + 1e-3
     assert min(speeds["fast"]) > 2.5 * max(speeds["slow"])
 
 
@@ -110,10 +122,17 @@ def test_check_reports_mismatches_and_missing_objects():
     truth = Caption("circle", "green", "small", "up", "fast")
     clip = render_clip(truth, rng)
     wrong = check_clip(clip, Caption("circle", "red", "small", "down", "slow"))
-    assert not wrong.colour_ok and not wrong.direction_ok and not wrong.speed_ok and not wrong.ok
-    assert wrong.colour == "green" and wrong.direction == "up" and wrong.speed == "fast"
+    assert not wrong.colour_ok
+    assert not wrong.direction_ok
+    assert not wrong.speed_ok
+    assert not wrong.ok
+    assert wrong.colour == "green"
+    assert wrong.direction == "up"
+    assert wrong.speed == "fast"
     blank = check_clip(torch.full((3, 8, 32, 32), -0.9), truth)
-    assert blank.visible_frames == 0 and not blank.ok and blank.direction is None
+    assert blank.visible_frames == 0
+    assert not blank.ok
+    assert blank.direction is None
 
 
 def test_check_tolerates_mild_noise():
@@ -123,3 +142,40 @@ def test_check_tolerates_mild_noise():
     clips = torch.stack([render_clip(c, rng) for c in captions])
     noisy = (clips + 0.05 * torch.randn(clips.shape, generator=gen)).clamp(-1, 1)
     assert check_clips(noisy, captions)["ok"] == 1.0
+
+
+def test_reference_model_runs_and_round_trips_through_safetensors(tmp_path):
+    from adacache_fx.reference import (
+        build_reference_model,
+        load_reference_model,
+        sample,
+        save_reference_model,
+    )
+
+    torch.manual_seed(0)
+    transformer, encoder = build_reference_model()
+    x = torch.randn(2, 3, 8, 32, 32)
+    context = encoder.encode(["a large red circle moving left fast", ""])
+    assert context.shape == (2, 8, 64)
+    assert torch.count_nonzero(context[1]) == 0  # empty caption -> all-zero context
+    with torch.no_grad():
+        out_float = transformer(x, torch.tensor([500.0, 20.5]), context, return_dict=False)[0]
+        out_int = transformer(x, torch.tensor([500, 20]), context, return_dict=False)[0]
+    assert out_float.shape == out_int.shape == x.shape
+    assert torch.isfinite(out_float).all()
+    assert torch.isfinite(out_int).all()
+
+    save_reference_model(transformer, encoder, tmp_path)
+    assert not list(tmp_path.glob("*.pt"))
+    assert (tmp_path / "transformer.safetensors").is_file()
+    transformer2, encoder2 = load_reference_model(tmp_path)
+    with torch.no_grad():
+        out2 = transformer2(
+            x, torch.tensor([500.0, 20.5]), encoder2.encode(["a large red circle moving left fast", ""])
+        )
+    assert torch.allclose(out2.sample, out_float, atol=1e-6)
+    clips = sample(transformer2, encoder2, ["a small blue square staying still"], num_steps=2, seed=0)
+    assert clips.shape == (1, 3, 8, 32, 32)
+    assert clips.abs().max() <= 1.0
+    with pytest.raises(FileNotFoundError):
+        load_reference_model(tmp_path / "missing")

@@ -56,3 +56,15 @@ def test_cached_step_skips_every_block_in_block_granularity():
     calls = [executed(lambda s=s: cached(**make_inputs(s)))[1] for s in range(5)]
     assert calls[0] == calls[3] == calls[4] > 0
     assert calls[1] == calls[2] < calls[0] / 4
+
+
+def test_branch_granularity_skips_attention_and_mlp():
+    model, make_inputs = build("wan")
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5, compute_steps=(1, 4, 5), granularity="branch"))
+    with torch.no_grad():
+        cached(**make_inputs(0))
+    ax.reset(cached)
+    calls = [executed(lambda s=s: cached(**make_inputs(s)))[1] for s in range(5)]
+    assert calls[0] == calls[3] == calls[4] > 0
+    # a cached step runs no branch matmul (q/k/v/out, cross-attention, MLP): only the embeddings and head
+    assert calls[1] == calls[2] < calls[0] / 4

@@ -73,13 +73,17 @@ def _scalar_zero(graph: fx.Graph, like: fx.Node) -> fx.Node:
 
 
 def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: MetricSite | None):
-    """Return ``(compute_gm, cached_gm, n_outputs)`` with identical signatures and output metadata."""
-    n_streams = len(region.streams)
+    """Return ``(compute_gm, cached_gm)`` with identical signatures and output metadata.
+
+    Outputs: new stream values, cached-as-value outputs, stream residuals, metric residuals, their
+    distances, the motion metric.
+    """
+    n_caches = len(region.streams) + len(region.values)
     compute, cached = fx.Graph(), fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in region.inputs:
         env[node] = compute.placeholder(node.name)
-    for k in range(n_streams):
+    for k in range(n_caches):
         compute.placeholder(f"cache_{k}")  # unused by the compute branch: both branches take the same operands
     p_prev_in = [compute.placeholder(f"p_prev_{j}") for j in range(len(sites))]
     for node in region.nodes:
@@ -88,11 +92,14 @@ def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: Me
                 env[arg] = compute.get_attr(arg.target)
         env[node] = compute.node_copy(node, lambda arg: env[arg])
     outs = [_fresh(compute, env[s.out], s.out) for s in region.streams]
+    values = [_fresh(compute, env[v], v) for v in region.values]
     residuals = [compute.call_function(aten.sub.Tensor, (env[s.out], env[s.inp])) for s in region.streams]
     p_values, distances = [], []
     for j, site in enumerate(sites):
         if site.value is not None:
             p = _fresh(compute, env[site.value], site.value)
+            if any(p is other for other in outs + values):  # an output already: a second one must not alias it
+                p = compute.call_function(aten.clone.default, (p,))
         else:
             p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
         p_values.append(p)
@@ -100,20 +107,22 @@ def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: Me
     motions = []
     if motion_site is not None:
         motions.append(compute.call_module("adacache_motion", (p_values[sites.index(motion_site)],)))
-    compute.output(tuple(outs + residuals + p_values + distances + motions))
+    compute.output(tuple(outs + values + residuals + p_values + distances + motions))
 
     c_inputs = [cached.placeholder(node.name) for node in region.inputs]
-    c_cache = [cached.placeholder(f"cache_{k}") for k in range(n_streams)]
+    c_cache = [cached.placeholder(f"cache_{k}") for k in range(n_caches)]
     c_p_prev = [cached.placeholder(f"p_prev_{j}") for j in range(len(sites))]
     stream_in = {node: ph for node, ph in zip(region.inputs, c_inputs)}
+    n = len(region.streams)
     c_outs = [cached.call_function(aten.add.Tensor, (stream_in[s.inp], c_cache[k])) for k, s in
               enumerate(region.streams)]
-    c_res = [cached.call_function(aten.clone.default, (c,)) for c in c_cache]
+    c_values = [cached.call_function(aten.clone.default, (c,)) for c in c_cache[n:]]
+    c_res = [cached.call_function(aten.clone.default, (c,)) for c in c_cache[:n]]
     c_p = [cached.call_function(aten.clone.default, (p,)) for p in c_p_prev]
     like = c_cache[0]
     c_dist = [_scalar_zero(cached, like) for _ in sites]
     c_motion = [_scalar_zero(cached, like) for _ in motions]
-    cached.output(tuple(c_outs + c_res + c_p + c_dist + c_motion))
+    cached.output(tuple(c_outs + c_values + c_res + c_p + c_dist + c_motion))
 
     compute_gm = fx.GraphModule(gm, compute, class_name="ComputeBranch")
     cached_gm = fx.GraphModule(torch.nn.Module(), cached, class_name="CachedBranch")
@@ -137,8 +146,8 @@ def insert_cache(
         value = site.value if site.value is not None else site.stream.out
         specs.append(StateSpec(f"p_prev_{j}", tuple(fake(value).shape), fake(value).dtype, 0.0))
     for r, region in enumerate(regions):
-        for k, stream in enumerate(region.streams):
-            specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(stream.out).shape), fake(stream.out).dtype, 0.0))
+        for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
+            specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0))
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     state: dict[str, fx.Node] = {}
@@ -180,25 +189,28 @@ def insert_cache(
             compute_gm.add_submodule("adacache_motion", gm.adacache_motion)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
         gm.add_submodule(f"adacache_region{r}_cached", cached_gm)
+        n, n_values = len(region.streams), len(region.values)
         operands = (
             list(region.inputs)
-            + [state[f"cache_{r}_{k}"] for k in range(len(region.streams))]
+            + [state[f"cache_{r}_{k}"] for k in range(n + n_values)]
             + [state[f"p_prev_{j}"] for j in site_ids]
         )
         with _after(graph, region.nodes[-1]):
             true_fn = graph.get_attr(f"adacache_region{r}_compute")
             false_fn = graph.get_attr(f"adacache_region{r}_cached")
             node = graph.call_function(cond, (compute, true_fn, false_fn, tuple(operands)))
-        n = len(region.streams)
-        items = _getitems(graph, node, 2 * n + 2 * len(region_sites) + (region_motion is not None))
+        items = _getitems(graph, node, 2 * n + n_values + 2 * len(region_sites) + (region_motion is not None))
         inside = set(region.nodes)
-        for k, stream in enumerate(region.streams):
-            stream.out.replace_all_uses_with(items[k], delete_user_cb=lambda user, inside=inside: user not in inside)
-            replaced[stream.out] = items[k]
-            new_state[f"cache_{r}_{k}"] = items[n + k]
+        outputs = [s.out for s in region.streams] + list(region.values)
+        for k, out in enumerate(outputs):
+            out.replace_all_uses_with(items[k], delete_user_cb=lambda user, inside=inside: user not in inside)
+            replaced[out] = items[k]
+            # a stream caches its residual (after the outputs), a value caches itself
+            new_state[f"cache_{r}_{k}"] = items[n + n_values + k] if k < n else items[k]
+        first_p = 2 * n + n_values
         for i, j in enumerate(site_ids):
-            new_state[f"p_prev_{j}"] = items[2 * n + i]
-            distances.append(items[2 * n + len(region_sites) + i])
+            new_state[f"p_prev_{j}"] = items[first_p + i]
+            distances.append(items[first_p + len(region_sites) + i])
         if region_motion is not None:
             motions.append(items[-1])
         for old in reversed(region.nodes):

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from .find_blocks import Block
 from .find_streams import Stream, pair_streams, primary_stream
-from .graph_utils import PassError, fake, live_ins, positions
+from .graph_utils import PassError, fake, live_ins, passthrough_source, positions
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Region:
     nodes: list[fx.Node] = field(repr=False)
     inputs: list[fx.Node] = field(repr=False)  # tensor live-ins, parameters excluded
     streams: list[Stream] = field(repr=False)
+    values: list[fx.Node] = field(default_factory=list, repr=False)  # outputs cached as values (branches)
 
     @property
     def name(self) -> str:
@@ -90,9 +91,64 @@ def _split_runs(blocks: list[Block], pos) -> list[list[Block]]:
     return runs
 
 
+def branch_nodes(block_nodes: set[fx.Node], stream_value: fx.Node, branch: fx.Node, pos) -> list[fx.Node]:
+    """The nodes computing one residual branch ``f`` of ``stream = stream + f``.
+
+    Matches the block's nodes after the stream value and up to ``branch`` that ``branch`` depends on;
+    drops, to a fixpoint, every node also used outside (adaLN modulation shared by several branches),
+    which then stays in the main graph and enters the region as an input.
+    """
+    source = passthrough_source(stream_value)  # the stream before any cast made just for the add
+    floor, top = pos[source] if source in block_nodes else -1, pos[branch]
+    needed, stack = {branch}, [branch]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in needed and arg.op == "call_function" and floor < pos[arg] <= top and arg in block_nodes:
+                needed.add(arg)
+                stack.append(arg)
+    def sinks():  # value-less nodes (runtime asserts) reading only branch nodes go with the branch
+        return {u for n in needed for u in n.users if not u.users and u.op == "call_function"
+                and floor < pos[u] <= top and all(a in needed for a in u.all_input_nodes)}
+
+    changed = True
+    while changed:
+        changed = False
+        inside = needed | sinks()
+        for node in list(needed):
+            if node is not branch and any(user not in inside for user in node.users):
+                needed.discard(node)
+                changed = True
+    needed |= sinks()
+    for node in list(needed):  # an item of an outside value is free: leave it outside
+        if node.target is operator.getitem and node.all_input_nodes[0] not in needed and node is not branch:
+            needed.discard(node)
+    return sorted(needed, key=pos.__getitem__)
+
+
+def _branch_regions(block: Block, pos) -> list[Region]:
+    streams, _ = pair_streams(block.nodes, pos)
+    members = set(block.nodes)
+    regions = []
+    for stream in streams:
+        for _, stream_value, branch in stream.adds:
+            nodes = branch_nodes(members, stream_value, branch, pos)
+            inputs = [n for n in live_ins(nodes) if n.op != "get_attr"]
+            if any(fake(n) is None for n in inputs):
+                continue
+            regions.append(Region([block], nodes, inputs, [], [branch]))
+    regions.sort(key=lambda r: pos[r.values[0]])
+    return regions
+
+
 def plan_regions(graph: fx.Graph, blocks: list[Block], granularity: str = "stack") -> list[Region]:
-    """Return the regions, in execution order, covering every block once."""
+    """Return the regions, in execution order, covering every block once (or each residual branch)."""
     pos = positions(graph)
+    if granularity == "branch":
+        regions = []
+        for block in blocks:
+            found = _branch_regions(block, pos)
+            regions.extend(found if found else plan_regions(graph, [block], "block"))
+        return regions
     pending = [blocks] if granularity == "stack" else [[b] for b in blocks]
     regions = []
     while pending:
@@ -124,7 +180,6 @@ def plan_metric(
         if not -len(blocks) <= index < len(blocks):
             raise PassError(f"metric_block {index} is out of range: the stack has {len(blocks)} blocks")
         block = blocks[index]
-        region = next(i for i, r in enumerate(regions) if block in r.blocks)
         streams, _ = pair_streams(block.nodes, pos)
         if not streams:
             raise PassError(f"metric block {block.path} has no residual stream")
@@ -140,5 +195,11 @@ def plan_metric(
             value = None  # no residual add found: the whole block's residual out - inp
         else:
             raise PassError(f"block {block.path} has no separable residual branches; use metric_branch=0")
+        if value is not None:
+            region = next((i for i, r in enumerate(regions) if value in r.nodes), None)
+        else:
+            region = next((i for i, r in enumerate(regions) if block in r.blocks), None)
+        if region is None:
+            raise PassError(f"the metric residual of block {block.path} is not inside a cached region")
         sites.append(MetricSite(block, region, value, stream))
     return sites
