@@ -165,3 +165,50 @@ def test_bf16(family):
     assert cached.current_state()["history"].dtype == torch.float32
     assert all(r.metric is not None and r.metric == r.metric for r in rep.steps if r.computed and r.step > 1)
     assert rep.num_computed < 12
+
+
+@pytest.mark.parametrize(
+    "family,frames", [("wan", 2), ("cogvideox", 2), ("latte", 2), ("mochi", 2), ("allegro", 2), ("stdit", 4)]
+)
+def test_moreg_frame_layout_is_inferred_from_the_patch_embedding(family, frames):
+    model, make_inputs = build(family)
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, moreg=ax.MoRegConfig()))
+    run_steps(cached, make_inputs, 1)
+    assert cached.program().rewrite.frame_layout == (1, frames)
+
+
+def test_moreg_without_patch_convolution_needs_the_frame_count():
+    model, make_inputs = build("ltx_video")  # packed tokens, linear patchify: nothing to infer T from
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, moreg=ax.MoRegConfig()))
+    with pytest.raises(ax.TransformError, match=r"MoRegConfig\(frames=T\)"), torch.no_grad():
+        cached(**make_inputs(0))
+    forced = ax.transform(model, ax.AdaCacheConfig(num_steps=4, moreg=ax.MoRegConfig(frames=2)))
+    run_steps(forced, make_inputs, 1)
+    assert forced.program().rewrite.frame_layout == (1, 2)
+
+
+def test_moreg_on_split_streams_uses_the_video_part():
+    model, make_inputs = build("hunyuan_video")  # middle block concatenates [video; text], then splits
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, moreg=ax.MoRegConfig()))
+    run_steps(cached, make_inputs, 1)
+    assert cached.program().rewrite.frame_layout == (1, 2)
+    assert cached.current_state()["p_prev_0"].shape == (1, 32, 32)  # the 32 video tokens only
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a value: torch.export cannot capture it
+            x = x * 2
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_capture_failure_names_the_model_and_what_to_do():
+    cached = ax.transform(DataDependent(), ax.AdaCacheConfig(num_steps=4))
+    with pytest.raises(ax.CaptureError, match="(?s)DataDependent.*What you can do"), torch.no_grad():
+        cached(torch.randn(2, 4))

@@ -33,23 +33,27 @@ class RewriteResult:
 
 def _moreg_layout(graph: fx.Graph, config: AdaCacheConfig, sites: list[MetricSite]) -> tuple[int, int]:
     moreg = config.moreg
+    site = sites[0]
+    value = fake(site.value if site.value is not None else site.stream.out)
     if moreg.frames is not None:
-        layout = (first_batch(graph), moreg.frames)
+        batch, frames, per_frame = first_batch(graph), moreg.frames, None
     else:
-        layout = infer_frame_layout(graph)
-        if layout is None:
+        inferred = infer_frame_layout(graph)
+        if inferred is None:
             raise PassError(
                 "MoReg needs the number of latent frames, and this graph has no convolutional patch "
                 "embedding to infer it from: set MoRegConfig(frames=T)"
             )
-    batch, frames = layout
-    site = sites[0]
-    value = fake(site.value if site.value is not None else site.stream.out)
-    if frames < 2 or value.numel() % (batch * frames):
+        batch, frames, per_frame = inferred
+    expected = None if per_frame is None else batch * frames * per_frame * value.shape[-1]
+    if frames < 2 or value.numel() % (batch * frames) or (expected is not None and value.numel() != expected):
         raise PassError(
-            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} as "
-            f"[batch={batch}, frames={frames}, ...]; set MoRegConfig(frames=T) to the latent frame count"
+            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site.block.path}) as "
+            f"[batch={batch}, frames={frames}, tokens per frame={per_frame}, channels]: it holds other tokens "
+            "(e.g. text concatenated to the video) or no frames. Choose a metric_block whose stream holds "
+            "only video tokens, or set MoRegConfig(frames=T) to force the layout"
         )
+    layout = (batch, frames)
     if max(moreg.strides) >= frames:
         raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
     return layout

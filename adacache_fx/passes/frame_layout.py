@@ -2,7 +2,7 @@
 
 Matches the first convolution that reads a graph input: a 3-D convolution over ``[B, C, T, H, W]``
 gives ``T`` directly; a 2-D one over frames folded into the batch gives ``T = out_batch / B`` with
-``B`` the batch of the input it reads. Rewrites nothing.
+``B`` the batch of the input it reads; tokens per frame are the output's spatial size. Rewrites nothing.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _source_placeholder(node: fx.Node) -> fx.Node | None:
     return None
 
 
-def infer_frame_layout(graph: fx.Graph) -> tuple[int, int] | None:
-    """Return ``(batch, frames)`` or None when the graph has no convolutional patch embedding."""
+def infer_frame_layout(graph: fx.Graph) -> tuple[int, int, int] | None:
+    """Return ``(batch, frames, tokens_per_frame)``, or None without a convolutional patch embedding."""
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in CONV_OPS:
             continue
@@ -40,9 +40,9 @@ def infer_frame_layout(graph: fx.Graph) -> tuple[int, int] | None:
             continue
         batch = fake(source).shape[0]
         if out.dim() == 5:
-            return int(out.shape[0]), int(out.shape[2])
+            return int(out.shape[0]), int(out.shape[2]), int(out.shape[3] * out.shape[4])
         if out.dim() == 4 and out.shape[0] % batch == 0:
-            return int(batch), int(out.shape[0] // batch)
+            return int(batch), int(out.shape[0] // batch), int(out.shape[2] * out.shape[3])
         return None
     return None
 
