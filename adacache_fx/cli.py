@@ -8,7 +8,7 @@ import sys
 import torch
 
 from . import presets
-from .config import AdaCacheConfig, MoRegConfig
+from .config import AdaCacheConfig
 
 
 def _tiny_wan(num_layers: int, dim_head: int, heads: int, frames: int, size: int, seed: int = 0):
@@ -91,6 +91,12 @@ def cmd_demo(args) -> int:
     return run_demo(args)
 
 
+def _lazy(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adacache-fx",
@@ -134,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=7)
     bench.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     bench.set_defaults(func=cmd_compile_bench)
+
+    export = sub.add_parser("export", help="export a transformed model to ONNX (If nodes, explicit state) or TensorRT")
+    _lazy("adacache_fx.export.cli", "add_export_arguments")(export)
+    export.set_defaults(func=_lazy("adacache_fx.export.cli", "cli_export"))
     return parser
 
 
@@ -144,5 +154,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-__all__ = ["main", "build_parser", "MoRegConfig"]

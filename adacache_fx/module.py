@@ -175,7 +175,7 @@ class CachedModel(nn.Module):
     # -- preparing a call (always eager) ----------------------------------------------------------
     def _key(self, args, kwargs) -> tuple:
         param = next(self.model.parameters(), None)
-        where = (param.dtype, param.device.type) if param is not None else None
+        where = (param.dtype, str(param.device)) if param is not None else None
         return (signature(args, kwargs), where)
 
     def _capture(self, key, args, kwargs) -> Program:
@@ -200,7 +200,7 @@ class CachedModel(nn.Module):
                     "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
                     "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
                 )
-            program, device = self._programs[key], key[1][1] if key[1] else "cpu"
+            program, device = self._programs[key], key[1][1] if key[1] else "cpu"  # the weights' device
             state = {}
             for spec in program.specs:
                 shape = (self._num_steps, 4) if spec.shape is None else spec.shape
