@@ -57,6 +57,7 @@ class CachedModel(nn.Module):
     Behaves like the wrapped model: same call signature and outputs, ``config``, ``dtype``,
     ``device`` and the wrapped model's ``state_dict``. Use :meth:`cache_context` for separate
     conditional / unconditional state, and :func:`adacache_fx.reset` to start a new generation.
+    Inference only: the outputs carry no autograd graph.
 
     State layout: each (cache context, input signature) owns its state tensors (*storage*). For each
     signature, one stable set of *bound* tensors is what the graph reads and writes; entering a cache
@@ -272,7 +273,8 @@ class CachedModel(nn.Module):
         else:
             program, state = self._prepare_call(args, kwargs)
         flat = program.captured.flatten_inputs(args, kwargs)
-        outputs = program.graph_module(*flat, *state.values())
+        with torch.no_grad():  # an inference transform: reusing residuals has no meaningful gradient
+            outputs = program.graph_module(*flat, *state.values())
         returned = [state[spec.name] for spec in program.specs if spec.returned]
         n_user = len(outputs) - len(returned)
         for tensor, new in zip(returned, outputs[n_user:]):

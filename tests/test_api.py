@@ -212,3 +212,13 @@ def test_capture_failure_names_the_model_and_what_to_do():
     cached = ax.transform(DataDependent(), ax.AdaCacheConfig(num_steps=4))
     with pytest.raises(ax.CaptureError, match="(?s)DataDependent.*What you can do"), torch.no_grad():
         cached(torch.randn(2, 4))
+
+
+def test_runs_with_grad_enabled_and_returns_no_graph():
+    model, make_inputs = build("stdit")
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4))
+    out = cached(**make_inputs(0))  # no torch.no_grad() around the call
+    with torch.no_grad():
+        expected = model(**make_inputs(0))
+    assert not out.requires_grad
+    assert float((out - expected).abs().max()) < 1e-5

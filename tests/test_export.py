@@ -46,21 +46,25 @@ def _cli(*argv: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """``exported(family) -> (path, model, make_inputs, cli_output)``, each family exported once."""
+    """``exported(family) -> (path, cached, make_inputs, cli_output)``, each family exported once.
+
+    ``cached`` is the torch CachedModel with the same config (reset to a new generation of STEPS
+    steps), captured once for all tests."""
     folder, done = tmp_path_factory.mktemp("onnx"), {}
 
     def get(family):
         if family not in done:
             model, make_inputs = build(family, num_layers=2)
-            path, output = folder / f"{family}.onnx", None
+            cached, path, output = ax.transform(model, CASES[family]), folder / f"{family}.onnx", None
             if family == "wan":  # the CLI's built-in tiny Wan is this very model
                 code, output = _cli("--model", "wan", "--layers", "2", "--steps", str(STEPS), "--out", str(path))
                 assert code == 0, output
                 builtin, _ = build_model("wan", 2)
                 assert all(torch.equal(a, b) for a, b in zip(builtin.state_dict().values(), model.state_dict().values()))
             else:
-                to_onnx(ax.transform(model, CASES[family]), make_inputs(0), path)
-            done[family] = (path, model, make_inputs, output)
+                to_onnx(cached, make_inputs(0), path)  # captures it: the tests reuse the capture
+            done[family] = (path, cached, make_inputs, output)
+        ax.reset(done[family][1], num_steps=STEPS)
         return done[family]
 
     return get
@@ -78,11 +82,10 @@ def _assert_same_state(got: dict, expected: dict):
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_generation_through_onnx_runtime_equals_torch(family, exported):
-    path, model, make_inputs, _ = exported(family)
+    path, cached, make_inputs, _ = exported(family)
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path)).graph
     ops = Counter(node.op_type for node in graph.node)
-    cached = ax.transform(model, CASES[family])
     runner = OnnxRunner(path)
     with torch.no_grad():
         for s in range(STEPS):
@@ -100,8 +103,8 @@ def test_generation_through_onnx_runtime_equals_torch(family, exported):
 
 
 def test_state_round_trips_and_steps_change(exported):
-    path, model, make_inputs, _ = exported("wan")
-    cached, runner = ax.transform(model, CASES["wan"]), OnnxRunner(path)
+    path, cached, make_inputs, _ = exported("wan")
+    runner = OnnxRunner(path)
     with torch.no_grad():
         for s in range(10):
             cached(**make_inputs(s))
@@ -144,8 +147,8 @@ def test_cached_step_skips_the_block_stack(exported, tmp_path):
 
 
 def test_cache_contexts_keep_separate_state(exported):
-    path, model, make_inputs, _ = exported("wan")
-    cached, runner = ax.transform(model, CASES["wan"]), OnnxRunner(path)
+    path, cached, make_inputs, _ = exported("wan")
+    runner = OnnxRunner(path)
 
     def uncond(s):
         kwargs = make_inputs(s)
@@ -166,9 +169,9 @@ def test_cache_contexts_keep_separate_state(exported):
 
 
 def test_clear_errors(exported, tmp_path):
-    path, model, make_inputs, _ = exported("wan")
+    path, cached, make_inputs, _ = exported("wan")
     with pytest.raises(TypeError, match=r"adacache_fx\.transform"):
-        to_onnx(model, make_inputs(0), tmp_path / "plain.onnx")
+        to_onnx(cached.model, make_inputs(0), tmp_path / "plain.onnx")
     runner = OnnxRunner(path)
     with pytest.raises(ValueError, match=r"state tensor 'cache_0_0': expected shape \(1, 32, 32\) dtype float32, got"):
         runner.load_state({"cache_0_0": torch.zeros(1, 32, 31)})
@@ -204,15 +207,17 @@ def test_tensorrt_without_cuda_says_what_is_missing(tmp_path):
         build_tensorrt_engine(tmp_path / "model.onnx", tmp_path / "model.engine")
     with pytest.raises(RuntimeError, match="CUDA device"):
         TensorRTRunner(tmp_path / "model.engine")
+    code, output = _cli("--format", "tensorrt", "--out", str(tmp_path / "model.engine"))
+    assert code == 2 and "pip install adacache-fx[gpu]" in output  # said before any slow stage
 
 
 @pytest.mark.gpu
 def test_tensorrt_generation_equals_torch(exported, tmp_path):
     pytest.importorskip("tensorrt")
-    path, model, make_inputs, _ = exported("wan")
+    path, cached, make_inputs, _ = exported("wan")
     engine = build_tensorrt_engine(path, tmp_path / "wan.engine")
     runner = TensorRTRunner(engine)
-    cached = ax.transform(copy.deepcopy(model).cuda(), CASES["wan"])
+    cached = ax.transform(copy.deepcopy(cached.model).cuda(), CASES["wan"])
     with torch.no_grad():
         for s in range(STEPS):
             inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(s).items()}

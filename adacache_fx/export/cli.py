@@ -92,6 +92,10 @@ def cli_export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:
+        if args.format == "tensorrt":
+            from .tensorrt import require_tensorrt
+
+            require_tensorrt()  # before the slow stages
         model, call = build_model(args.model, args.layers)
     except (FileNotFoundError, RuntimeError) as error:
         print(f"adacache-fx export: {error}")

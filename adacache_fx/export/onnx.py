@@ -180,6 +180,37 @@ class _Stages:
             self.progress(name, self.seconds[name])
 
 
+def _metadata(cached: CachedModel, program, named: list, user_outputs: list) -> dict:
+    """What a runner needs, stored as JSON in the ONNX file's ``metadata_props``."""
+    return {
+        "format": FORMAT_VERSION,
+        "model": type(cached.model).__name__,
+        "config": repr(cached.adacache_config),
+        "num_steps": cached.num_steps,
+        "inputs": [
+            {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": _dtype_name(leaf.dtype)}
+            if isinstance(leaf, torch.Tensor) else {"name": name, "kind": "constant", "repr": repr(leaf)}
+            for name, leaf in named
+        ],
+        "outputs": [
+            {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": _dtype_name(v.dtype)}
+            for i, v in enumerate(user_outputs)
+        ],
+        "output_tree": _encode_tree(program.captured.out_spec),
+        "state": [
+            {
+                "name": spec.name, "input": f"state.{spec.name}",
+                "output": f"state_out.{spec.name}" if spec.returned else None,
+                "shape": None if spec.shape is None else list(spec.shape),
+                "dtype": _dtype_name(spec.dtype), "fill": float(spec.fill),
+            }
+            for spec in program.specs
+        ],
+        "regions": list(program.rewrite.regions),
+        "metric_sites": list(program.rewrite.metric_sites),
+    }
+
+
 def to_onnx(
     model,
     example_inputs,
@@ -195,7 +226,8 @@ def to_onnx(
         model: a :class:`~adacache_fx.CachedModel` (from :func:`adacache_fx.transform`), with its
             number of steps N known (``AdaCacheConfig(num_steps=N)`` or :func:`adacache_fx.reset`).
         example_inputs: the keyword arguments of one denoising step, or an ``(args, kwargs)`` pair.
-            Tensor shapes and dtypes are fixed in the file; non-tensor values are baked in.
+            Tensor shapes and dtypes are fixed in the file (one file per input signature; a dynamic
+            batch is future work), non-tensor values are baked in as constants.
         path: the ``.onnx`` file to write.
         opset: ONNX opset version (default: the exporter's).
         external_data: store the weights in a separate file (default: only above 2 GB).
@@ -220,11 +252,11 @@ def to_onnx(
         named = named_leaves(args, kwargs)
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor)]
         device = tensors[0][1].device if tensors else torch.device("cpu")
-        state = []
-        for spec in program.specs:
-            shape = (num_steps, 4) if spec.shape is None else spec.shape
-            fill = num_steps if spec.name == "num_steps" else spec.fill
-            state.append(torch.full(shape, fill, dtype=spec.dtype, device=device))
+        state = [  # a fresh generation's state, not the model's live one
+            torch.full((num_steps, 4) if spec.shape is None else spec.shape,
+                       num_steps if spec.name == "num_steps" else spec.fill, dtype=spec.dtype, device=device)
+            for spec in program.specs
+        ]
         wrapper = _StatefulProgram(
             program.graph_module, [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for _, leaf in named]
         )
@@ -256,33 +288,7 @@ def to_onnx(
                 verbose=False,
             )
 
-    metadata = {
-        "format": FORMAT_VERSION,
-        "model": type(cached.model).__name__,
-        "config": repr(cached.adacache_config),
-        "num_steps": num_steps,
-        "inputs": [
-            {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": _dtype_name(leaf.dtype)}
-            if isinstance(leaf, torch.Tensor) else {"name": name, "kind": "constant", "repr": repr(leaf)}
-            for name, leaf in named
-        ],
-        "outputs": [
-            {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": _dtype_name(v.dtype)}
-            for i, v in enumerate(user_outputs)
-        ],
-        "output_tree": _encode_tree(program.captured.out_spec),
-        "state": [
-            {
-                "name": spec.name, "input": f"state.{spec.name}",
-                "output": f"state_out.{spec.name}" if spec.returned else None,
-                "shape": None if spec.shape is None else list(spec.shape),
-                "dtype": _dtype_name(spec.dtype), "fill": float(spec.fill),
-            }
-            for spec in program.specs
-        ],
-        "regions": list(program.rewrite.regions),
-        "metric_sites": list(program.rewrite.metric_sites),
-    }
+    metadata = _metadata(cached, program, named, user_outputs)
     with stage("save"):
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
@@ -495,6 +501,9 @@ class OnnxRunner(StatefulRunner):
                 f"ONNX Runtime providers {missing} are not available (available: {ort.get_available_providers()}); "
                 "for CUDA/TensorRT install onnxruntime-gpu: pip install adacache-fx[gpu]"
             )
+        if session_options is None:
+            session_options = ort.SessionOptions()
+            session_options.log_severity_level = 3  # errors only: not the exporter's unused-initializer notes
         self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:

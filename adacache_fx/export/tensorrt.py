@@ -19,8 +19,8 @@ _INSTALL = "install the GPU extras: pip install adacache-fx[gpu] (tensorrt, onnx
 MAX_STEPS = 1000
 
 
-def _tensorrt():
-    """Import tensorrt, checking for a CUDA device first."""
+def require_tensorrt():
+    """Import tensorrt, checking for a CUDA device first; RuntimeError saying what is missing."""
     if not torch.cuda.is_available():
         raise RuntimeError(f"TensorRT needs a CUDA device and torch with CUDA, and none is available; {_INSTALL}")
     try:
@@ -44,7 +44,7 @@ def build_tensorrt_engine(
     dimension, the rows of ``state.history``, the range 3..``MAX_STEPS`` (optimal: the export's N).
     Writes the engine and, next to it, ``<engine_path>.json`` with the runner's metadata.
     """
-    trt = _tensorrt()
+    trt = require_tensorrt()
     metadata = read_metadata(onnx_path)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -82,7 +82,7 @@ class TensorRTRunner(StatefulRunner):
     """
 
     def __init__(self, engine_path: str | Path, num_steps: int | None = None, device: int = 0):
-        trt = _tensorrt()
+        trt = require_tensorrt()
         sidecar = _sidecar(engine_path)
         if not sidecar.is_file():
             raise FileNotFoundError(f"{sidecar} is missing: build engines with adacache_fx.export.build_tensorrt_engine")
