@@ -51,20 +51,24 @@ def signature(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), tuple(leaves))
 
 
-def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedGraph:
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict, functional: bool = False) -> CapturedGraph:
     """Export ``model(*args, **kwargs)`` and return a clean GraphModule over the flat inputs.
 
     The result has plain positional placeholders (one per flattened input, non-tensors included),
     returns a flat tuple, and shares its parameters and buffers with ``model``. The export's input
     guard module and pytree codegen are removed so that ``torch.compile`` can trace it.
+
+    ``functional=True`` also functionalizes the graph (no op is decomposed): in-place updates, like a
+    rotary embedding written into slices of ``empty_like``, become data edges. Regions cut *inside* a
+    block need that; whole-block regions keep such updates inside the region, and the non-functional
+    graph runs about 10% faster in eager mode (compile and ONNX export functionalize anyway).
     """
     name = type(model).__name__
     try:
         with torch.no_grad():
             program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
-            # functional ATen: in-place updates (e.g. a rotary embedding written into empty_like
-            # slices) become data edges the passes can see; no op is decomposed
-            program = program.run_decompositions({})
+            if functional:
+                program = program.run_decompositions({})
     except Exception as error:  # noqa: BLE001 - re-raised with context
         op = _failing_op(error)
         raise CaptureError(

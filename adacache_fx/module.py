@@ -180,7 +180,7 @@ class CachedModel(nn.Module):
         return (signature(args, kwargs), where)
 
     def _capture(self, key, args, kwargs) -> Program:
-        captured = capture(self.model, args, kwargs)
+        captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch")
         try:
             result = rewrite(captured.graph_module, self.adacache_config)
         except PassError as error:
