@@ -7,6 +7,7 @@
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
+from .calibrate import calibrate
 from .capture import CaptureError
 from .config import AdaCacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
@@ -22,6 +23,7 @@ __all__ = [
     "Report",
     "StepRecord",
     "TransformError",
+    "calibrate",
     "compile",
     "disable",
     "enable",

@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export a transformed model to ONNX (If nodes, explicit state) or TensorRT")
     _lazy("adacache_fx.export.cli", "add_export_arguments")(export)
     export.set_defaults(func=_lazy("adacache_fx.export.cli", "cli_export"))
+
+    peers = sub.add_parser("bench", help="AdaCache against the peers (diffusers cache hooks, cache-dit) on the reference model")
+    _lazy("adacache_fx.bench", "add_bench_arguments")(peers)
+    peers.set_defaults(func=_lazy("adacache_fx.bench", "cli_bench"))
     return parser
 
 

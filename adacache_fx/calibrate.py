@@ -1,0 +1,173 @@
+"""Fit an AdaCache codebook to a model: ``adacache_fx.calibrate(pipe, captions, num_steps, target)``.
+
+The official codebooks were tuned on Open-Sora; another model's metric c lives on another scale, so its
+thresholds would make it cache too much or never. Calibration runs a few uncached generations (every
+step computes, ``presets.NEVER``), records the metric per step, and places the thresholds at quantiles of
+what it saw:
+
+* ``target="fast"`` / ``"slow"``: the official rate bases ``(6, 5, 4, 3, 2, 1)`` / ``(3, 2, 1, 1, 1, 1)``
+  with thresholds at the 1/6 ... 5/6 quantiles of the observed metric, the last threshold a catch-all
+  (``inf``: c at or above the fifth threshold gets the last rate).
+* ``target=<float>``: a speedup in computed transformer steps (``N / computed``); the fast codebook's
+  thresholds are scaled by the factor whose *predicted* number of computed steps is closest to
+  ``N / target`` (the smallest such factor, i.e. the most conservative one).
+
+Prediction (:func:`predict_computed`) replays the decision rule of ``adacache_fx.policy`` on the recorded
+trajectories. Under caching, the metric at a compute step ``s`` compares the residual with the one of the
+previous compute step ``s - r`` and is divided by the rate ``r`` in force; only the step-to-step distances
+``d_j`` of the uncached run are known, so the replay approximates
+``||p_s - p_{s-r}|| / ||p_{s-r}|| ~ d_{s-r+1} + ... + d_s`` (the triangle inequality as an equality: exact
+when the residual drifts in one direction, an over-estimate when it oscillates, in which case the real
+run computes fewer steps than predicted). The targets count computed steps; wall-clock speedups are a bit
+lower (the patch embedding, output head, scheduler and guidance run at every step).
+
+The quantiles pool the metric of steps 2..N-2 over all captions and CFG contexts (steps N-1 and N always
+compute). The codebooks are fitted without motion regularization: MoReg multiplies c by its motion factor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from . import presets
+from .api import report
+from .config import AdaCacheConfig, validate_codebook
+from .pipeline import disable, enable
+
+#: Rate bases of the official fast and slow codebooks (30 steps).
+RATE_BASES: dict[str, tuple[int, ...]] = {
+    "fast": tuple(presets.FAST_30.values()),
+    "slow": tuple(presets.SLOW_30.values()),
+}
+#: Contexts whose trajectories are recorded (CFG pipelines use ``cond`` / ``uncond``; others ``default``).
+_CONTEXTS = ("cond", "uncond", "default")
+#: Scale factors searched for a numeric target (geometric grid).
+_SCALES = np.geomspace(1e-3, 1e3, 601)
+
+
+def calibrate(pipe_or_model, captions: Sequence[str], num_steps: int, target="fast", seed: int = 0) -> dict[float, int]:
+    """Return a ``{threshold: rate}`` codebook fitted to the model of ``pipe_or_model``.
+
+    ``pipe_or_model``: a diffusers pipeline with a ``transformer`` (e.g. ``ReferencePipeline``); its
+    transformer is transformed for the runs and restored afterwards. ``captions``: prompts to generate
+    (one generation each, generator seeded ``seed + i``). ``target``: ``"fast"``, ``"slow"`` or a speedup
+    in computed steps ``1 <= target <= `` :func:`max_speedup` ``(num_steps)``.
+    """
+    _check_target(target, num_steps)
+    trajectories = record_metrics(pipe_or_model, captions, num_steps, seed=seed)
+    return fit_codebook(trajectories, num_steps, target)
+
+
+def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[list[float]]:
+    """Run uncached generations and return the per-step metric trajectories.
+
+    One trajectory per caption and cache context: ``d[s]`` for steps ``s = 2..N`` (index ``s - 2``), the
+    relative L1 distance between the metric residuals of steps ``s - 1`` and ``s``.
+    """
+    captions = _check_captions(captions)
+    _check_num_steps(num_steps)
+    if getattr(pipe, "transformer", None) is None or not callable(pipe):
+        raise TypeError(
+            f"calibrate needs a diffusers pipeline with a `transformer` (e.g. ReferencePipeline), "
+            f"got {type(pipe).__name__}"
+        )
+    cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER))
+    trajectories = []
+    try:
+        for i, caption in enumerate(captions):
+            generator = torch.Generator().manual_seed(seed + i)
+            pipe(prompt=caption, num_inference_steps=num_steps, generator=generator)
+            for context in _CONTEXTS:
+                try:
+                    steps = report(cached, context).steps
+                except RuntimeError:  # no generation ran in this context
+                    continue
+                trajectories.append([math.nan if r.metric is None else r.metric for r in steps[1:]])
+    finally:
+        disable(pipe)
+    if not trajectories:
+        raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
+    return trajectories
+
+
+def fit_codebook(trajectories: Sequence[Sequence[float]], num_steps: int, target="fast") -> dict[float, int]:
+    """Codebook from recorded trajectories (see :func:`record_metrics`) for ``target`` (see :func:`calibrate`)."""
+    _check_target(target, num_steps)
+    values = np.asarray([v for t in trajectories for v in t[: max(0, num_steps - 3)]], dtype=np.float64)
+    values = values[np.isfinite(values)]  # steps N-1 and N always compute: their metric decides nothing
+    if values.size == 0:
+        raise ValueError("no finite metric values recorded: cannot calibrate")
+    quantiles = np.quantile(values, np.arange(1, 6) / 6)
+    thresholds = []
+    for q in quantiles:
+        low = thresholds[-1] * (1 + 1e-6) if thresholds else 1e-12
+        thresholds.append(max(float(q), low))  # strictly increasing and positive
+    if isinstance(target, str):
+        return validate_codebook(dict(zip([*thresholds, math.inf], RATE_BASES[target])))
+    rates = RATE_BASES["fast"]
+    wanted = num_steps / float(target)
+    best = min(
+        _SCALES,
+        key=lambda k: abs(predict_computed(trajectories, _scaled(thresholds, rates, k), num_steps) - wanted),
+    )  # min returns the first (smallest) of equally good scales
+    return _scaled(thresholds, rates, float(best))
+
+
+def predict_computed(trajectories: Sequence[Sequence[float]], codebook, num_steps: int) -> float:
+    """Mean number of computed steps when ``codebook`` decides on the recorded trajectories (see module doc)."""
+    codebook = validate_codebook(codebook)
+    thresholds, rates = np.asarray(list(codebook)), list(codebook.values())
+    counts = []
+    for d in trajectories:
+        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=0.0)
+        rate, next_compute, last, computed = 1, 1, 1, 0
+        for s in range(1, num_steps + 1):
+            if not (s == 1 or s >= num_steps - 1 or s >= next_compute):
+                continue
+            computed += 1
+            if s > 1:
+                c = d[last - 1 : s - 1].sum() / rate  # d[j - 2] is the distance between steps j - 1 and j
+                rate = rates[min(int((c >= thresholds).sum()), len(rates) - 1)]
+                last = s
+            next_compute = s + rate
+        counts.append(computed)
+    return float(np.mean(counts))
+
+
+def max_speedup(num_steps: int) -> float:
+    """Largest speedup in computed steps the fast basis can reach: rate 6 from step 2 on."""
+    _check_num_steps(num_steps)
+    computed = len({1, num_steps - 1, num_steps} | set(range(2, num_steps + 1, 6)))
+    return num_steps / computed
+
+
+def _scaled(thresholds, rates, factor: float) -> dict[float, int]:
+    return validate_codebook(dict(zip([t * factor for t in thresholds] + [math.inf], rates)))
+
+
+def _check_captions(captions) -> list[str]:
+    if isinstance(captions, str):
+        captions = [captions]
+    captions = list(captions)
+    if not captions or not all(isinstance(c, str) and c for c in captions):
+        raise ValueError("calibrate needs at least one non-empty caption")
+    return captions
+
+
+def _check_num_steps(num_steps) -> None:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 3:
+        raise ValueError(f"num_steps must be an int >= 3, got {num_steps!r}")
+
+
+def _check_target(target, num_steps: int) -> None:
+    if isinstance(target, str):
+        if target not in RATE_BASES:
+            raise ValueError(f"target must be 'fast', 'slow' or a speedup, got {target!r}")
+        return
+    top = max_speedup(num_steps)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= top:
+        raise ValueError(f"target speedup must be a number in [1, {top:.2f}] for {num_steps} steps, got {target!r}")

@@ -1,0 +1,140 @@
+"""adacache_fx.bench: the quick mode on an untrained reference pipeline, the caption set, the summaries."""
+
+import argparse
+import csv
+import importlib.util
+import math
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from adacache_fx import bench
+from adacache_fx.bench import (
+    CALIBRATION_CAPTIONS,
+    COLUMNS,
+    EVAL_CAPTIONS,
+    QUICK_METHODS,
+    QUICK_STEPS,
+    Row,
+    run_bench,
+    static_schedule,
+    summarize_targets,
+)
+from adacache_fx.reference import build_reference_model, parse_caption
+from adacache_fx.reference.pipeline import ReferencePipeline
+
+
+def _untrained_pipe():
+    torch.manual_seed(0)
+    transformer, encoder = build_reference_model()
+    return ReferencePipeline(transformer.eval(), encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    pipe = _untrained_pipe()
+    base = pipe.transformer
+    rows = run_bench(quick=True, out=out, pipe=pipe, progress=lambda _: None)
+    assert pipe.transformer is base  # restored
+    return {(r.method, r.setting): r for r in rows}, rows, out
+
+
+def _row(rows, method) -> Row:
+    (row,) = [r for (m, _), r in rows.items() if m == method]
+    return row
+
+
+def test_quick_writes_csv_markdown_and_plot(quick):
+    by_key, rows, out = quick
+    with open(out / "bench.csv") as f:
+        table = list(csv.DictReader(f))
+    assert tuple(table[0]) == COLUMNS
+    methods = [bench.BASELINE] + [bench.METHODS[k][0] for k in QUICK_METHODS]
+    assert [r["method"] for r in table] == methods  # one quick setting per method
+    assert table[0]["psnr"] == "inf"
+    markdown = (out / "bench.md").read_text()
+    assert markdown.count("\n| ") == len(rows) + 1 and "## Targets" in markdown
+    assert all(m in markdown for m in methods)
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_baseline_and_never_skipping_rows_are_exact(quick):
+    rows = quick[0]
+    base = _row(rows, bench.BASELINE)
+    assert (base.speedup, base.psnr, base.ssim, base.computed, base.cache_mib) == (1.0, math.inf, 1.0, QUICK_STEPS, 0)
+    never = _row(rows, "adacache-fx never")
+    assert never.psnr == math.inf and never.computed == QUICK_STEPS and never.ssim == 1.0
+    assert never.cache_mib > 0  # the residual caches of both CFG contexts
+
+
+def test_schedules_count_what_really_ran(quick):
+    rows = quick[0]
+    static = _row(rows, "adacache-fx static")
+    assert static.computed == len(static_schedule(QUICK_STEPS, 2)) == 6  # steps 1 3 5 7 9 10
+    assert math.isfinite(static.psnr) and static.speedup > 1
+    fast = _row(rows, "adacache-fx fast")
+    assert 3 <= fast.computed < QUICK_STEPS and math.isfinite(fast.psnr)
+    # TaylorSeer, interval 3, 3 warm-up steps: steps 0 1 2 4 7 compute (counted on the middle block)
+    taylor = _row(rows, "diffusers TaylorSeer")
+    assert taylor.computed == 5
+    # its state: order-0 and order-1 factors of 6 block outputs [1, 512, 128] float32, per CFG context
+    assert taylor.cache_mib == pytest.approx(2 * 6 * 2 * 512 * 128 * 4 / 2**20)
+    for method in ("diffusers FirstBlockCache", "cache-dit DBCache"):
+        row = _row(rows, method)
+        if method.startswith("cache-dit") and importlib.util.find_spec("cache_dit") is None:
+            assert "not installed" in row.note
+            continue
+        assert 1 <= row.computed <= QUICK_STEPS and row.psnr > 10
+
+
+def test_a_method_that_cannot_run_gets_a_reason(quick):
+    row = _row(quick[0], "diffusers FasterCache")
+    assert row.speedup is None and row.psnr is None
+    assert "batch" in row.note and "Error" in row.note
+
+
+def test_eval_captions_are_balanced_and_held_out():
+    caps = [parse_caption(c) for c in EVAL_CAPTIONS]
+    assert len(caps) >= 24 and len(set(EVAL_CAPTIONS)) == len(EVAL_CAPTIONS)
+    assert set(Counter(c.speed for c in caps).values()) == {8}
+    assert set(Counter(c.direction for c in caps if c.direction).values()) == {4}
+    assert set(Counter((c.direction, c.speed) for c in caps if c.direction).values()) == {2}
+    assert set(Counter(c.shape for c in caps).values()) == {8}
+    assert set(Counter(c.colour for c in caps).values()) == {4}
+    assert set(Counter(c.size for c in caps).values()) == {12}
+    assert not set(CALIBRATION_CAPTIONS) & set(EVAL_CAPTIONS)
+    assert bench._eval_captions() == EVAL_CAPTIONS  # deterministic
+
+
+def test_summary_compares_peers_with_the_best_adacache_curve():
+    rows = [
+        Row("no caching", "-", 30, 30, 1.0, 1.0, math.inf),
+        Row("adacache-fx fast", "x1", 30, 12, 2.2, 1.0, 31.0),
+        Row("adacache-fx calibrated", "3x", 30, 9, 2.9, 1.0, 24.0),
+        Row("peer", "a", 30, 15, 1.8, 1.0, 33.0),
+        Row("peer", "b", 30, 10, 2.5, 1.0, 20.0),
+        Row("peer", "c", 30, 8, 3.5, 1.0, 18.0),
+        Row("peer", "broken", 30, note="cannot run"),
+    ]
+    text = summarize_targets(rows)
+    assert "**met**" in text and "best PSNR: adacache-fx fast [x1] 2.20x" in text
+    assert "peer [a] 1.80x / 33.00 dB: adacache-fx at >= that speedup: adacache-fx fast [x1]" in text
+    assert "**lower by 2.00 dB**" in text
+    assert "peer [b] 2.50x / 20.00 dB: adacache-fx at >= that speedup: adacache-fx calibrated [3x]" in text
+    assert "peer [c] 3.50x / 18.00 dB: adacache-fx reaches no such speedup" in text
+    assert "broken" not in text
+
+
+def test_cli_runs_a_quick_subset(tmp_path, monkeypatch, capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args(["--quick", "--untrained", "--methods", "fbcache", "--captions", "1",
+                              "--steps", "4", "--out", str(tmp_path)])
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the test session's threads
+    assert bench.cli_bench(args) == 0
+    out = capsys.readouterr().out
+    assert "| diffusers FirstBlockCache | threshold 0.1 | " in out and "4.0/4" in out
+    assert (tmp_path / "bench.csv").exists()

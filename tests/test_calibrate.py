@@ -1,0 +1,100 @@
+"""adacache_fx.calibrate: codebooks fitted to a model (untrained tiny reference pipeline, few steps)."""
+
+import math
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import adacache_fx as ax
+from adacache_fx.calibrate import RATE_BASES, calibrate, fit_codebook, max_speedup, predict_computed, record_metrics
+from adacache_fx.reference import build_reference_model
+from adacache_fx.reference.pipeline import ReferencePipeline
+
+N = 8
+CAPTIONS = ["a large red circle staying still", "a small blue square moving right fast"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    transformer, encoder = build_reference_model()
+    pipe = ReferencePipeline(transformer.eval(), encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def trajectories(pipe):
+    return record_metrics(pipe, CAPTIONS, N)
+
+
+def test_records_one_trajectory_per_caption_and_context_and_restores_the_pipeline(pipe, trajectories):
+    assert len(trajectories) == 2 * len(CAPTIONS)  # cond and uncond
+    assert all(len(t) == N - 1 and all(v > 0 for v in t) for t in trajectories)
+    assert not isinstance(pipe.transformer, ax.CachedModel)
+
+
+@pytest.mark.parametrize("target", ["fast", "slow"])
+def test_presets_keep_the_official_rates_with_increasing_thresholds(trajectories, target):
+    codebook = fit_codebook(trajectories, N, target)
+    thresholds = list(codebook)
+    assert tuple(codebook.values()) == RATE_BASES[target]
+    assert all(a < b for a, b in zip(thresholds, thresholds[1:]))
+    assert math.isinf(thresholds[-1])  # the catch-all
+    values = sorted(v for t in trajectories for v in t[: N - 3])
+    assert values[0] <= thresholds[0] <= thresholds[4] <= values[-1]  # quantiles of what was seen
+
+
+def test_replay_is_exact_without_caching_and_for_a_never_reusing_codebook(trajectories):
+    assert predict_computed(trajectories, {1e9: 1}, N) == N
+    assert predict_computed(trajectories, {1e-9: 1, 1.0: 1}, N) == N
+    # rate 6 everywhere: steps 1, 2, then N-1 and N
+    assert predict_computed(trajectories, {1e9: 6}, N) == len({1, 2, N - 1, N}) == 4
+    assert max_speedup(N) == N / 4
+
+
+def test_larger_target_computes_fewer_steps_in_a_real_run(pipe, trajectories):
+    computed = {}
+    for target in (1.2, 2.0):
+        codebook = fit_codebook(trajectories, N, target)
+        assert tuple(codebook.values()) == RATE_BASES["fast"]
+        cached = ax.enable(pipe, ax.AdaCacheConfig(codebook=codebook))
+        try:
+            counts = []
+            for i, caption in enumerate(CAPTIONS[:1]):
+                pipe(caption, num_inference_steps=N, generator=torch.Generator().manual_seed(i))
+                counts += [ax.report(cached, c).num_computed for c in ("cond", "uncond")]
+        finally:
+            ax.disable(pipe)
+        computed[target] = sum(counts) / len(counts)
+    assert computed[2.0] < computed[1.2] <= N
+    # the prediction is close to the real count (it over-estimates distances, so it may predict more)
+    assert abs(predict_computed(trajectories, fit_codebook(trajectories, N, 2.0), N) - computed[2.0]) <= 2
+
+
+def test_deterministic(pipe, trajectories):
+    assert calibrate(pipe, CAPTIONS, N, target=2.0) == fit_codebook(trajectories, N, 2.0)
+    assert fit_codebook(trajectories, N, "fast") == fit_codebook(trajectories, N, "fast")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"captions": []}, "caption"),
+        ({"captions": [""]}, "caption"),
+        ({"num_steps": 2}, "num_steps"),
+        ({"target": 0.5}, "target"),
+        ({"target": 100.0}, "target"),
+        ({"target": "medium"}, "target"),
+    ],
+)
+def test_bad_input(pipe, kwargs, message):
+    args = {"captions": CAPTIONS, "num_steps": N, "target": "fast"} | kwargs
+    with pytest.raises(ValueError, match=message):
+        calibrate(pipe, args["captions"], args["num_steps"], target=args["target"])
+
+
+def test_needs_a_pipeline():
+    with pytest.raises(TypeError, match="transformer"):
+        calibrate(torch.nn.Linear(2, 2), CAPTIONS, N)
