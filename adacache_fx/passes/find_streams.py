@@ -23,6 +23,7 @@ class Stream:
     inp: fx.Node
     out: fx.Node
     adds: list  # residual adds on the way, (add, stream_operand, branch_operand) in execution order
+    complete: bool = True  # the walk reached ``inp``: ``out`` is ``inp`` plus exactly these branches
 
 
 def pair_streams(nodes: list[fx.Node], pos: dict[fx.Node, int] | None = None):
@@ -45,7 +46,7 @@ def pair_streams(nodes: list[fx.Node], pos: dict[fx.Node, int] | None = None):
         if not candidates:
             unpaired.append(out)
             continue
-        streams.append(Stream(candidates[0], out, adds))
+        streams.append(Stream(candidates[0], out, adds, complete=False))
         taken.add(candidates[0])
     streams.sort(key=lambda s: pos[s.out])
     return streams, unpaired

@@ -126,7 +126,9 @@ def branch_nodes(block_nodes: set[fx.Node], stream_value: fx.Node, branch: fx.No
 
 
 def _branch_regions(block: Block, pos) -> list[Region]:
-    streams, _ = pair_streams(block.nodes, pos)
+    streams, unpaired = pair_streams(block.nodes, pos)
+    if unpaired or not streams or not all(s.complete for s in streams):
+        return []  # not a pure residual chain (e.g. post-norm): the block is cached whole
     members = set(block.nodes)
     regions = []
     for stream in streams:
