@@ -119,13 +119,23 @@ def test_summary_compares_peers_with_the_best_adacache_curve():
         Row("peer", "c", 30, 8, 3.5, 1.0, 18.0),
         Row("peer", "broken", 30, note="cannot run"),
     ]
+    assert [(r.method, r.setting) for r in bench.best_curve(rows)] == [
+        ("adacache-fx fast", "x1"), ("adacache-fx calibrated", "3x")]
     text = summarize_targets(rows)
     assert "**met**" in text and "best PSNR: adacache-fx fast [x1] 2.20x" in text
-    assert "peer [a] 1.80x / 33.00 dB: adacache-fx at >= that speedup: adacache-fx fast [x1]" in text
+    # below the curve's slowest point: that point; between points: linear (31 + (24 - 31) * 0.3 / 0.7 = 28)
+    assert "peer [a] 1.80x / 33.00 dB: adacache-fx's best curve there: 31.00 dB (adacache-fx fast [x1] 2.20x)" in text
     assert "**lower by 2.00 dB**" in text
-    assert "peer [b] 2.50x / 20.00 dB: adacache-fx at >= that speedup: adacache-fx calibrated [3x]" in text
+    assert "peer [b] 2.50x / 20.00 dB: adacache-fx's best curve there: 28.00 dB (between" in text
     assert "peer [c] 3.50x / 18.00 dB: adacache-fx reaches no such speedup" in text
-    assert "broken" not in text
+    assert "broken" not in text and "no caching" not in text
+
+
+def test_rows_round_trip_through_the_csv(tmp_path):
+    rows = [Row("no caching", "-", 30, 30.0, 1.0, 2.5, math.inf, 1.0, 0.5, 0.0, 0),
+            Row("peer", "x", 30, note="cannot run")]
+    bench.write_outputs(rows, tmp_path, ["a"], [0], 30)
+    assert bench.load_rows(tmp_path / "bench.csv") == rows
 
 
 def test_cli_runs_a_quick_subset(tmp_path, monkeypatch, capsys):
