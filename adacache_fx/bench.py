@@ -157,7 +157,6 @@ class _Bench:
         self.pipe, self.steps, self.quick, self.progress = pipe, steps, quick, progress
         self.base = pipe.transformer
         self.calls = 0
-        self.timestep = 1000.0
         self.calls_per_step = 2.0  # replaced by the uncached count
         self._cal: dict[str, object] = {}
         self._held_at_start = _held_storages(pipe)
@@ -169,25 +168,17 @@ class _Bench:
 
     @contextlib.contextmanager
     def probes(self):
-        """Count middle-block attention executions and record the current timestep (PAB/FasterCache need it:
-        ``ReferencePipeline`` has no ``_current_timestep``)."""
+        """Count middle-block attention executions."""
         mid = self.base.blocks[len(self.base.blocks) // 2]
 
         def count(*_):
             self.calls += 1
 
-        def timestep(_module, args, kwargs):
-            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-            if t is not None:
-                self.timestep = float(t.flatten()[0])
-
-        handles = [mid.attn1.to_q.register_forward_hook(count),
-                   self.base.register_forward_pre_hook(timestep, with_kwargs=True)]
+        handle = mid.attn1.to_q.register_forward_hook(count)
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
 
     def held_bytes(self) -> int:
         """Bytes of tensors reachable from the pipeline now that were not there uncached (see module doc)."""
@@ -339,7 +330,7 @@ def _settings(bench: _Bench, key: str) -> list[_Setting]:
                 bench, key, method, f"self-attn every {v}, cross-attn every {2 * v}",
                 lambda v=v: PyramidAttentionBroadcastConfig(
                     spatial_attention_block_skip_range=v, cross_attention_block_skip_range=2 * v,
-                    current_timestep_callback=lambda: bench.timestep),
+                    current_timestep_callback=lambda: bench.pipe.current_timestep),
                 note="attention only (FFNs always run); one state per attention for both CFG calls, so inside "
                      "its timestep range the uncond call reuses the cond call's attention of the same step"))
         elif key == "taylorseer":
@@ -365,7 +356,7 @@ def _settings(bench: _Bench, key: str) -> list[_Setting]:
             out.append(_diffusers_hook(
                 bench, key, method, "diffusers' example settings",
                 lambda: FasterCacheConfig(spatial_attention_block_skip_range=2,
-                                          current_timestep_callback=lambda: bench.timestep,
+                                          current_timestep_callback=lambda: bench.pipe.current_timestep,
                                           attention_weight_callback=lambda _: 0.3, tensor_format="BCFHW"),
                 hint="FasterCache derives the unconditional output from a batch holding [uncond, cond] in one "
                      "call; ReferencePipeline (like diffusers' WanPipeline) runs CFG as two batch-1 calls"))

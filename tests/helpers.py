@@ -74,3 +74,17 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity):
             for h in handles:
                 h.remove()
     return outputs
+
+
+def untrained_reference_pipeline(seed: int = 0):
+    """The reference pipeline with random (seeded) weights and no progress bar."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from adacache_fx.reference import build_reference_model
+    from adacache_fx.reference.pipeline import ReferencePipeline
+
+    torch.manual_seed(seed)
+    transformer, caption_encoder = build_reference_model()
+    pipe = ReferencePipeline(transformer.eval(), caption_encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import untrained_reference_pipeline
 
 from adacache_fx import bench
 from adacache_fx.bench import (
@@ -22,20 +22,13 @@ from adacache_fx.bench import (
     static_schedule,
     summarize_targets,
 )
-from adacache_fx.reference import build_reference_model, parse_caption
-from adacache_fx.reference.pipeline import ReferencePipeline
-
-
-def _untrained_pipe():
-    torch.manual_seed(0)
-    transformer, encoder = build_reference_model()
-    return ReferencePipeline(transformer.eval(), encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+from adacache_fx.reference import parse_caption
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    pipe = _untrained_pipe()
+    pipe = untrained_reference_pipeline()
     base = pipe.transformer
     rows = run_bench(quick=True, out=out, pipe=pipe, progress=lambda _: None)
     assert pipe.transformer is base  # restored

@@ -4,12 +4,10 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import untrained_reference_pipeline
 
 import adacache_fx as ax
 from adacache_fx.calibrate import RATE_BASES, calibrate, fit_codebook, max_speedup, predict_computed, record_metrics
-from adacache_fx.reference import build_reference_model
-from adacache_fx.reference.pipeline import ReferencePipeline
 
 N = 8
 CAPTIONS = ["a large red circle staying still", "a small blue square moving right fast"]
@@ -17,11 +15,7 @@ CAPTIONS = ["a large red circle staying still", "a small blue square moving righ
 
 @pytest.fixture(scope="module")
 def pipe():
-    torch.manual_seed(0)
-    transformer, encoder = build_reference_model()
-    pipe = ReferencePipeline(transformer.eval(), encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return untrained_reference_pipeline()
 
 
 @pytest.fixture(scope="module")

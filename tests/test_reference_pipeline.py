@@ -1,19 +1,9 @@
 """The reference pipeline (diffusers conventions) with and without AdaCache, on untrained weights."""
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from helpers import untrained_reference_pipeline
 
 import adacache_fx as ax
-from adacache_fx.reference import build_reference_model
-from adacache_fx.reference.pipeline import ReferencePipeline
-
-
-def make_pipeline():
-    torch.manual_seed(0)
-    transformer, caption_encoder = build_reference_model()
-    pipe = ReferencePipeline(transformer.eval(), caption_encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def run(pipe, steps, **kwargs):
@@ -22,7 +12,7 @@ def run(pipe, steps, **kwargs):
 
 
 def test_outputs_and_transform_with_cfg():
-    pipe = make_pipeline()
+    pipe = untrained_reference_pipeline()
     frames = run(pipe, 4)
     assert frames.shape == (2, 8, 3, 32, 32) and 0.0 <= float(frames.min()) and float(frames.max()) <= 1.0
     as_np = run(pipe, 4, output_type="np")
@@ -34,9 +24,18 @@ def test_outputs_and_transform_with_cfg():
 
 
 def test_enable_caches_and_follows_num_steps():
-    pipe = make_pipeline()
+    pipe = untrained_reference_pipeline()
     cached = ax.enable(pipe, ax.AdaCacheConfig(codebook={100.0: 4}))
     run(pipe, 10)
     assert ax.report(cached, "cond").computed_steps == [1, 2, 6, 9, 10]
     run(pipe, 12)
     assert ax.report(cached, "uncond").computed_steps == [1, 2, 6, 10, 11, 12]
+
+
+def test_current_timestep_follows_the_loop_like_diffusers_pipelines():
+    pipe = untrained_reference_pipeline()
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda *_: seen.append(float(pipe.current_timestep)))
+    run(pipe, 3, guidance_scale=1.0)
+    assert seen == [float(t) for t in pipe.scheduler.timesteps] and len(seen) == 3
+    assert pipe.current_timestep is None and pipe.num_timesteps == 3 and pipe.guidance_scale == 1.0

@@ -32,6 +32,23 @@ class ReferencePipeline(DiffusionPipeline):
     def __init__(self, transformer, caption_encoder, scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
         self.register_modules(transformer=transformer, caption_encoder=caption_encoder, scheduler=scheduler)
+        self._current_timestep = None
+        self._guidance_scale = 1.0
+        self._num_timesteps = 0
+
+    @property
+    def current_timestep(self):
+        """The scheduler timestep of the running step (``None`` outside a call), as in diffusers' pipelines;
+        diffusers' cache hooks (e.g. PyramidAttentionBroadcast) read it through a callback."""
+        return self._current_timestep
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
 
     @classmethod
     def from_reference(cls, path=None, device="cpu") -> ReferencePipeline:
@@ -66,9 +83,12 @@ class ReferencePipeline(DiffusionPipeline):
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._guidance_scale = guidance_scale
+        self._num_timesteps = len(timesteps)
         loop = {"num_inference_steps": len(timesteps)}
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
+                self._current_timestep = t
                 x = latents.to(dtype)
                 timestep = t.expand(x.shape[0]).to(dtype)
                 with self.transformer.cache_context("cond", step_index=i, **loop):
@@ -79,6 +99,7 @@ class ReferencePipeline(DiffusionPipeline):
                     v = v_uncond + guidance_scale * (v - v_uncond)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 progress.update()
+        self._current_timestep = None
         frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # [B, T, C, H, W]
         if output_type == "np":
             frames = (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
