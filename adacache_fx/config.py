@@ -66,6 +66,11 @@ class AdaCacheConfig:
         moreg: optional :class:`MoRegConfig`.
         compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
             the cache. Replaces the adaptive policy; must contain step 1.
+        extrapolation_order: what a cached step adds. ``0`` (AdaCache): the residual of the last
+            compute step, unchanged. ``1``: that residual extrapolated linearly from the last two
+            compute steps, ``r_last + (s - s_last) / (s_last - s_prev) * (r_last - r_prev)`` (the
+            first-order forecast of TaylorSeer, here inside the graph); keeps a second residual per
+            cached tensor, so the cache memory doubles. The schedule is decided as with ``0``.
     """
 
     num_steps: int | None = None
@@ -75,6 +80,7 @@ class AdaCacheConfig:
     granularity: str = "stack"
     moreg: MoRegConfig | None = None
     compute_steps: Sequence[int] | None = None
+    extrapolation_order: int = 0
 
     def __post_init__(self):
         if self.num_steps is not None:
@@ -82,6 +88,8 @@ class AdaCacheConfig:
         object.__setattr__(self, "codebook", validate_codebook(self.codebook))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.extrapolation_order not in (0, 1):
+            raise ValueError(f"extrapolation_order must be 0 (reuse) or 1 (linear), got {self.extrapolation_order!r}")
         if self.metric_branch < 0:
             raise ValueError(f"metric_branch must be >= 0, got {self.metric_branch}")
         if self.compute_steps is not None:

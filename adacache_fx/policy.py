@@ -17,6 +17,9 @@ Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora impl
 * The codebook ``{threshold: rate}`` (thresholds increasing) gives the new rate: the rate of the first
   threshold with ``c < threshold``, else the last rate.
 * A forced schedule (``compute_steps``) replaces all of this with a fixed set of compute steps.
+* A cached step adds the residual of the last compute step; with ``extrapolation_order=1`` it adds
+  ``r_last + w * (r_last - r_prev)``, ``w = (s - s_last) / (s_last - s_prev)`` over the last two compute
+  steps (``w = 0`` until two steps computed).
 
 All metrics are computed in float32 whatever the model dtype. The per-step history rows are
 ``(computed, c, m, rate)`` with NaN for c and m where no metric was computed.
@@ -82,6 +85,22 @@ class MotionMagnitude(nn.Module):
                 1e-12
             )
         return total / len(self.strides)
+
+
+class ExtrapolationWeight(nn.Module):
+    """Weight ``w = (s - s_last) / (s_last - s_prev)`` of the linear residual forecast of a cached step.
+
+    Returns ``(w, last, prev)`` with the compute-step record updated for this step: ``w`` is float32 and 0
+    until two steps computed; a new generation (``s == 1``) forgets the previous one's steps.
+    """
+
+    def forward(self, s, compute, last, prev):
+        fresh = s == 1
+        last = torch.where(fresh, torch.zeros_like(last), last)
+        prev = torch.where(fresh, torch.zeros_like(prev), prev)
+        span = (last - prev).clamp_min(1).to(torch.float32)
+        w = torch.where(prev > 0, (s - last).to(torch.float32) / span, torch.zeros((), device=s.device))
+        return w, torch.where(compute, s, last), torch.where(compute, last, prev)
 
 
 class StepEnd(nn.Module):

@@ -37,42 +37,58 @@ def stream_inputs(args, kwargs, outputs):
 
 
 @torch.no_grad()
-def hand_reference(model, make_inputs, num_steps, compute_steps, granularity):
-    """Run the original model; on cached steps replace block outputs with input + cached residual."""
+def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, extrapolate=False):
+    """Run the original model; on cached steps replace block outputs with input + cached residual
+    (``extrapolate``: the residual extrapolated linearly from the last two computed ones)."""
     blocks = list(block_list(model))
-    residual = {}  # block index (or "stack") -> list of residual tensors
+    residual, previous = {}, {}  # block index (or "stack") -> list of residual tensors
+    computed = []  # steps computed so far
     stack_in = {}
     outputs = []
 
-    def hook(i, compute):
+    def reuse(key, s):
+        if not extrapolate or key not in previous:
+            return residual[key]
+        w = (s - computed[-1]) / (computed[-1] - computed[-2])
+        return [r + w * (r - p) for r, p in zip(residual[key], previous[key])]
+
+    def store(key, value):
+        if key in residual:
+            previous[key] = residual[key]
+        residual[key] = value
+
+    def hook(i, s, compute):
         def fn(module, args, kwargs, output):
             outs = tensors(output)
             ins = stream_inputs(args, kwargs, outs)
             if granularity in ("block", "branch"):  # per-branch residuals sum to the block residual
                 if compute:
-                    residual[i] = [o - x for o, x in zip(outs, ins)]
+                    store(i, [o - x for o, x in zip(outs, ins)])
                     return output
-                new = [x + r for x, r in zip(ins, residual[i])]
+                new = [x + r for x, r in zip(ins, reuse(i, s))]
             else:
                 if i == 0:
                     stack_in["x"] = ins
                 if compute:
                     if i == len(blocks) - 1:
-                        residual["stack"] = [o - x for o, x in zip(outs, stack_in["x"])]
+                        store("stack", [o - x for o, x in zip(outs, stack_in["x"])])
                     return output
-                new = [x + r for x, r in zip(stack_in["x"], residual["stack"])] if i == len(blocks) - 1 else ins
+                last = i == len(blocks) - 1
+                new = [x + r for x, r in zip(stack_in["x"], reuse("stack", s))] if last else ins
             return tuple(new) if isinstance(output, tuple) else new[0]
 
         return fn
 
     for s in range(1, num_steps + 1):
         compute = s in compute_steps
-        handles = [b.register_forward_hook(hook(i, compute), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles = [b.register_forward_hook(hook(i, s, compute), with_kwargs=True) for i, b in enumerate(blocks)]
         try:
             outputs.append(first_tensor(model(**make_inputs(s - 1))).clone())
         finally:
             for h in handles:
                 h.remove()
+        if compute:
+            computed.append(s)
     return outputs
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import first_tensor, max_diff, run_steps
+from helpers import first_tensor, hand_reference, max_diff, run_steps
 from tiny_models import build
 from torch import nn
 
@@ -90,6 +90,15 @@ def test_report_counts_and_memory(wan):
     assert "3/6 steps computed" in str(rep)
 
 
+def test_extrapolation_keeps_a_second_residual(wan):
+    model, make_inputs = wan
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=6, compute_steps=(1, 3, 6), extrapolation_order=1))
+    run_steps(cached, make_inputs, 6)
+    hidden = 1 * 32 * 32 * 4
+    assert ax.report(cached).cache_bytes == 3 * hidden  # residual, the one before it, the metric residual
+    assert ax.report(cached).computed_steps == [1, 3, 6]
+
+
 def test_missing_num_steps_is_a_clear_error(wan):
     model, make_inputs = wan
     cached = ax.transform(model)
@@ -106,6 +115,7 @@ def test_missing_num_steps_is_a_clear_error(wan):
         ({"num_steps": 2}, ">= 3"),
         ({"granularity": "layer"}, "granularity"),
         ({"compute_steps": (2, 3)}, "step 1"),
+        ({"extrapolation_order": 2}, "extrapolation_order"),
     ],
 )
 def test_bad_config_is_refused(kwargs, match):
@@ -165,6 +175,12 @@ def test_bf16(family):
     assert cached.current_state()["history"].dtype == torch.float32
     assert all(r.metric is not None and r.metric == r.metric for r in rep.steps if r.computed and r.step > 1)
     assert rep.num_computed < 12
+    # linear extrapolation in bf16 (its weight cast to bf16): a bf16 rounding step from the float reference
+    forced = ax.transform(model, ax.AdaCacheConfig(num_steps=8, compute_steps=(1, 2, 5, 8), extrapolation_order=1))
+    expected = hand_reference(model, make_inputs, 8, (1, 2, 5, 8), "stack", extrapolate=True)
+    got = run_steps(forced, make_inputs, 8)
+    assert all(o.dtype == torch.bfloat16 for o in got)
+    assert max_diff(got, expected) <= 2 * tolerance + 2**-6
 
 
 @pytest.mark.parametrize(

@@ -107,3 +107,16 @@ def test_tensorrt_backend_equals_eager_on_gpu():
     expected = generation(ax.transform(model, config), cuda_inputs, 5, contexts=("default",))
     got = generation(ax.compile(model, backend="tensorrt", config=config), cuda_inputs, 5, contexts=("default",))
     assert max(float((a - b).abs().max()) for a, b in zip(got, expected)) < 1e-2
+
+
+@pytest.mark.parametrize("family,granularity", [("wan", "stack"), ("cogvideox", "block")])
+def test_inductor_equals_eager_with_linear_extrapolation(family, granularity):
+    model, make_inputs = build(family, num_layers=2)
+    config = ax.AdaCacheConfig(num_steps=6, compute_steps=(1, 2, 5), granularity=granularity, extrapolation_order=1)
+    eager = generation(ax.transform(model, config), make_inputs, 6, contexts=("default",))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(ax.transform(model, config), backend=counter, fullgraph=True)
+    got = generation(compiled, make_inputs, 6, contexts=("default",))
+    assert counter.frame_count == 1
+    assert max(float((a - b).abs().max()) for a, b in zip(got, eager)) < 1e-4

@@ -29,10 +29,13 @@ from adacache_fx.reference import WEIGHTS_DIR
 
 STEPS = 30
 # Codebooks that give mixed schedules on these tiny models (checked below: some steps cached, some computed).
-CASES = {
-    "wan": ax.AdaCacheConfig(num_steps=STEPS, codebook=ax.presets.FAST_30),  # exported with the CLI
-    "cogvideox": ax.AdaCacheConfig(num_steps=STEPS, codebook={0.15: 3, 0.25: 2, 1.0: 1}, granularity="block"),
-    "latte": ax.AdaCacheConfig(num_steps=STEPS, codebook={0.1: 4, 0.2: 2, 1.0: 1}, granularity="block"),
+CASES = {  # name: (family, config)
+    "wan": ("wan", ax.AdaCacheConfig(num_steps=STEPS, codebook=ax.presets.FAST_30)),  # exported with the CLI
+    "cogvideox": ("cogvideox", ax.AdaCacheConfig(num_steps=STEPS, codebook={0.15: 3, 0.25: 2, 1.0: 1},
+                                                 granularity="block")),
+    "latte": ("latte", ax.AdaCacheConfig(num_steps=STEPS, codebook={0.1: 4, 0.2: 2, 1.0: 1}, granularity="block")),
+    "wan-extrapolated": ("wan", ax.AdaCacheConfig(num_steps=STEPS, codebook=ax.presets.FAST_30,
+                                                  extrapolation_order=1)),
 }
 MATMULS = {"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulNBits"}
 
@@ -46,26 +49,27 @@ def _cli(*argv: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """``exported(family) -> (path, cached, make_inputs, cli_output)``, each family exported once.
+    """``exported(name) -> (path, cached, make_inputs, cli_output)``, each case exported once.
 
     ``cached`` is the torch CachedModel with the same config (reset to a new generation of STEPS
     steps), captured once for all tests."""
     folder, done = tmp_path_factory.mktemp("onnx"), {}
 
-    def get(family):
-        if family not in done:
+    def get(name):
+        if name not in done:
+            family, config = CASES[name]
             model, make_inputs = build(family, num_layers=2)
-            cached, path, output = ax.transform(model, CASES[family]), folder / f"{family}.onnx", None
-            if family == "wan":  # the CLI's built-in tiny Wan is this very model
+            cached, path, output = ax.transform(model, config), folder / f"{name}.onnx", None
+            if name == "wan":  # the CLI's built-in tiny Wan is this very model
                 code, output = _cli("--model", "wan", "--layers", "2", "--steps", str(STEPS), "--out", str(path))
                 assert code == 0, output
                 builtin, _ = build_model("wan", 2)
                 assert all(torch.equal(a, b) for a, b in zip(builtin.state_dict().values(), model.state_dict().values()))
             else:
                 to_onnx(cached, make_inputs(0), path)  # captures it: the tests reuse the capture
-            done[family] = (path, cached, make_inputs, output)
-        ax.reset(done[family][1], num_steps=STEPS)
-        return done[family]
+            done[name] = (path, cached, make_inputs, output)
+        ax.reset(done[name][1], num_steps=STEPS)
+        return done[name]
 
     return get
 
@@ -80,9 +84,9 @@ def _assert_same_state(got: dict, expected: dict):
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
 
 
-@pytest.mark.parametrize("family", list(CASES))
-def test_generation_through_onnx_runtime_equals_torch(family, exported):
-    path, cached, make_inputs, _ = exported(family)
+@pytest.mark.parametrize("name", list(CASES))
+def test_generation_through_onnx_runtime_equals_torch(name, exported):
+    path, cached, make_inputs, _ = exported(name)
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path)).graph
     ops = Counter(node.op_type for node in graph.node)
@@ -217,7 +221,7 @@ def test_tensorrt_generation_equals_torch(exported, tmp_path):
     path, cached, make_inputs, _ = exported("wan")
     engine = build_tensorrt_engine(path, tmp_path / "wan.engine")
     runner = TensorRTRunner(engine)
-    cached = ax.transform(copy.deepcopy(cached.model).cuda(), CASES["wan"])
+    cached = ax.transform(copy.deepcopy(cached.model).cuda(), CASES["wan"][1])
     with torch.no_grad():
         for s in range(STEPS):
             inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(s).items()}

@@ -107,3 +107,23 @@ def test_schedule_matches_reference_on_synthetic_trajectories(changes, seed, pre
     assert rep.computed_steps == expected
     for s, c in metrics:
         assert rep.steps[s - 1].metric == pytest.approx(c, rel=1e-4)
+
+
+def test_extrapolation_weight_over_two_generations():
+    from adacache_fx.policy import ExtrapolationWeight
+
+    weight = ExtrapolationWeight()
+    last = prev = torch.tensor(0)
+    # a generation computing steps 1, 4, 5, 8, 9, then a new one computing 1, 2
+    steps = [(s, s in (1, 4, 5, 8, 9)) for s in range(1, 10)] + [(1, True), (2, True), (3, False)]
+    got = []
+    for s, compute in steps:
+        w, last, prev = weight(torch.tensor(s), torch.tensor(compute), last, prev)
+        got.append(float(w))
+    # steps 2-3 follow one compute step (w = 0); 6-7 extrapolate from 4 and 5; 9 from 5 and 8
+    # (computed: w unused); the second generation forgets the first: its step 3 extrapolates from 1 and 2
+    assert got[1:3] == [0.0, 0.0]
+    assert got[5:7] == [1.0, 2.0]
+    assert got[8] == pytest.approx(1 / 3)
+    assert got[11] == 1.0 and got[9] == 0.0 and got[10] == 0.0
+    assert w.dtype == torch.float32

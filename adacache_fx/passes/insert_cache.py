@@ -9,6 +9,8 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
   residual ``out - inp``, the metric residual and its distances; a *cached* branch returns
   ``inp + cached_residual`` and the cached values unchanged; ``torch.cond(compute, ...)`` picks one,
   so on a cached step the region does not run at all;
+* with ``extrapolation_order=1`` every cached tensor keeps the one before it too, and the cached branch
+  adds ``cache + w * (cache - cache_prev)`` with ``w`` from :class:`~adacache_fx.policy.ExtrapolationWeight`;
 * a :class:`~adacache_fx.policy.StepEnd` call after the last region computes the next schedule.
 """
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from ..policy import MotionMagnitude, ResidualDistance, StepBegin, StepEnd
+from ..policy import ExtrapolationWeight, MotionMagnitude, ResidualDistance, StepBegin, StepEnd
 from .graph_utils import fake, is_view
 from .plan_regions import MetricSite, Region
 
@@ -72,19 +74,35 @@ def _scalar_zero(graph: fx.Graph, like: fx.Node) -> fx.Node:
     return graph.call_function(aten.new_zeros.default, (like, []), {"dtype": torch.float32})
 
 
-def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: MetricSite | None):
+def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, w: fx.Node | None, dtype) -> fx.Node:
+    """The value a cached step uses: ``cache``, or ``cache + w * (cache - prev)`` when extrapolating."""
+    if prev is None or not dtype.is_floating_point:
+        return cache
+    w = graph.call_function(aten._to_copy.default, (w,), {"dtype": dtype})
+    delta = graph.call_function(aten.sub.Tensor, (cache, prev))
+    return graph.call_function(aten.add.Tensor, (cache, graph.call_function(aten.mul.Tensor, (delta, w))))
+
+
+def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: MetricSite | None, extrapolate: bool):
     """Return ``(compute_gm, cached_gm)`` with identical signatures and output metadata.
 
-    Outputs: new stream values, cached-as-value outputs, stream residuals, metric residuals, their
-    distances, the motion metric.
+    Operands: region inputs, caches, (previous caches and the weight ``w`` when extrapolating), previous
+    metric residuals. Outputs: new stream values, cached-as-value outputs, stream residuals, (the value
+    caches and the previous caches when extrapolating), metric residuals, their distances, the motion
+    metric.
     """
     n_caches = len(region.streams) + len(region.values)
     compute, cached = fx.Graph(), fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in region.inputs:
         env[node] = compute.placeholder(node.name)
-    for k in range(n_caches):
-        compute.placeholder(f"cache_{k}")  # unused by the compute branch: both branches take the same operands
+    # the compute branch reads the caches only to hand them on as the previous ones: both branches take
+    # the same operands
+    old_caches = [compute.placeholder(f"cache_{k}") for k in range(n_caches)]
+    if extrapolate:
+        for k in range(n_caches):
+            compute.placeholder(f"cache_prev_{k}")
+        compute.placeholder("w")
     p_prev_in = [compute.placeholder(f"p_prev_{j}") for j in range(len(sites))]
     for node in region.nodes:
         for arg in node.all_input_nodes:
@@ -107,22 +125,31 @@ def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: Me
     motions = []
     if motion_site is not None:
         motions.append(compute.call_module("adacache_motion", (p_values[sites.index(motion_site)],)))
-    compute.output(tuple(outs + values + residuals + p_values + distances + motions))
+    # an extrapolated value is not its own cache: keep the computed one apart
+    value_caches = [compute.call_function(aten.clone.default, (v,)) for v in values] if extrapolate else []
+    handed_on = [compute.call_function(aten.clone.default, (c,)) for c in old_caches] if extrapolate else []
+    compute.output(tuple(outs + values + residuals + value_caches + handed_on + p_values + distances + motions))
 
     c_inputs = [cached.placeholder(node.name) for node in region.inputs]
     c_cache = [cached.placeholder(f"cache_{k}") for k in range(n_caches)]
+    c_prev = [cached.placeholder(f"cache_prev_{k}") for k in range(n_caches)] if extrapolate else [None] * n_caches
+    w = cached.placeholder("w") if extrapolate else None
     c_p_prev = [cached.placeholder(f"p_prev_{j}") for j in range(len(sites))]
     stream_in = {node: ph for node, ph in zip(region.inputs, c_inputs)}
     n = len(region.streams)
-    c_outs = [cached.call_function(aten.add.Tensor, (stream_in[s.inp], c_cache[k])) for k, s in
+    dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
+    reused = [_reuse(cached, c, p, w, dtype) for c, p, dtype in zip(c_cache, c_prev, dtypes)]
+    c_outs = [cached.call_function(aten.add.Tensor, (stream_in[s.inp], reused[k])) for k, s in
               enumerate(region.streams)]
-    c_values = [cached.call_function(aten.clone.default, (c,)) for c in c_cache[n:]]
-    c_res = [cached.call_function(aten.clone.default, (c,)) for c in c_cache[:n]]
+    c_values = [cached.call_function(aten.clone.default, (v,)) if v is c else v for v, c in
+                zip(reused[n:], c_cache[n:])]
+    c_res = [cached.call_function(aten.clone.default, (c,)) for c in c_cache[: n + len(value_caches)]]
+    c_kept = [cached.call_function(aten.clone.default, (p,)) for p in c_prev] if extrapolate else []
     c_p = [cached.call_function(aten.clone.default, (p,)) for p in c_p_prev]
     like = c_cache[0]
     c_dist = [_scalar_zero(cached, like) for _ in sites]
     c_motion = [_scalar_zero(cached, like) for _ in motions]
-    cached.output(tuple(c_outs + c_values + c_res + c_p + c_dist + c_motion))
+    cached.output(tuple(c_outs + c_values + c_res + c_kept + c_p + c_dist + c_motion))
 
     compute_gm = fx.GraphModule(gm, compute, class_name="ComputeBranch")
     cached_gm = fx.GraphModule(torch.nn.Module(), cached, class_name="CachedBranch")
@@ -138,6 +165,7 @@ def insert_cache(
     moreg=None,
     frame_layout: tuple[int, int] | None = None,
     compute_steps: tuple[int, ...] | None = None,
+    extrapolation_order: int = 0,
 ) -> tuple[fx.GraphModule, list[StateSpec]]:
     """Rewrite ``gm`` in place and return it with the ordered list of its state tensors."""
     graph = gm.graph
@@ -145,9 +173,14 @@ def insert_cache(
     for j, site in enumerate(sites):
         value = site.value if site.value is not None else site.stream.out
         specs.append(StateSpec(f"p_prev_{j}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+    extrapolate = extrapolation_order == 1
+    if extrapolate:
+        specs += [StateSpec("last_compute", (), torch.int64, 0), StateSpec("prev_compute", (), torch.int64, 0)]
     for r, region in enumerate(regions):
         for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
             specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+            if extrapolate:
+                specs.append(StateSpec(f"cache_prev_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0))
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     state: dict[str, fx.Node] = {}
@@ -171,8 +204,16 @@ def insert_cache(
             tuple(state[k] for k in ("step", "num_steps", "rate", "next_compute", "m_prev")),
         )
     s, compute, rate, next_compute, m_prev = _getitems(graph, begin, 5)
-
     distances, motions, new_state = [], [], {}
+    w = None
+    if extrapolate:
+        gm.add_submodule("adacache_extrapolation", ExtrapolationWeight())
+        with _after(graph, m_prev):
+            weight = graph.call_module(
+                "adacache_extrapolation", (s, compute, state["last_compute"], state["prev_compute"])
+            )
+        w, new_state["last_compute"], new_state["prev_compute"] = _getitems(graph, weight, 3)
+
     replaced: dict[fx.Node, fx.Node] = {}  # stream outputs of rewritten regions -> their cond outputs
     for r, region in enumerate(regions):
         region.inputs = [replaced.get(n, n) for n in region.inputs]
@@ -183,31 +224,39 @@ def insert_cache(
         region_sites = [site for site in sites if site.region == r]
         site_ids = [sites.index(site) for site in region_sites]
         region_motion = motion_site if motion_site in region_sites else None
-        compute_gm, cached_gm = _build_branches(gm, region, region_sites, region_motion)
+        compute_gm, cached_gm = _build_branches(gm, region, region_sites, region_motion, extrapolate)
         compute_gm.add_submodule("adacache_distance", gm.adacache_distance)
         if region_motion is not None:
             compute_gm.add_submodule("adacache_motion", gm.adacache_motion)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
         gm.add_submodule(f"adacache_region{r}_cached", cached_gm)
         n, n_values = len(region.streams), len(region.values)
+        n_value_caches = n_values if extrapolate else 0
+        n_kept = n + n_values if extrapolate else 0
         operands = (
             list(region.inputs)
             + [state[f"cache_{r}_{k}"] for k in range(n + n_values)]
+            + ([state[f"cache_prev_{r}_{k}"] for k in range(n_kept)] + [w] if extrapolate else [])
             + [state[f"p_prev_{j}"] for j in site_ids]
         )
         with _after(graph, region.nodes[-1]):
             true_fn = graph.get_attr(f"adacache_region{r}_compute")
             false_fn = graph.get_attr(f"adacache_region{r}_cached")
             node = graph.call_function(cond, (compute, true_fn, false_fn, tuple(operands)))
-        items = _getitems(graph, node, 2 * n + n_values + 2 * len(region_sites) + (region_motion is not None))
+        items = _getitems(
+            graph, node,
+            2 * n + n_values + n_value_caches + n_kept + 2 * len(region_sites) + (region_motion is not None),
+        )
         inside = set(region.nodes)
         outputs = [s.out for s in region.streams] + list(region.values)
         for k, out in enumerate(outputs):
             out.replace_all_uses_with(items[k], delete_user_cb=lambda user, inside=inside: user not in inside)
             replaced[out] = items[k]
-            # a stream caches its residual (after the outputs), a value caches itself
-            new_state[f"cache_{r}_{k}"] = items[n + n_values + k] if k < n else items[k]
-        first_p = 2 * n + n_values
+            # a stream caches its residual (after the outputs), a value itself (apart when extrapolated)
+            new_state[f"cache_{r}_{k}"] = items[n + n_values + k] if k < n or extrapolate else items[k]
+        for k in range(n_kept):
+            new_state[f"cache_prev_{r}_{k}"] = items[2 * n + n_values + n_value_caches + k]
+        first_p = 2 * n + n_values + n_value_caches + n_kept
         for i, j in enumerate(site_ids):
             new_state[f"p_prev_{j}"] = items[first_p + i]
             distances.append(items[first_p + len(region_sites) + i])
