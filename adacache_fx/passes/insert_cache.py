@@ -17,7 +17,7 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -83,7 +83,7 @@ def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, w: fx.Node | N
     return graph.call_function(aten.add.Tensor, (cache, graph.call_function(aten.mul.Tensor, (delta, w))))
 
 
-def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: MetricSite | None, extrapolate: bool):
+def _build_branches(gm, region: Region, sites: list[MetricSite], motion_index: int | None, extrapolate: bool):
     """Return ``(compute_gm, cached_gm)`` with identical signatures and output metadata.
 
     Operands: region inputs, caches, (previous caches and the weight ``w`` when extrapolating), previous
@@ -123,8 +123,8 @@ def _build_branches(gm, region: Region, sites: list[MetricSite], motion_site: Me
         p_values.append(p)
         distances.append(compute.call_module("adacache_distance", (p, p_prev_in[j])))
     motions = []
-    if motion_site is not None:
-        motions.append(compute.call_module("adacache_motion", (p_values[sites.index(motion_site)],)))
+    if motion_index is not None:
+        motions.append(compute.call_module("adacache_motion", (p_values[motion_index],)))
     # an extrapolated value is not its own cache: keep the computed one apart
     value_caches = [compute.call_function(aten.clone.default, (v,)) for v in values] if extrapolate else []
     handed_on = [compute.call_function(aten.clone.default, (c,)) for c in old_caches] if extrapolate else []
@@ -192,11 +192,9 @@ def insert_cache(
     gm.add_submodule("adacache_begin", StepBegin(compute_steps))
     gm.add_submodule("adacache_end", StepEnd(codebook, moreg))
     gm.add_submodule("adacache_distance", ResidualDistance())
-    motion_site = None
     if moreg is not None:
         batch, frames = frame_layout
         gm.add_submodule("adacache_motion", MotionMagnitude(batch, frames, moreg.strides))
-        motion_site = sites[0]
 
     with _after(graph, last_state):
         begin = graph.call_module(
@@ -214,19 +212,26 @@ def insert_cache(
             )
         w, new_state["last_compute"], new_state["prev_compute"] = _getitems(graph, weight, 3)
 
-    replaced: dict[fx.Node, fx.Node] = {}  # stream outputs of rewritten regions -> their cond outputs
+    replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond outputs
+
+    def follow(node: fx.Node) -> fx.Node:
+        return replaced.get(node, node)
+
     for r, region in enumerate(regions):
-        region.inputs = [replaced.get(n, n) for n in region.inputs]
-        for stream in region.streams:
-            stream.inp = replaced.get(stream.inp, stream.inp)
-        for site in sites:
-            site.stream.inp = replaced.get(site.stream.inp, site.stream.inp)
-        region_sites = [site for site in sites if site.region == r]
-        site_ids = [sites.index(site) for site in region_sites]
-        region_motion = motion_site if motion_site in region_sites else None
-        compute_gm, cached_gm = _build_branches(gm, region, region_sites, region_motion, extrapolate)
+        # read the plan through the replacements of the regions before (the plan itself is left as it is)
+        region = replace(
+            region,
+            inputs=[follow(n) for n in region.inputs],
+            streams=[replace(s, inp=follow(s.inp)) for s in region.streams],
+        )
+        site_ids = [j for j, site in enumerate(sites) if site.region == r]
+        region_sites = [replace(sites[j], stream=replace(sites[j].stream, inp=follow(sites[j].stream.inp)))
+                        for j in site_ids]
+        motion_index = site_ids.index(0) if moreg is not None and 0 in site_ids else None  # MoReg reads site 0
+        region_motion = motion_index is not None
+        compute_gm, cached_gm = _build_branches(gm, region, region_sites, motion_index, extrapolate)
         compute_gm.add_submodule("adacache_distance", gm.adacache_distance)
-        if region_motion is not None:
+        if region_motion:
             compute_gm.add_submodule("adacache_motion", gm.adacache_motion)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
         gm.add_submodule(f"adacache_region{r}_cached", cached_gm)
@@ -245,7 +250,7 @@ def insert_cache(
             node = graph.call_function(cond, (compute, true_fn, false_fn, tuple(operands)))
         items = _getitems(
             graph, node,
-            2 * n + n_values + n_value_caches + n_kept + 2 * len(region_sites) + (region_motion is not None),
+            2 * n + n_values + n_value_caches + n_kept + 2 * len(region_sites) + region_motion,
         )
         inside = set(region.nodes)
         outputs = [s.out for s in region.streams] + list(region.values)
@@ -260,7 +265,7 @@ def insert_cache(
         for i, j in enumerate(site_ids):
             new_state[f"p_prev_{j}"] = items[first_p + i]
             distances.append(items[first_p + len(region_sites) + i])
-        if region_motion is not None:
+        if region_motion:
             motions.append(items[-1])
         for old in reversed(region.nodes):
             graph.erase_node(old)
