@@ -49,17 +49,21 @@ _CONTEXTS = ("cond", "uncond", "default")
 _SCALES = np.geomspace(1e-3, 1e3, 601)
 
 
-def calibrate(pipe_or_model, captions: Sequence[str], num_steps: int, target="fast", seed: int = 0) -> dict[float, int]:
+def calibrate(
+    pipe_or_model, captions: Sequence[str], num_steps: int, target="fast", seed: int = 0, warmup_steps: int = 0
+) -> dict[float, int]:
     """Return a ``{threshold: rate}`` codebook fitted to the model of ``pipe_or_model``.
 
     ``pipe_or_model``: a diffusers pipeline with a ``transformer`` (e.g. ``ReferencePipeline``); its
     transformer is transformed for the runs and restored afterwards. ``captions``: prompts to generate
     (one generation each, generator seeded ``seed + i``). ``target``: ``"fast"``, ``"slow"`` or a speedup
-    in computed steps ``1 <= target <= `` :func:`max_speedup` ``(num_steps)``.
+    in computed steps ``1 <= target <= `` :func:`max_speedup` ``(num_steps, warmup_steps)``.
+    ``warmup_steps``: the ``AdaCacheConfig.warmup_steps`` the codebook will run with (a numeric target
+    counts them).
     """
-    _check_target(target, num_steps)
+    _check_target(target, num_steps, warmup_steps)
     trajectories = record_metrics(pipe_or_model, captions, num_steps, seed=seed)
-    return fit_codebook(trajectories, num_steps, target)
+    return fit_codebook(trajectories, num_steps, target, warmup_steps)
 
 
 def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[list[float]]:
@@ -94,9 +98,11 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
     return trajectories
 
 
-def fit_codebook(trajectories: Sequence[Sequence[float]], num_steps: int, target="fast") -> dict[float, int]:
+def fit_codebook(
+    trajectories: Sequence[Sequence[float]], num_steps: int, target="fast", warmup_steps: int = 0
+) -> dict[float, int]:
     """Codebook from recorded trajectories (see :func:`record_metrics`) for ``target`` (see :func:`calibrate`)."""
-    _check_target(target, num_steps)
+    _check_target(target, num_steps, warmup_steps)
     values = np.asarray([v for t in trajectories for v in t[: max(0, num_steps - 3)]], dtype=np.float64)
     values = values[np.isfinite(values)]  # steps N-1 and N always compute: their metric decides nothing
     if values.size == 0:
@@ -112,12 +118,16 @@ def fit_codebook(trajectories: Sequence[Sequence[float]], num_steps: int, target
     wanted = num_steps / float(target)
     best = min(
         _SCALES,
-        key=lambda k: abs(predict_computed(trajectories, _scaled(thresholds, rates, k), num_steps) - wanted),
+        key=lambda k: abs(
+            predict_computed(trajectories, _scaled(thresholds, rates, k), num_steps, warmup_steps) - wanted
+        ),
     )  # min returns the first (smallest) of equally good scales
     return _scaled(thresholds, rates, float(best))
 
 
-def predict_computed(trajectories: Sequence[Sequence[float]], codebook, num_steps: int) -> float:
+def predict_computed(
+    trajectories: Sequence[Sequence[float]], codebook, num_steps: int, warmup_steps: int = 0
+) -> float:
     """Mean number of computed steps when ``codebook`` decides on the recorded trajectories (see module doc)."""
     codebook = validate_codebook(codebook)
     thresholds, rates = np.asarray(list(codebook)), list(codebook.values())
@@ -126,11 +136,11 @@ def predict_computed(trajectories: Sequence[Sequence[float]], codebook, num_step
         d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=0.0)
         rate, next_compute, last, computed = 1, 1, 1, 0
         for s in range(1, num_steps + 1):
-            if not (s == 1 or s >= num_steps - 1 or s >= next_compute):
+            if not (s <= max(1, warmup_steps) or s >= num_steps - 1 or s >= next_compute):
                 continue
             computed += 1
             if s > 1:
-                c = d[last - 1 : s - 1].sum() / rate  # d[j - 2] is the distance between steps j - 1 and j
+                c = d[last - 1 : s - 1].sum() / (s - last)  # d[j - 2] is the distance between steps j - 1 and j
                 rate = rates[min(int((c >= thresholds).sum()), len(rates) - 1)]
                 last = s
             next_compute = s + rate
@@ -138,10 +148,11 @@ def predict_computed(trajectories: Sequence[Sequence[float]], codebook, num_step
     return float(np.mean(counts))
 
 
-def max_speedup(num_steps: int) -> float:
-    """Largest speedup in computed steps the fast basis can reach: rate 6 from step 2 on."""
+def max_speedup(num_steps: int, warmup_steps: int = 0) -> float:
+    """Largest speedup in computed steps the fast basis can reach: rate 6 after the warm-up."""
     _check_num_steps(num_steps)
-    computed = len({1, num_steps - 1, num_steps} | set(range(2, num_steps + 1, 6)))
+    start = max(2, warmup_steps)
+    computed = len({1, num_steps - 1, num_steps} | set(range(1, start)) | set(range(start, num_steps + 1, 6)))
     return num_steps / computed
 
 
@@ -163,11 +174,17 @@ def _check_num_steps(num_steps) -> None:
         raise ValueError(f"num_steps must be an int >= 3, got {num_steps!r}")
 
 
-def _check_target(target, num_steps: int) -> None:
+def _check_target(target, num_steps: int, warmup_steps: int = 0) -> None:
     if isinstance(target, str):
         if target not in RATE_BASES:
             raise ValueError(f"target must be 'fast', 'slow' or a speedup, got {target!r}")
         return
-    top = max_speedup(num_steps)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < num_steps:
+        raise ValueError(f"warmup_steps must be an int in [0, {num_steps}), got {warmup_steps!r}")
+    top = max_speedup(num_steps, warmup_steps)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= top:
-        raise ValueError(f"target speedup must be a number in [1, {top:.2f}] for {num_steps} steps, got {target!r}")
+        raise ValueError(
+            f"target speedup must be a number in [1, {top:.2f}] for {num_steps} steps"
+            + (f" with {warmup_steps} warm-up steps" if warmup_steps else "")
+            + f", got {target!r}"
+        )

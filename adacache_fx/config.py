@@ -66,6 +66,8 @@ class AdaCacheConfig:
         moreg: optional :class:`MoRegConfig`.
         compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
             the cache. Replaces the adaptive policy; must contain step 1.
+        warmup_steps: the first ``warmup_steps`` steps always compute (the metric is still measured on
+            them, so the schedule after them follows it); early steps shape the video most.
         extrapolation_order: what a cached step adds. ``0`` (AdaCache): the residual of the last
             compute step, unchanged. ``1``: that residual extrapolated linearly from the last two
             compute steps, ``r_last + (s - s_last) / (s_last - s_prev) * (r_last - r_prev)`` (the
@@ -80,6 +82,7 @@ class AdaCacheConfig:
     granularity: str = "stack"
     moreg: MoRegConfig | None = None
     compute_steps: Sequence[int] | None = None
+    warmup_steps: int = 0
     extrapolation_order: int = 0
 
     def __post_init__(self):
@@ -88,6 +91,10 @@ class AdaCacheConfig:
         object.__setattr__(self, "codebook", validate_codebook(self.codebook))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.warmup_steps and self.compute_steps is not None:
+            raise ValueError("warmup_steps does not apply to a forced schedule: put those steps in compute_steps")
         if self.extrapolation_order not in (0, 1):
             raise ValueError(f"extrapolation_order must be 0 (reuse) or 1 (linear), got {self.extrapolation_order!r}")
         if self.metric_branch < 0:

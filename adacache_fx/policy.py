@@ -2,13 +2,15 @@
 
 Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora implementation):
 
-* Steps are counted 1..N within a generation; steps 1, N-1 and N always compute.
+* Steps are counted 1..N within a generation; steps 1, N-1 and N always compute, and so do steps
+  1..``warmup_steps``.
 * A cache rate r starts at 1. After a compute step s the next compute step is s + r; the steps in
   between reuse the cached residuals.
 * At every compute step after the first, the metric residual p (by default the first residual branch,
   usually self-attention, of the middle block) is compared with the one cached at the previous compute
   step: ``c = ||p - p_prev||_1 / ||p_prev||_1 / r_prev``, summed over all elements, with ``r_prev`` the
-  rate that scheduled this step. Several metric sites average their distances.
+  number of steps since that compute step (the rate that scheduled this step, unless the step was forced
+  by the warm-up or by N - 1). Several metric sites average their distances.
 * With motion regularization (MoReg), the motion of p is measured between frames ``i`` apart:
   ``m_i = ||p[:, i:] - p[:, :-i]||_1 / (||p[:, i:]||_1 + ||p[:, :-i]||_1)`` on p laid out as
   ``[B, T, ...]``, averaged over the strides. Inside the step window, ``m = ((m / a) ** b) / d``, else
@@ -41,9 +43,10 @@ class StepBegin(nn.Module):
     yet (step 0, after a reset) or the last one finished (step >= N).
     """
 
-    def __init__(self, compute_steps: tuple[int, ...] | None = None):
+    def __init__(self, compute_steps: tuple[int, ...] | None = None, warmup_steps: int = 0):
         super().__init__()
         self.forced = compute_steps is not None
+        self.warmup_steps = warmup_steps
         steps = torch.tensor(compute_steps if self.forced else [], dtype=torch.int64)
         self.register_buffer("compute_steps", steps, persistent=False)
 
@@ -57,7 +60,7 @@ class StepBegin(nn.Module):
         if self.forced:
             compute = (self.compute_steps == s).any()
         else:
-            compute = (s == 1) | (s >= num_steps - 1) | (s >= next_compute)
+            compute = (s <= max(1, self.warmup_steps)) | (s >= num_steps - 1) | (s >= next_compute)
         return s, compute, rate, next_compute, m_prev
 
 
@@ -119,7 +122,7 @@ class StepEnd(nn.Module):
 
     def forward(self, s, compute, distance, motion, rate, next_compute, m_prev, history):
         has_metric = compute & (s > 1)
-        rate_f = rate.to(torch.float32)
+        rate_f = (s - (next_compute - rate)).clamp_min(1).to(torch.float32)  # steps since the last compute step
         c = distance / rate_f
         m = torch.ones_like(c)
         if self.moreg is not None:

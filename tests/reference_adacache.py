@@ -30,20 +30,22 @@ def motion(p: torch.Tensor, batch: int, frames: int, strides) -> float:
     return sum(values) / len(values)
 
 
-def schedule(trajectory, num_steps, codebook, moreg=None, batch=1, frames=None, return_metrics=False):
+def schedule(trajectory, num_steps, codebook, moreg=None, batch=1, frames=None, return_metrics=False,
+             warmup_steps=0):
     rate, next_compute, m_prev, p_prev = 1, 1, 1.0, None
     computed, metrics = [], []
     for s in range(1, num_steps + 1):
-        if not (s == 1 or s >= num_steps - 1 or s >= next_compute):
+        if not (s <= max(1, warmup_steps) or s >= num_steps - 1 or s >= next_compute):
             continue
         p = trajectory[s - 1]
         if p_prev is not None:
-            c = l1(p - p_prev) / l1(p_prev) / rate
+            since = s - computed[-1]  # the rate that scheduled s, unless s was forced
+            c = l1(p - p_prev) / l1(p_prev) / since
             if moreg is not None:
                 first, last = moreg.window
                 a, b, d = moreg.power
                 m = ((motion(p, batch, frames, moreg.strides) / a) ** b) / d if first <= s <= last else 1.0
-                gradient = moreg.grad_scale * (m - m_prev) / rate
+                gradient = moreg.grad_scale * (m - m_prev) / since
                 m_prev = m
                 c = c * (m + abs(gradient))
             rate = lookup(codebook, c)

@@ -116,6 +116,8 @@ def test_missing_num_steps_is_a_clear_error(wan):
         ({"granularity": "layer"}, "granularity"),
         ({"compute_steps": (2, 3)}, "step 1"),
         ({"extrapolation_order": 2}, "extrapolation_order"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 2, "compute_steps": (1, 3)}, "forced schedule"),
     ],
 )
 def test_bad_config_is_refused(kwargs, match):

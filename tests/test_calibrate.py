@@ -46,6 +46,9 @@ def test_replay_is_exact_without_caching_and_for_a_never_reusing_codebook(trajec
     # rate 6 everywhere: steps 1, 2, then N-1 and N
     assert predict_computed(trajectories, {1e9: 6}, N) == len({1, 2, N - 1, N}) == 4
     assert max_speedup(N) == N / 4
+    # a warm-up of 4 steps (N = 8): steps 1-4, then rate 6 from step 4 reaches only N-1 and N
+    assert predict_computed(trajectories, {1e9: 6}, N, warmup_steps=4) == len({1, 2, 3, 4, N - 1, N}) == 6
+    assert max_speedup(N, warmup_steps=4) == N / 6
 
 
 def test_larger_target_computes_fewer_steps_in_a_real_run(pipe, trajectories):

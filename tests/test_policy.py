@@ -90,21 +90,25 @@ def margin(metrics, codebook):
     changes=st.lists(st.floats(0.0, 0.8), min_size=30, max_size=30),
     seed=st.integers(0, 10_000),
     preset=st.sampled_from(["fast", "slow", "fast_moreg", "fast_100"]),
+    warmup=st.sampled_from([0, 0, 3, 6]),
 )
-def test_schedule_matches_reference_on_synthetic_trajectories(changes, seed, preset):
+def test_schedule_matches_reference_on_synthetic_trajectories(changes, seed, preset, warmup):
     codebook = presets.FAST_100 if preset == "fast_100" else presets.SLOW_30 if preset == "slow" else presets.FAST_30
     moreg = ax.MoRegConfig(frames=4, strides=(1, 2), window=(2, 25)) if preset == "fast_moreg" else None
     trajectory = synthetic_trajectory(changes, seed)
-    expected, metrics = schedule(trajectory, 30, dict(codebook), moreg=moreg, batch=1, frames=4, return_metrics=True)
+    expected, metrics = schedule(trajectory, 30, dict(codebook), moreg=moreg, batch=1, frames=4, return_metrics=True,
+                                 warmup_steps=warmup)
     assume(margin(metrics, codebook) > 1e-4)  # float32 vs float64 may only differ at a threshold
     model = Probe()
-    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=30, codebook=codebook, moreg=moreg))
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=30, codebook=codebook, moreg=moreg,
+                                                   warmup_steps=warmup))
     x = torch.zeros(1, 24, 5)
     with torch.no_grad():
         for r in trajectory:
             cached(x, r)
     rep = ax.report(cached)
     assert rep.computed_steps == expected
+    assert set(range(1, warmup + 1)) <= set(rep.computed_steps)
     for s, c in metrics:
         assert rep.steps[s - 1].metric == pytest.approx(c, rel=1e-4)
 

@@ -85,6 +85,7 @@ def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
         moreg=config.moreg,
         frame_layout=layout,
         compute_steps=config.compute_steps,
+        warmup_steps=config.warmup_steps,
         extrapolation_order=config.extrapolation_order,
     )
     insert_layout_barriers(gm)

@@ -165,6 +165,7 @@ def insert_cache(
     moreg=None,
     frame_layout: tuple[int, int] | None = None,
     compute_steps: tuple[int, ...] | None = None,
+    warmup_steps: int = 0,
     extrapolation_order: int = 0,
 ) -> tuple[fx.GraphModule, list[StateSpec]]:
     """Rewrite ``gm`` in place and return it with the ordered list of its state tensors."""
@@ -189,7 +190,7 @@ def insert_cache(
             state[spec.name] = graph.placeholder(f"adacache_{spec.name}")
     last_state = state[specs[-1].name]
 
-    gm.add_submodule("adacache_begin", StepBegin(compute_steps))
+    gm.add_submodule("adacache_begin", StepBegin(compute_steps, warmup_steps))
     gm.add_submodule("adacache_end", StepEnd(codebook, moreg))
     gm.add_submodule("adacache_distance", ResidualDistance())
     if moreg is not None:
