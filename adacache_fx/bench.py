@@ -97,6 +97,7 @@ METHODS: dict[str, tuple[str, tuple, tuple]] = {
     "adacache-slow-moreg": ("adacache-fx slow+MoReg", (1.0,), (1.0,)),
     "adacache-static": ("adacache-fx static", (2, 3), (2,)),
     "adacache-calibrated": ("adacache-fx calibrated", ("slow", "fast", 2.5, 3.0), (1.5,)),
+    "adacache-calibrated-warm": ("adacache-fx calibrated+warm-up+linear", (2.0, 2.25, 2.5), (1.5,)),
     "adacache-compiled": ("adacache-fx compiled", ("none", "fast"), ("none", "fast")),
     "fbcache": ("diffusers FirstBlockCache", (0.05, 0.1, 0.2, 0.3), (0.1,)),
     "pab": ("diffusers PAB", (2,), (2,)),
@@ -106,11 +107,14 @@ METHODS: dict[str, tuple[str, tuple, tuple]] = {
     "dbcache": ("cache-dit DBCache", (0.1, 0.2), (0.1,)),
     "dbcache-taylorseer": ("cache-dit DBCache+TaylorSeer", (0.1, 0.2), (0.2,)),
 }
-#: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps three.
-QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "fbcache", "taylorseer", "fastercache",
-                 "dbcache")
+#: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps four.
+QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "fbcache",
+                 "taylorseer", "fastercache", "dbcache")
 BASELINE = "no caching"
-ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated")
+ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated",
+                          "adacache-fx calibrated+warm-up+linear")
+#: ``adacache-calibrated-warm``: warm-up steps (a sixth of N), top rate, linear residual extrapolation.
+WARM_FRACTION, WARM_MAX_RATE = 1 / 6, 4
 
 
 @dataclass
@@ -313,6 +317,15 @@ def _settings(bench: _Bench, key: str) -> list[_Setting]:
             label = f"target {v}" if isinstance(v, str) else f"target {v:g}x steps"
             out.append(_adacache(bench, key, method, label,
                                  lambda v=v: AdaCacheConfig(num_steps=n, codebook=fit_codebook(bench.trajectories(), n, v))))
+        elif key == "adacache-calibrated-warm":
+            warmup = round(n * WARM_FRACTION)
+            if v > max_speedup(n, warmup, WARM_MAX_RATE):
+                continue
+            out.append(_adacache(
+                bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}",
+                lambda v=v, warmup=warmup: AdaCacheConfig(
+                    num_steps=n, warmup_steps=warmup, extrapolation_order=1,
+                    codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE))))
         elif key == "adacache-compiled":  # with the uncached model compiled alike, for reference
             if v == "none":
                 out.append(_adacache(bench, key, f"{BASELINE} compiled", "inductor", None, compiled=True))

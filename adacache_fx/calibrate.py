@@ -21,6 +21,10 @@ when the residual drifts in one direction, an over-estimate when it oscillates, 
 run computes fewer steps than predicted). The targets count computed steps; wall-clock speedups are a bit
 lower (the patch embedding, output head, scheduler and guidance run at every step).
 
+``warmup_steps`` and ``max_rate`` fit a codebook for a config with a warm-up (``AdaCacheConfig.warmup_steps``)
+and a basis whose rates are capped (at most ``max_rate - 1`` cached steps in a row): on the reference model
+both move the curve up, the early steps and long reuse runs being where the error comes from.
+
 The quantiles pool the metric of steps 2..N-2 over all captions and CFG contexts (steps N-1 and N always
 compute). The codebooks are fitted without motion regularization: MoReg multiplies c by its motion factor.
 """
@@ -50,7 +54,13 @@ _SCALES = np.geomspace(1e-3, 1e3, 601)
 
 
 def calibrate(
-    pipe_or_model, captions: Sequence[str], num_steps: int, target="fast", seed: int = 0, warmup_steps: int = 0
+    pipe_or_model,
+    captions: Sequence[str],
+    num_steps: int,
+    target="fast",
+    seed: int = 0,
+    warmup_steps: int = 0,
+    max_rate: int | None = None,
 ) -> dict[float, int]:
     """Return a ``{threshold: rate}`` codebook fitted to the model of ``pipe_or_model``.
 
@@ -59,11 +69,11 @@ def calibrate(
     (one generation each, generator seeded ``seed + i``). ``target``: ``"fast"``, ``"slow"`` or a speedup
     in computed steps ``1 <= target <= `` :func:`max_speedup` ``(num_steps, warmup_steps)``.
     ``warmup_steps``: the ``AdaCacheConfig.warmup_steps`` the codebook will run with (a numeric target
-    counts them).
+    counts them). ``max_rate``: cap the rates of the basis (at most ``max_rate - 1`` cached steps in a row).
     """
-    _check_target(target, num_steps, warmup_steps)
+    _check_target(target, num_steps, warmup_steps, max_rate)
     trajectories = record_metrics(pipe_or_model, captions, num_steps, seed=seed)
-    return fit_codebook(trajectories, num_steps, target, warmup_steps)
+    return fit_codebook(trajectories, num_steps, target, warmup_steps, max_rate)
 
 
 def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[list[float]]:
@@ -99,10 +109,14 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
 
 
 def fit_codebook(
-    trajectories: Sequence[Sequence[float]], num_steps: int, target="fast", warmup_steps: int = 0
+    trajectories: Sequence[Sequence[float]],
+    num_steps: int,
+    target="fast",
+    warmup_steps: int = 0,
+    max_rate: int | None = None,
 ) -> dict[float, int]:
     """Codebook from recorded trajectories (see :func:`record_metrics`) for ``target`` (see :func:`calibrate`)."""
-    _check_target(target, num_steps, warmup_steps)
+    _check_target(target, num_steps, warmup_steps, max_rate)
     values = np.asarray([v for t in trajectories for v in t[: max(0, num_steps - 3)]], dtype=np.float64)
     values = values[np.isfinite(values)]  # steps N-1 and N always compute: their metric decides nothing
     if values.size == 0:
@@ -113,8 +127,8 @@ def fit_codebook(
         low = thresholds[-1] * (1 + 1e-6) if thresholds else 1e-12
         thresholds.append(max(float(q), low))  # strictly increasing and positive
     if isinstance(target, str):
-        return validate_codebook(dict(zip([*thresholds, math.inf], RATE_BASES[target])))
-    rates = RATE_BASES["fast"]
+        return validate_codebook(dict(zip([*thresholds, math.inf], _capped(RATE_BASES[target], max_rate))))
+    rates = _capped(RATE_BASES["fast"], max_rate)
     wanted = num_steps / float(target)
     best = min(
         _SCALES,
@@ -148,12 +162,16 @@ def predict_computed(
     return float(np.mean(counts))
 
 
-def max_speedup(num_steps: int, warmup_steps: int = 0) -> float:
-    """Largest speedup in computed steps the fast basis can reach: rate 6 after the warm-up."""
+def max_speedup(num_steps: int, warmup_steps: int = 0, max_rate: int | None = None) -> float:
+    """Largest speedup in computed steps the fast basis can reach: its top rate (6) after the warm-up."""
     _check_num_steps(num_steps)
-    start = max(2, warmup_steps)
-    computed = len({1, num_steps - 1, num_steps} | set(range(1, start)) | set(range(start, num_steps + 1, 6)))
+    start, top = max(2, warmup_steps), max(_capped(RATE_BASES["fast"], max_rate))
+    computed = len({1, num_steps - 1, num_steps} | set(range(1, start)) | set(range(start, num_steps + 1, top)))
     return num_steps / computed
+
+
+def _capped(rates: tuple[int, ...], max_rate: int | None) -> tuple[int, ...]:
+    return rates if max_rate is None else tuple(min(r, max_rate) for r in rates)
 
 
 def _scaled(thresholds, rates, factor: float) -> dict[float, int]:
@@ -174,14 +192,16 @@ def _check_num_steps(num_steps) -> None:
         raise ValueError(f"num_steps must be an int >= 3, got {num_steps!r}")
 
 
-def _check_target(target, num_steps: int, warmup_steps: int = 0) -> None:
+def _check_target(target, num_steps: int, warmup_steps: int = 0, max_rate: int | None = None) -> None:
+    if max_rate is not None and (isinstance(max_rate, bool) or not isinstance(max_rate, int) or max_rate < 1):
+        raise ValueError(f"max_rate must be an int >= 1 or None, got {max_rate!r}")
     if isinstance(target, str):
         if target not in RATE_BASES:
             raise ValueError(f"target must be 'fast', 'slow' or a speedup, got {target!r}")
         return
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps < num_steps:
         raise ValueError(f"warmup_steps must be an int in [0, {num_steps}), got {warmup_steps!r}")
-    top = max_speedup(num_steps, warmup_steps)
+    top = max_speedup(num_steps, warmup_steps, max_rate)
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= top:
         raise ValueError(
             f"target speedup must be a number in [1, {top:.2f}] for {num_steps} steps"

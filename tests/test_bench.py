@@ -70,6 +70,11 @@ def test_schedules_count_what_really_ran(quick):
     assert math.isfinite(static.psnr) and static.speedup > 1
     fast = _row(rows, "adacache-fx fast")
     assert 3 <= fast.computed < QUICK_STEPS and math.isfinite(fast.psnr)
+    # warm-up of round(10 / 6) = 2 steps, then a calibrated codebook with rates <= 4, extrapolating
+    warm = _row(rows, "adacache-fx calibrated+warm-up+linear")
+    assert 4 <= warm.computed < QUICK_STEPS and math.isfinite(warm.psnr) and "warm-up 2" in warm.setting
+    # it keeps a second residual ([1, 512, 128] float32) per CFG context
+    assert warm.cache_mib >= _row(rows, "adacache-fx never").cache_mib + 2 * 512 * 128 * 4 / 2**20
     # TaylorSeer, interval 3, 3 warm-up steps: steps 0 1 2 4 7 compute (counted on the middle block)
     taylor = _row(rows, "diffusers TaylorSeer")
     assert taylor.computed == 5

@@ -49,6 +49,11 @@ def test_replay_is_exact_without_caching_and_for_a_never_reusing_codebook(trajec
     # a warm-up of 4 steps (N = 8): steps 1-4, then rate 6 from step 4 reaches only N-1 and N
     assert predict_computed(trajectories, {1e9: 6}, N, warmup_steps=4) == len({1, 2, 3, 4, N - 1, N}) == 6
     assert max_speedup(N, warmup_steps=4) == N / 6
+    capped = fit_codebook(trajectories, N, 1.5, warmup_steps=2, max_rate=3)
+    assert tuple(capped.values()) == (3, 3, 3, 3, 2, 1)
+    assert max_speedup(N, max_rate=3) == N / len({1, 2, 5, N - 1, N})
+    with pytest.raises(ValueError, match="max_rate"):
+        fit_codebook(trajectories, N, 1.5, max_rate=0)
 
 
 def test_larger_target_computes_fewer_steps_in_a_real_run(pipe, trajectories):
