@@ -780,8 +780,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; quick 10)")
     parser.add_argument("--captions", type=int, default=None, help="use the first N evaluation captions")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0)")
-    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None,
-                        help="methods to compare (default: all; quick: a few)")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=None, metavar="METHOD",
+                        help="methods to compare (default: all; quick: a few); one of: " + ", ".join(sorted(METHODS)))
     parser.add_argument("--no-graph-breaks", action="store_true", help="skip the graph-break counts")
     parser.add_argument("--untrained", action="store_true", help="a freshly initialised model (no weights needed)")
     parser.add_argument("--weights", default=None, help="folder of the reference weights (default: bundled)")
