@@ -122,15 +122,15 @@ class StepEnd(nn.Module):
 
     def forward(self, s, compute, distance, motion, rate, next_compute, m_prev, history):
         has_metric = compute & (s > 1)
-        rate_f = (s - (next_compute - rate)).clamp_min(1).to(torch.float32)  # steps since the last compute step
-        c = distance / rate_f
+        since = (s - (next_compute - rate)).clamp_min(1).to(torch.float32)  # steps since the last compute step
+        c = distance / since
         m = torch.ones_like(c)
         if self.moreg is not None:
             first, last = self.moreg.window
             a, b, d = self.moreg.power
             in_window = (s >= first) & (s <= last)
             m = torch.where(in_window, ((motion / a) ** b) / d, m)
-            grad = self.moreg.grad_scale * (m - m_prev) / rate_f
+            grad = self.moreg.grad_scale * (m - m_prev) / since
             m_prev = torch.where(has_metric, m, m_prev)
             m = m + grad.abs()
             c = c * m

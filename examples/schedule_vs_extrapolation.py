@@ -12,13 +12,13 @@ videos (of the mean squared error over all videos, as the bench does).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 from diffusers.hooks import TaylorSeerCacheConfig
 
 import adacache_fx as ax
 from adacache_fx.bench import EVAL_CAPTIONS
+from adacache_fx.metrics import psnr
 from adacache_fx.reference.pipeline import ReferencePipeline
 
 STEPS = 30
@@ -51,23 +51,22 @@ def main(argv=None) -> None:
 
     reference = videos()
 
-    def psnr(outs) -> float:
-        mse = sum(float(((a - b) ** 2).mean()) for a, b in zip(outs, reference)) / len(reference)
-        return 10 * math.log10(1 / mse)
+    def pooled_psnr(outs) -> float:  # of the mean squared error over all videos, as the bench
+        return psnr(torch.stack(outs), torch.stack(reference))
 
     schedule = taylorseer_schedule(STEPS, INTERVAL, WARMUP)
     rows = []
     base.enable_cache(TaylorSeerCacheConfig(cache_interval=INTERVAL, max_order=1, taylor_factors_dtype=torch.float32,
                                             cache_identifiers=[r"blocks\.\d+"]))
     try:
-        rows.append(("diffusers TaylorSeer, interval 4, order 1", len(schedule), psnr(videos())))
+        rows.append(("diffusers TaylorSeer, interval 4, order 1", len(schedule), pooled_psnr(videos())))
     finally:
         base.disable_cache()
     for order, name in ((0, "reuse (AdaCache)"), (1, "linear extrapolation")):
         pipe.transformer = ax.transform(base, ax.AdaCacheConfig(num_steps=STEPS, compute_steps=schedule,
                                                                 extrapolation_order=order))
         try:
-            rows.append((f"adacache-fx, TaylorSeer's schedule, {name}", len(schedule), psnr(videos())))
+            rows.append((f"adacache-fx, TaylorSeer's schedule, {name}", len(schedule), pooled_psnr(videos())))
         finally:
             pipe.transformer = base
     print(f"reference model, {STEPS} steps, {len(captions)} captions, seed 0; TaylorSeer's schedule: {schedule}")
