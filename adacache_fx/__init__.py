@@ -2,6 +2,10 @@
 
     model = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=30))
     model = torch.compile(model, fullgraph=True)
+
+The core imports torch only. ``adacache_fx.enable`` / ``disable`` (diffusers pipelines) load their
+module on first use; ``adacache_fx.export`` (ONNX, TensorRT) and ``adacache_fx.tools`` (demo, bench,
+reference model, CLI) are separate subpackages.
 """
 
 from . import presets
@@ -11,9 +15,20 @@ from .calibrate import calibrate
 from .capture import CaptureError
 from .config import AdaCacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
-from .pipeline import disable, enable
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {"enable": "integrations.diffusers", "disable": "integrations.diffusers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = globals()[name] = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdaCacheConfig",

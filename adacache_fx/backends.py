@@ -43,7 +43,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         options.setdefault("fullgraph", True)
         return torch.compile(cached, **options)
     trt = _import_torch_tensorrt()
-    cached._program_hooks.append(lambda program: _compile_branches(trt, program, options))
+    cached.register_program_hook(lambda program: _compile_branches(trt, program, options))
     return cached
 
 
@@ -75,7 +75,7 @@ def _compile_branches(trt, program: Program, options: dict) -> None:
         for operand in node.args[3]:
             value = operand.meta.get("val")
             if value is None:  # a state placeholder: its spec says the shape
-                spec = next(s for s in program.specs if f"adacache_{s.name}" == operand.name)
+                spec = next(s for s in program.layout if f"adacache_{s.name}" == operand.name)
                 inputs.append(trt.Input(shape=spec.shape, dtype=spec.dtype))
             else:
                 inputs.append(trt.Input(shape=tuple(value.shape), dtype=value.dtype))

@@ -40,7 +40,7 @@ import torch
 from . import presets
 from .api import report
 from .config import AdaCacheConfig, validate_codebook
-from .pipeline import disable, enable
+from .integrations.diffusers import disable, enable
 
 #: Rate bases of the official fast and slow codebooks (30 steps).
 RATE_BASES: dict[str, tuple[int, ...]] = {

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+
+from .state import check_num_steps
 
 GRANULARITIES = ("stack", "block", "branch")
+#: Version of the dictionaries written by ``to_dict``; ``from_dict`` reads this version.
+CONFIG_VERSION = 1
 
 
 def _default_codebook() -> dict[float, int]:
@@ -45,6 +49,19 @@ class MoRegConfig:
             raise ValueError(f"MoRegConfig.power must be (a, b, d) with a > 0 and d != 0, got {self.power!r}")
         if self.frames is not None and self.frames < 2:
             raise ValueError(f"MoRegConfig.frames must be >= 2 (motion needs frames), got {self.frames}")
+        object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
+        object.__setattr__(self, "power", tuple(float(p) for p in self.power))
+        object.__setattr__(self, "grad_scale", float(self.grad_scale))
+
+    def to_dict(self) -> dict:
+        """A JSON-compatible dict that :meth:`from_dict` turns back into an equal config."""
+        return {"strides": list(self.strides), "window": list(self.window), "power": list(self.power),
+                "grad_scale": self.grad_scale, "frames": self.frames}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MoRegConfig:
+        _check_keys(cls, data)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,49 @@ class AdaCacheConfig:
             if not steps or steps[0] != 1:
                 raise ValueError("compute_steps must contain step 1: the first step has nothing cached")
             object.__setattr__(self, "compute_steps", steps)
+        if self.metric_block is not None and not isinstance(self.metric_block, int):
+            object.__setattr__(self, "metric_block", tuple(int(b) for b in self.metric_block))
+        if self.moreg is not None and not isinstance(self.moreg, MoRegConfig):
+            raise TypeError(f"moreg must be a MoRegConfig or None, got {type(self.moreg).__name__}")
+
+    def to_dict(self) -> dict:
+        """A JSON-compatible dict (``json.dumps`` writes the ``inf`` of a catch-all threshold as
+        ``Infinity``) that :meth:`from_dict` turns back into an equal config.
+
+        >>> import adacache_fx
+        >>> config = adacache_fx.AdaCacheConfig(num_steps=30, moreg=adacache_fx.MoRegConfig())
+        >>> adacache_fx.AdaCacheConfig.from_dict(config.to_dict()) == config
+        True
+        """
+        data = {"type": type(self).__name__, "version": CONFIG_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "codebook":
+                value = [[threshold, rate] for threshold, rate in value.items()]
+            elif f.name == "moreg" and value is not None:
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            data[f.name] = value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> AdaCacheConfig:
+        """The config :meth:`to_dict` wrote (same type and version)."""
+        data = dict(data)
+        kind, version = data.pop("type", None), data.pop("version", None)
+        if kind != cls.__name__ or version != CONFIG_VERSION:
+            raise ValueError(
+                f"not a {cls.__name__} dict of version {CONFIG_VERSION}: type {kind!r}, version {version!r}"
+            )
+        _check_keys(cls, data)
+        if "codebook" in data:
+            data["codebook"] = {float(t): int(r) for t, r in data["codebook"]}
+        if data.get("moreg") is not None:
+            data["moreg"] = MoRegConfig.from_dict(data["moreg"])
+        if isinstance(data.get("metric_block"), list):
+            data["metric_block"] = tuple(data["metric_block"])
+        return cls(**data)
 
     @property
     def metric_blocks(self) -> tuple[int, ...] | None:
@@ -114,12 +174,10 @@ class AdaCacheConfig:
         return tuple(int(b) for b in self.metric_block)
 
 
-def check_num_steps(num_steps) -> int:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 3:
-        raise ValueError(
-            f"num_steps must be an int >= 3 (steps 1, N-1 and N always compute), got {num_steps!r}"
-        )
-    return num_steps
+def _check_keys(cls, data: Mapping) -> None:
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
 
 
 def validate_codebook(codebook: Mapping[float, int]) -> dict[float, int]:

@@ -2,24 +2,27 @@
 
 The rewritten graph is a pure function ``(inputs..., state...) -> (outputs..., new_state...)``. This
 module captures and rewrites the wrapped model lazily on the first call of each input signature,
-holds the state tensors (one set per cache context and signature), feeds them in and writes the new
-values back in place. Nothing here reads a tensor value during a generation.
+feeds it the state of the active cache context (held by a :class:`~adacache_fx.state.StateStore`)
+and writes the new values back in place. Nothing here reads a tensor value during a generation.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
-from .config import AdaCacheConfig, check_num_steps
-from .passes import PassError, RewriteResult, StateSpec, rewrite
-
-DEFAULT_CONTEXT = "default"
+from .config import AdaCacheConfig
+from .passes import PassError, RewriteResult, rewrite
+from .state import Report, StateLayout, StateStore, read_report
 
 
 class TransformError(RuntimeError):
@@ -28,7 +31,7 @@ class TransformError(RuntimeError):
 
 @dataclass
 class Program:
-    """A captured and rewritten call signature."""
+    """A captured and rewritten call signature: the graph module and its state layout."""
 
     captured: CapturedGraph
     rewrite: RewriteResult
@@ -38,8 +41,17 @@ class Program:
         return self.rewrite.graph_module
 
     @property
-    def specs(self) -> list[StateSpec]:
-        return self.rewrite.state_specs
+    def layout(self) -> StateLayout:
+        return self.rewrite.layout
+
+
+class SignatureKey(NamedTuple):
+    """What a captured program is specialized to: the call's structure, shapes, dtypes and constants
+    (:func:`~adacache_fx.capture.signature`), and the weights' dtype and device."""
+
+    call: tuple
+    dtype: torch.dtype | None
+    device: str
 
 
 def _mark_static(args, kwargs) -> None:
@@ -52,17 +64,18 @@ def _mark_static(args, kwargs) -> None:
 
 
 class CachedModel(nn.Module):
-    """A model whose block stack is skipped on the steps AdaCache decides to reuse.
+    """A model whose block stack is skipped on the steps the caching policy decides to reuse.
 
     Behaves like the wrapped model: same call signature and outputs, ``config``, ``dtype``,
     ``device`` and the wrapped model's ``state_dict``. Use :meth:`cache_context` for separate
-    conditional / unconditional state, and :func:`adacache_fx.reset` to start a new generation.
+    conditional / unconditional state, and :meth:`reset` to start a new generation.
     Inference only: the outputs carry no autograd graph.
 
-    State layout: each (cache context, input signature) owns its state tensors (*storage*). For each
-    signature, one stable set of *bound* tensors is what the graph reads and writes; entering a cache
-    context re-points the bound tensors at that context's storage (``Tensor.set_``, no copy), so a
-    compiled graph sees the same tensors whatever the context and never recompiles for it.
+    The public methods below are what integrations build on: :meth:`prepare_call` (capture and bind
+    a call, eagerly), :meth:`register_prepare_hook` (run code before each call is prepared, e.g. to
+    follow a pipeline's generations), :meth:`register_program_hook` (post-process each captured
+    program, e.g. compile its branches), :attr:`programs`, :attr:`contexts`, :meth:`state` and
+    :meth:`report`.
     """
 
     # ``torch.compile(module)`` runs ``_infer_parameters`` eagerly before every compiled call of a
@@ -74,15 +87,11 @@ class CachedModel(nn.Module):
         super().__init__()
         self.model = model
         self.adacache_config = config
-        self._num_steps = config.num_steps
-        self._programs: dict[tuple, Program] = {}
-        self._storage: dict[str, dict[tuple, dict[str, torch.Tensor]]] = {}
-        self._bound: dict[tuple, dict[str, torch.Tensor]] = {}
-        self._last_key: dict[str, tuple] = {}
-        self._context = DEFAULT_CONTEXT
+        self._store = StateStore(config.num_steps)
+        self._programs: dict[SignatureKey, Program] = {}
         self._current: tuple[Program, dict[str, torch.Tensor]] | None = None
-        self._program_hooks: list = []  # called on each new Program (e.g. to compile its branches)
-        self._scheduler = None  # set by adacache_fx.enable: generations follow the pipeline's scheduler
+        self._program_hooks: OrderedDict[int, Callable[[Program], None]] = OrderedDict()  # as torch's hook dicts
+        self._prepare_hooks: OrderedDict[int, Callable] = OrderedDict()
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -103,9 +112,7 @@ class CachedModel(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to()/.half() may replace buffers: captured graphs would keep the old ones.
         self._programs.clear()
-        self._storage.clear()
-        self._bound.clear()
-        self._last_key.clear()
+        self._store.clear()
         self._current = None
         return super()._apply(fn, recurse)
 
@@ -121,63 +128,68 @@ class CachedModel(nn.Module):
         ``num_inference_steps``, ...): ``num_inference_steps`` sets N, and ``step_index=0`` starts a
         new generation in this context.
         """
-        previous = self._context
-        self._switch(name)
+        previous = self._store.active
+        self._store.switch(name)
         steps = loop_info.get("num_inference_steps")
         if loop_info.get("step_index") == 0 and steps is not None:
-            self._begin_generation(int(steps))
+            self.begin_generation(int(steps))
         try:
             yield
         finally:
-            self._switch(previous)
+            self._store.switch(previous)
 
-    def _switch(self, name: str) -> None:
-        self._context = name
-        for key, bound in self._bound.items():
-            self._bind(key, bound)
+    @property
+    def active_context(self) -> str:
+        """The cache context the next call uses."""
+        return self._store.active
 
-    def _begin_generation(self, num_steps: int) -> None:
-        """A new generation starts in the active context (all contexts if N changes)."""
-        if num_steps != self._num_steps:
-            self.reset(num_steps)
-            return
-        for state in self._storage.get(self._context, {}).values():
-            state["step"].zero_()
-            state["history"].fill_(float("nan"))
-
-    def _follow_scheduler(self) -> None:
-        """With :func:`adacache_fx.enable`: a scheduler that has not stepped yet means a new generation."""
-        scheduler = self._scheduler
-        if scheduler is not None and getattr(scheduler, "step_index", None) in (None, 0):
-            timesteps = getattr(scheduler, "timesteps", None)
-            if timesteps is not None and len(timesteps) >= 3:
-                self._begin_generation(len(timesteps))
+    @property
+    def contexts(self) -> list[str]:
+        """The cache contexts that hold state, in the order they were first used."""
+        return self._store.contexts
 
     @property
     def num_steps(self) -> int | None:
-        return self._num_steps
+        """N of the current generations (None until known)."""
+        return self._store.num_steps
+
+    def begin_generation(self, num_steps: int | None = None) -> None:
+        """Start a new generation in the active context on the next call (every context if N changes)."""
+        self._store.begin_generation(num_steps)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
-        if num_steps is not None:
-            check_num_steps(num_steps)
-            if num_steps != self._num_steps:
-                self._num_steps = num_steps
-                self._storage.clear()
-                self._last_key.clear()
-                for key, bound in self._bound.items():
-                    self._bind(key, bound)
-                return
-        for states in self._storage.values():
-            for state in states.values():
-                state["step"].zero_()
-                state["history"].fill_(float("nan"))
+        self._store.reset(num_steps)
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def register_prepare_hook(self, hook: Callable[[CachedModel, tuple, dict], None]) -> RemovableHandle:
+        """Call ``hook(model, args, kwargs)`` eagerly before each call is prepared (also under
+        ``torch.compile``, outside the compiled region). Returns a handle with ``remove()``."""
+        handle = RemovableHandle(self._prepare_hooks)
+        self._prepare_hooks[handle.id] = hook
+        return handle
+
+    def register_program_hook(self, hook: Callable[[Program], None]) -> RemovableHandle:
+        """Call ``hook(program)`` on every captured program: the existing ones now, new ones when
+        captured. Returns a handle with ``remove()``."""
+        handle = RemovableHandle(self._program_hooks)
+        self._program_hooks[handle.id] = hook
+        for program in self._programs.values():
+            hook(program)
+        return handle
 
     # -- preparing a call (always eager) ----------------------------------------------------------
-    def _key(self, args, kwargs) -> tuple:
+    @property
+    def programs(self) -> dict[SignatureKey, Program]:
+        """The captured programs, by input signature key (read-only view)."""
+        return dict(self._programs)
+
+    def signature_key(self, args: tuple, kwargs: dict) -> SignatureKey:
+        """The key of a call: its input signature and the weights' dtype and device."""
         param = next(self.model.parameters(), None)
-        where = (param.dtype, str(param.device)) if param is not None else None
-        return (signature(args, kwargs), where)
+        if param is None:
+            return SignatureKey(signature(args, kwargs), None, "cpu")
+        return SignatureKey(signature(args, kwargs), param.dtype, str(param.device))
 
     def _capture(self, key, args, kwargs) -> Program:
         captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch")
@@ -186,68 +198,29 @@ class CachedModel(nn.Module):
         except PassError as error:
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
         program = Program(captured, result)
-        for hook in self._program_hooks:
+        for hook in list(self._program_hooks.values()):
             hook(program)
         self._programs[key] = program
+        self._store.add_layout(key, result.layout, device=key.device)  # the state lives with the weights
         return program
 
-    def _storage_for(self, key, context: str) -> dict[str, torch.Tensor]:
-        states = self._storage.setdefault(context, {})
-        state = states.get(key)
-        if state is None:
-            if self._num_steps is None:
-                raise ValueError(
-                    "adacache_fx does not know the number of denoising steps N: set "
-                    "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
-                    "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
-                )
-            program, device = self._programs[key], key[1][1] if key[1] else "cpu"  # the weights' device
-            state = {}
-            for spec in program.specs:
-                shape = (self._num_steps, 4) if spec.shape is None else spec.shape
-                state[spec.name] = torch.full(shape, spec.fill, dtype=spec.dtype, device=device)
-            state["num_steps"].fill_(self._num_steps)
-            states[key] = state
-        return state
-
-    def _bind(self, key, bound: dict[str, torch.Tensor]) -> None:
-        storage = self._storage_for(key, self._context)
-        with torch.no_grad():
-            for name, tensor in storage.items():
-                bound[name].set_(tensor)
-
-    def _check_generation(self, key) -> None:
-        """Refuse a new input signature in the middle of a generation (reads the step: eager only)."""
-        last = self._last_key.get(self._context)
-        if last is not None and last != key:
-            old = self._storage.get(self._context, {}).get(last)
-            if old is not None and 0 < int(old["step"]) < int(old["num_steps"]):
-                raise ValueError(
-                    f"the input signature changed in the middle of a generation (step {int(old['step'])} "
-                    f"of {int(old['num_steps'])} in cache context {self._context!r}); call "
-                    "adacache_fx.reset(model) first. The cached state was left untouched."
-                )
-        self._last_key[self._context] = key
-
-    def _prepare_call(self, args, kwargs) -> tuple[Program, dict[str, torch.Tensor]]:
-        self._follow_scheduler()
-        key = self._key(args, kwargs)
+    def prepare_call(self, args: tuple, kwargs: dict) -> tuple[Program, dict[str, torch.Tensor]]:
+        """Capture ``model(*args, **kwargs)``'s signature if new, check it against the generation in
+        progress and bind the active context's state. Returns ``(program, state)``: call
+        ``program.graph_module(*flat_inputs, *state.values())``. Eager only."""
+        for hook in list(self._prepare_hooks.values()):
+            hook(self, args, kwargs)
+        key = self.signature_key(args, kwargs)
         program = self._programs.get(key)
         if program is None:
             program = self._capture(key, args, kwargs)
-        self._check_generation(key)
-        bound = self._bound.get(key)
-        if bound is None:
-            storage = self._storage_for(key, self._context)
-            bound = {name: torch.empty(0, dtype=t.dtype, device=t.device) for name, t in storage.items()}
-            self._bind(key, bound)
-            self._bound[key] = bound
-        self._current = (program, bound)
+        self._store.use(key)
+        self._current = (program, self._store.bound(key))
         return self._current
 
     def _infer_parameters(self, module, args, kwargs=None):
         """Called eagerly by ``torch.compile(module)`` before each compiled call (see ``_initialize_hook``)."""
-        self._prepare_call(tuple(args), dict(kwargs or {}))
+        self.prepare_call(tuple(args), dict(kwargs or {}))
         _mark_static(args, kwargs)
 
     def compile(self, *args, **kwargs):
@@ -255,7 +228,7 @@ class CachedModel(nn.Module):
         compiled = torch.compile(self._call_impl, *args, **kwargs)
 
         def call(*call_args, **call_kwargs):
-            self._prepare_call(call_args, call_kwargs)
+            self.prepare_call(call_args, call_kwargs)
             _mark_static(call_args, call_kwargs)
             return compiled(*call_args, **call_kwargs)
 
@@ -271,25 +244,37 @@ class CachedModel(nn.Module):
                 )
             program, state = self._current
         else:
-            program, state = self._prepare_call(args, kwargs)
+            program, state = self.prepare_call(args, kwargs)
         flat = program.captured.flatten_inputs(args, kwargs)
         with torch.no_grad():  # an inference transform: reusing residuals has no meaningful gradient
             outputs = program.graph_module(*flat, *state.values())
-        returned = [state[spec.name] for spec in program.specs if spec.returned]
+        returned = program.layout.returned
         n_user = len(outputs) - len(returned)
-        for tensor, new in zip(returned, outputs[n_user:]):
-            tensor.copy_(new)
+        for spec, new in zip(returned, outputs[n_user:]):
+            state[spec.name].copy_(new)
         return program.captured.unflatten_outputs(outputs[:n_user])
 
     # -- introspection ----------------------------------------------------------------------------
-    def current_state(self, context: str | None = None) -> dict[str, torch.Tensor] | None:
-        """The state of the last signature used in ``context`` (default: the active context)."""
-        context = self._context if context is None else context
-        key = self._last_key.get(context)
-        if key is None:
-            return None
-        return self._storage.get(context, {}).get(key)
+    def state(self, context: str | None = None) -> dict[str, torch.Tensor] | None:
+        """The state tensors of the signature last used in ``context`` (default: the active one)."""
+        last = self._store.last(context)
+        return None if last is None else last[1]
+
+    current_state = state  # the name used before 0.2
 
     def program(self, context: str | None = None) -> Program | None:
-        key = self._last_key.get(self._context if context is None else context)
-        return None if key is None else self._programs.get(key)
+        """The program of the signature last used in ``context`` (default: the active one)."""
+        last = self._store.last(context)
+        return None if last is None else self._programs.get(last[0])
+
+    def report(self, context: str | None = None) -> Report:
+        """Per-step records of the current generation in ``context``; reads the state on the host."""
+        context = self._store.active if context is None else context
+        last = self._store.last(context)
+        if last is None:
+            raise RuntimeError(
+                f"no generation has run in cache context {context!r} yet (contexts with state: {self.contexts})"
+            )
+        key, state = last
+        program = self._programs[key]
+        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)

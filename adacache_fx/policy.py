@@ -17,7 +17,7 @@ Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora impl
   ``m = 1``; the motion gradient ``g = k * (m - m_prev) / r_prev`` (m_prev starts at 1 and keeps the
   last regularized-before-gradient m), then ``c = c * (m + |g|)``.
 * The codebook ``{threshold: rate}`` (thresholds increasing) gives the new rate: the rate of the first
-  threshold with ``c < threshold``, else the last rate.
+  threshold with ``c < threshold``, else the last rate (also for a NaN c, as in the official code).
 * A forced schedule (``compute_steps``) replaces all of this with a fixed set of compute steps.
 * A cached step adds the residual of the last compute step; with ``extrapolation_order=1`` it adds
   ``r_last + w * (r_last - r_prev)``, ``w = (s - s_last) / (s_last - s_prev)`` over the last two compute
@@ -134,7 +134,10 @@ class StepEnd(nn.Module):
             m_prev = torch.where(has_metric, m, m_prev)
             m = m + grad.abs()
             c = c * m
-        index = (c >= self.thresholds).sum().clamp(max=self.rates.numel() - 1)
+        last = self.rates.numel() - 1
+        index = (c >= self.thresholds).sum().clamp(max=last)
+        index = torch.where(torch.isnan(c), torch.full_like(index, last), index)  # NaN: the last rate, as the
+        # official if/elif/else does (c compares false with every threshold and falls through to else)
         rate = torch.where(has_metric, self.rates.index_select(0, index.reshape(1)).reshape(()), rate)
         next_compute = torch.where(compute, s + rate, next_compute)
         nan = torch.full_like(c, float("nan"))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,17 +29,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from ..api import Report, StepRecord
-from ..config import check_num_steps
-from ..module import DEFAULT_CONTEXT, CachedModel
+from ..api import cached_model
+from ..config import AdaCacheConfig
+from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
 
 METADATA_KEY = "adacache_fx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _TENSOR = object()  # marks where a tensor goes in the flat inputs of the export wrapper
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
-    torch.uint8, torch.bool,
-)}
+_PROGRAM = "program"  # the one signature key of an exported file in the runner's state store
 
 
 @dataclass(frozen=True)
@@ -59,10 +55,6 @@ class ExportInfo:
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _key_name(key) -> str:
     for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
         if hasattr(key, attr):
@@ -123,22 +115,22 @@ def _decode_tree(desc, leaves):
     return cls(**items)
 
 
-def _as_call(example_inputs) -> tuple[tuple, dict]:
+def _as_call(example_inputs, kwargs: dict | None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the example call, as ``torch.export.export`` takes them: a tuple of positional
+    arguments (with ``kwargs=``), a kwargs dict, or an ``(args, kwargs)`` pair."""
     if isinstance(example_inputs, dict):
+        if kwargs:
+            raise TypeError("give keyword inputs either as the example dict or as kwargs=, not both")
         return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
-        return tuple(example_inputs[0]), dict(example_inputs[1])
-    raise TypeError("example_inputs must be a kwargs dict or an (args, kwargs) pair of one denoising step")
-
-
-def _cached_model(model) -> CachedModel:
-    inner = getattr(model, "_orig_mod", model)
-    if not isinstance(inner, CachedModel):
+    if not isinstance(example_inputs, (tuple, list)):
         raise TypeError(
-            f"adacache_fx.export expects a model returned by adacache_fx.transform, got {type(model).__name__}: "
-            "call model = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=N)) first"
+            "example_inputs must be a tuple of positional arguments (keyword ones in kwargs=), a kwargs dict, "
+            f"or an (args, kwargs) pair of one denoising step; got {type(example_inputs).__name__}"
         )
-    return inner
+    if kwargs is None and len(example_inputs) == 2 and isinstance(example_inputs[0], (tuple, list)) \
+            and isinstance(example_inputs[1], dict):
+        return tuple(example_inputs[0]), dict(example_inputs[1])
+    return tuple(example_inputs), dict(kwargs or {})
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -180,35 +172,32 @@ class _Stages:
             self.progress(name, self.seconds[name])
 
 
-def _metadata(cached: CachedModel, program, named: list, user_outputs: list) -> dict:
+def _metadata(cached, program, named: list, user_outputs: list) -> dict:
     """What a runner needs, stored as JSON in the ONNX file's ``metadata_props``."""
     return {
         "format": FORMAT_VERSION,
         "model": type(cached.model).__name__,
-        "config": repr(cached.adacache_config),
+        "config": cached.adacache_config.to_dict(),
         "num_steps": cached.num_steps,
         "inputs": [
-            {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": _dtype_name(leaf.dtype)}
+            {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype)}
             if isinstance(leaf, torch.Tensor) else {"name": name, "kind": "constant", "repr": repr(leaf)}
             for name, leaf in named
         ],
         "outputs": [
-            {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": _dtype_name(v.dtype)}
+            {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
             for i, v in enumerate(user_outputs)
         ],
         "output_tree": _encode_tree(program.captured.out_spec),
-        "state": [
-            {
-                "name": spec.name, "input": f"state.{spec.name}",
-                "output": f"state_out.{spec.name}" if spec.returned else None,
-                "shape": None if spec.shape is None else list(spec.shape),
-                "dtype": _dtype_name(spec.dtype), "fill": float(spec.fill),
-            }
-            for spec in program.specs
-        ],
+        "state": program.layout.to_dict(),  # graph inputs state.<name>, outputs state_out.<name> if returned
         "regions": list(program.rewrite.regions),
         "metric_sites": list(program.rewrite.metric_sites),
     }
+
+
+def config_from_metadata(metadata: dict) -> AdaCacheConfig:
+    """The :class:`~adacache_fx.AdaCacheConfig` an exported file was made with."""
+    return AdaCacheConfig.from_dict(metadata["config"])
 
 
 def to_onnx(
@@ -216,6 +205,7 @@ def to_onnx(
     example_inputs,
     path: str | Path,
     *,
+    kwargs: dict | None = None,
     opset: int | None = None,
     external_data: bool | None = None,
     progress: Callable[[str, float], None] | None = None,
@@ -225,10 +215,13 @@ def to_onnx(
     Args:
         model: a :class:`~adacache_fx.CachedModel` (from :func:`adacache_fx.transform`), with its
             number of steps N known (``AdaCacheConfig(num_steps=N)`` or :func:`adacache_fx.reset`).
-        example_inputs: the keyword arguments of one denoising step, or an ``(args, kwargs)`` pair.
+        example_inputs: the inputs of one denoising step: a tuple of positional arguments (as
+            ``torch.export.export`` takes them, keyword ones in ``kwargs``), a dict of keyword
+            arguments, or an ``(args, kwargs)`` pair.
             Tensor shapes and dtypes are fixed in the file (one file per input signature; a dynamic
             batch is future work), non-tensor values are baked in as constants.
         path: the ``.onnx`` file to write.
+        kwargs: keyword inputs, with a tuple ``example_inputs``.
         opset: ONNX opset version (default: the exporter's).
         external_data: store the weights in a separate file (default: only above 2 GB).
         progress: called as ``progress(stage, seconds)`` after each stage.
@@ -240,42 +233,39 @@ def to_onnx(
     """
     import onnx
 
-    cached = _cached_model(model)
-    args, kwargs = _as_call(example_inputs)
+    cached = cached_model(model)
+    args, kwargs = _as_call(example_inputs, kwargs)
     if cached.num_steps is None:
         raise ValueError("the number of steps N is unknown: set AdaCacheConfig(num_steps=N) or adacache_fx.reset(model, N)")
     num_steps, path = cached.num_steps, Path(path)
     stage = _Stages(progress)
     with torch.no_grad():
         with stage("capture + rewrite"):
-            program, _ = cached._prepare_call(args, kwargs)
+            program, _ = cached.prepare_call(args, kwargs)
         named = named_leaves(args, kwargs)
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor)]
         device = tensors[0][1].device if tensors else torch.device("cpu")
-        state = [  # a fresh generation's state, not the model's live one
-            torch.full((num_steps, 4) if spec.shape is None else spec.shape,
-                       num_steps if spec.name == "num_steps" else spec.fill, dtype=spec.dtype, device=device)
-            for spec in program.specs
-        ]
+        layout = program.layout
+        state = list(layout.allocate(num_steps, device).values())  # a fresh generation's, not the live one
         wrapper = _StatefulProgram(
             program.graph_module, [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for _, leaf in named]
         )
         inputs = tuple(t for _, t in tensors) + tuple(state)
         dynamic = [None] * len(inputs)
-        for i, spec in enumerate(program.specs):
+        for i, spec in enumerate(layout):
             if spec.shape is None:
                 dynamic[len(tensors) + i] = {0: torch.export.Dim("num_steps", min=3)}
         with stage("torch.export (strict)"):
             exported = torch.export.export(wrapper, inputs, dynamic_shapes=(tuple(dynamic),), strict=True)
 
-        returned = [spec for spec in program.specs if spec.returned]
+        returned = layout.returned
         out_values = [node.meta["val"] for node in exported.graph.output_node().args[0]]
         n_user = len(out_values) - len(returned)
         user_outputs = out_values[:n_user]
         if not all(isinstance(v, torch.Tensor) for v in user_outputs):
             raise ValueError("adacache_fx.export supports models whose outputs are all tensors")
         output_names = [f"out.{i}" for i in range(n_user)] + [f"state_out.{spec.name}" for spec in returned]
-        input_names = [name for name, _ in tensors] + [f"state.{spec.name}" for spec in program.specs]
+        input_names = [name for name, _ in tensors] + [f"state.{name}" for name in layout.names]
         with stage("ONNX translation"):
             onnx_program = torch.onnx.export(
                 exported,
@@ -293,7 +283,7 @@ def to_onnx(
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
             if value.name in ("state.history", "state_out.history") and value.shape is not None:
-                value.shape = type(value.shape)(["num_steps", 4])
+                value.shape = type(value.shape)(["num_steps", *value.shape[1:]])
         ir_model.metadata_props[METADATA_KEY] = json.dumps(metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx_program.save(str(path), external_data=external_data)
@@ -307,7 +297,7 @@ def to_onnx(
             "the exporter resolved a conditional at export time, so cached steps would not skip work"
         )
     return ExportInfo(
-        path, [name for name, _ in tensors], output_names[:n_user], [spec.name for spec in program.specs],
+        path, [name for name, _ in tensors], output_names[:n_user], layout.names,
         len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata,
     )
 
@@ -327,19 +317,24 @@ def read_metadata(path: str | Path) -> dict:
 class StatefulRunner:
     """Base of the runners: checks the call, keeps the state per cache context, rebuilds the outputs.
 
-    Each context holds two sets of state tensors on the runner's device: the engine reads one and
-    writes the other, then they swap, so no state is allocated or copied per step. Subclasses
-    implement :meth:`_execute`.
+    The state lives in a :class:`~adacache_fx.state.StateStore` with the exported layout. Each context
+    also has a spare set of the returned state tensors: the engine reads one set and writes the
+    other, then they swap, so no state is allocated or copied per step. Subclasses implement
+    :meth:`_execute`.
     """
 
     def __init__(self, metadata: dict, device: torch.device, num_steps: int | None = None):
         if metadata.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported adacache_fx export format {metadata.get('format')!r}")
+            raise ValueError(
+                f"unsupported adacache_fx export format {metadata.get('format')!r} (this version reads "
+                f"{FORMAT_VERSION}): export the model again"
+            )
         self.metadata = metadata
         self.device = torch.device(device)
-        self._num_steps = check_num_steps(num_steps) if num_steps is not None else metadata["num_steps"]
-        self._states: dict[str, list[dict[str, torch.Tensor]]] = {}
-        self._context = DEFAULT_CONTEXT
+        self.layout = StateLayout.from_dict(metadata["state"])
+        self._store = StateStore(check_num_steps(num_steps) if num_steps is not None else metadata["num_steps"])
+        self._store.add_layout(_PROGRAM, self.layout, self.device)
+        self._spare: dict[str, dict[str, torch.Tensor]] = {}
 
     def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run the engine: read ``feeds`` and write into the preallocated ``outputs`` (by name)."""
@@ -348,81 +343,58 @@ class StatefulRunner:
     # -- state ---------------------------------------------------------------------------------------
     @property
     def num_steps(self) -> int:
-        return self._num_steps
+        return self._store.num_steps
 
-    def _spec_shape(self, spec: dict) -> tuple[int, ...]:
-        return (self._num_steps, 4) if spec["shape"] is None else tuple(spec["shape"])
-
-    def _buffers(self, context: str | None = None) -> list[dict[str, torch.Tensor]]:
-        context = self._context if context is None else context
-        buffers = self._states.get(context)
-        if buffers is None:
-            buffers = [{}, {}]
-            for spec in self.metadata["state"]:
-                fill = self._num_steps if spec["name"] == "num_steps" else spec["fill"]
-                for i, buffer in enumerate(buffers):
-                    if i == 0 or spec["output"] is not None:
-                        tensor = torch.full(self._spec_shape(spec), fill, dtype=_DTYPES[spec["dtype"]], device=self.device)
-                    buffer[spec["name"]] = tensor  # a state never written back is shared by both sets
-            self._states[context] = buffers
-        return buffers
+    @property
+    def contexts(self) -> list[str]:
+        """The cache contexts that hold state."""
+        return self._store.contexts
 
     def state(self, context: str | None = None) -> dict[str, torch.Tensor]:
         """The current state tensors of a cache context (default: the active one), by spec name."""
-        return dict(self._buffers(context)[0])
+        return dict(self._store.get(_PROGRAM, context))
 
     def load_state(self, state: dict[str, torch.Tensor], context: str | None = None) -> None:
-        """Copy state tensors in (e.g. a :class:`~adacache_fx.CachedModel`'s ``current_state()``).
+        """Copy state tensors in (e.g. a :class:`~adacache_fx.CachedModel`'s ``state()``).
 
         Raises ValueError naming the state tensor whose shape or dtype is not the exported one."""
-        specs = {spec["name"]: spec for spec in self.metadata["state"]}
-        unknown = sorted(set(state) - set(specs))
+        unknown = sorted(set(state) - set(self.layout.names))
         if unknown:
-            raise ValueError(f"unknown state tensors {unknown}; this model's state is {list(specs)}")
+            raise ValueError(f"unknown state tensors {unknown}; this model's state is {self.layout.names}")
         for name, value in state.items():
-            spec = specs[name]
-            expected = (self._spec_shape(spec), spec["dtype"])
-            if not isinstance(value, torch.Tensor) or (tuple(value.shape), _dtype_name(value.dtype)) != expected:
-                got = (tuple(value.shape), _dtype_name(value.dtype)) if isinstance(value, torch.Tensor) else type(value).__name__
+            spec = self.layout.spec(name)
+            expected = (spec.shape_for(self.num_steps), dtype_name(spec.dtype))
+            if not isinstance(value, torch.Tensor) or (tuple(value.shape), dtype_name(value.dtype)) != expected:
+                got = (tuple(value.shape), dtype_name(value.dtype)) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state tensor {name!r}: expected shape {expected[0]} dtype {expected[1]}, got {got}")
-        current = self._buffers(context)[0]
+        current = self._store.get(_PROGRAM, context)
         for name, value in state.items():
             current[name].copy_(value)
 
     @contextlib.contextmanager
     def cache_context(self, name: str):
         """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
-        previous, self._context = self._context, name
+        previous = self._store.active
+        self._store.active = name
         try:
             yield
         finally:
-            self._context = previous
+            self._store.active = previous
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
-        if num_steps is not None and check_num_steps(num_steps) != self._num_steps:
-            self._num_steps = num_steps
-            self._states.clear()
-            return
-        for current, _ in self._states.values():
-            current["step"].zero_()
-            current["history"].fill_(float("nan"))
+        if num_steps is not None and check_num_steps(num_steps) != self.num_steps:
+            self._spare.clear()
+        self._store.reset(num_steps)
 
     def report(self, context: str | None = None) -> Report:
         """Per-step records of the current generation, as :func:`adacache_fx.report` gives them."""
-        context = self._context if context is None else context
-        if context not in self._states:
-            raise RuntimeError(f"no generation has run in cache context {context!r} yet")
-        state = self._states[context][0]
-        rows = state["history"][: int(state["step"])].tolist()
-
-        def number(value: float) -> float | None:
-            return None if math.isnan(value) else float(value)
-
-        steps = [StepRecord(i + 1, bool(r[0]), number(r[1]), number(r[2]), int(r[3])) for i, r in enumerate(rows)]
-        cache_bytes = sum(t.numel() * t.element_size() for n, t in state.items() if n.startswith(("cache_", "p_prev_")))
+        context = self._store.active if context is None else context
+        if context not in self._store.contexts:
+            raise RuntimeError(f"no generation has run in cache context {context!r} yet (contexts: {self.contexts})")
         meta = self.metadata
-        return Report(context, int(state["num_steps"]), steps, cache_bytes, meta["regions"], meta["metric_sites"])
+        return read_report(self._store.get(_PROGRAM, context), self.layout, context, meta["regions"],
+                           meta["metric_sites"])
 
     # -- the call ------------------------------------------------------------------------------------
     def _user_feeds(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -442,10 +414,10 @@ class StatefulRunner:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"input {name!r}: expected a tensor, got {type(value).__name__}")
-            if list(value.shape) != item["shape"] or _dtype_name(value.dtype) != item["dtype"]:
+            if list(value.shape) != item["shape"] or dtype_name(value.dtype) != item["dtype"]:
                 raise ValueError(
                     f"input {name!r}: expected shape {tuple(item['shape'])} dtype {item['dtype']}, "
-                    f"got shape {tuple(value.shape)} dtype {_dtype_name(value.dtype)} (the export is shape-specialized)"
+                    f"got shape {tuple(value.shape)} dtype {dtype_name(value.dtype)} (the export is shape-specialized)"
                 )
             feeds[name] = value.to(self.device).contiguous()
         return feeds
@@ -453,18 +425,22 @@ class StatefulRunner:
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         feeds = self._user_feeds(args, kwargs)
-        buffers = self._buffers()
-        current, following = buffers
+        current = self._store.get(_PROGRAM)
+        following = self._spare.get(self._store.active)
+        if following is None:  # a state never written back is shared by both sets
+            fresh = self.layout.allocate(self.num_steps, self.device)
+            following = {spec.name: fresh[spec.name] if spec.returned else current[spec.name] for spec in self.layout}
         outputs = {
-            out["name"]: torch.empty(out["shape"], dtype=_DTYPES[out["dtype"]], device=self.device)
+            out["name"]: torch.empty(out["shape"], dtype=dtype_from_name(out["dtype"]), device=self.device)
             for out in self.metadata["outputs"]
         }
-        for spec in self.metadata["state"]:
-            feeds[spec["input"]] = current[spec["name"]]
-            if spec["output"] is not None:
-                outputs[spec["output"]] = following[spec["name"]]
+        for spec in self.layout:
+            feeds[f"state.{spec.name}"] = current[spec.name]
+            if spec.returned:
+                outputs[f"state_out.{spec.name}"] = following[spec.name]
         self._execute(feeds, outputs)
-        buffers.reverse()
+        self._store.replace(_PROGRAM, following)
+        self._spare[self._store.active] = current
         user = iter(outputs[out["name"]] for out in self.metadata["outputs"])
         return _decode_tree(self.metadata["output_tree"], user)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..state import HISTORY_COLUMNS, dtype_name
 from .onnx import StatefulRunner, read_metadata
 
 _INSTALL = "install the GPU extras: pip install adacache-fx[gpu] (tensorrt, onnxruntime-gpu, torch-tensorrt)"
@@ -60,7 +61,8 @@ def build_tensorrt_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     n = metadata["num_steps"]
-    profile.set_shape("state.history", (3, 4), (n, 4), (max(n, MAX_STEPS), 4))
+    columns = len(HISTORY_COLUMNS)
+    profile.set_shape("state.history", (3, columns), (n, columns), (max(n, MAX_STEPS), columns))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -100,10 +102,10 @@ class TensorRTRunner(StatefulRunner):
         meta = self.metadata
         expected = {i["name"]: i["dtype"] for i in meta["inputs"] if i["kind"] == "tensor"}
         expected |= {o["name"]: o["dtype"] for o in meta["outputs"]}
-        for spec in meta["state"]:
-            expected[spec["input"]] = spec["dtype"]
-            if spec["output"] is not None:
-                expected[spec["output"]] = spec["dtype"]
+        for spec in self.layout:
+            expected[f"state.{spec.name}"] = dtype_name(spec.dtype)
+            if spec.returned:
+                expected[f"state_out.{spec.name}"] = dtype_name(spec.dtype)
         names = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
                  "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
         engine = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}

@@ -1,92 +1,153 @@
-"""Graph passes, one concern per module, and the one place that runs them in order.
+"""Graph passes, one concern per module, run in order by :func:`rewrite` (see ``README.md`` here).
 
-find_blocks -> plan_regions (uses find_streams) -> plan_metric -> frame_layout -> insert_cache
--> layout_barriers
+The pipeline is the list :data:`PIPELINE`: each stage has one signature, ``stage(ctx) -> summary``,
+reads and fills a :class:`PassContext`, and logs its summary at debug level on
+``logging.getLogger("adacache_fx.passes")``. After the last stage the postconditions of the rewritten
+graph are checked (:func:`check_rewrite`). A failing stage raises :class:`PassError` naming it.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from ..config import AdaCacheConfig
+from ..state import StateLayout
 from .find_blocks import Block, find_blocks
-from .frame_layout import first_batch, infer_frame_layout
-from .graph_utils import PassError, fake
-from .insert_cache import StateSpec, insert_cache
+from .frame_layout import moreg_layout
+from .graph_utils import PassError
+from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
 
-__all__ = ["PassError", "RewriteResult", "StateSpec", "rewrite"]
+__all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "check_rewrite", "rewrite"]
+
+logger = logging.getLogger("adacache_fx.passes")
+
+
+@dataclass
+class PassContext:
+    """What the stages share: the graph module being rewritten, the config, and what each stage found."""
+
+    graph_module: fx.GraphModule
+    config: AdaCacheConfig
+    num_user_inputs: int = 0
+    num_user_outputs: int = 0
+    blocks: list[Block] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
+    sites: list[MetricSite] = field(default_factory=list)
+    frame_layout: tuple[int, int] | None = None
+    layout: StateLayout | None = None
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[PassContext], str]
+
+
+def _find_blocks(ctx: PassContext) -> str:
+    ctx.blocks = find_blocks(ctx.graph)
+    return f"{len(ctx.blocks)} blocks: {ctx.blocks[0].path} .. {ctx.blocks[-1].path}"
+
+
+def _plan_regions(ctx: PassContext) -> str:
+    ctx.regions = plan_regions(ctx.graph, ctx.blocks, ctx.config.granularity)
+    return f"{len(ctx.regions)} regions ({ctx.config.granularity}): {[r.name for r in ctx.regions]}"
+
+
+def _plan_metric(ctx: PassContext) -> str:
+    ctx.sites = plan_metric(ctx.graph, ctx.blocks, ctx.regions, ctx.config.metric_blocks, ctx.config.metric_branch)
+    return f"metric at {_site_names(ctx)}"
+
+
+def _frame_layout(ctx: PassContext) -> str:
+    if ctx.config.moreg is None:
+        return "no MoReg: skipped"
+    site = ctx.sites[0]
+    value = site.value if site.value is not None else site.stream.out
+    ctx.frame_layout = moreg_layout(ctx.graph, ctx.config.moreg, value, site.block.path)
+    return f"metric residual laid out as (batch, frames) = {ctx.frame_layout}"
+
+
+def _insert_cache(ctx: PassContext) -> str:
+    ctx.layout = insert_cache(ctx.graph_module, ctx.regions, ctx.sites, ctx.config, ctx.frame_layout)
+    return f"{len(ctx.regions)} torch.cond, {len(ctx.layout)} state tensors"
+
+
+def _layout_barriers(ctx: PassContext) -> str:
+    return f"{insert_layout_barriers(ctx.graph_module)} layout barriers"
+
+
+#: The stages, in order. Layout barriers stay last: they pin the operands of the final cond nodes.
+PIPELINE: tuple[Stage, ...] = (
+    Stage("find_blocks", _find_blocks),
+    Stage("plan_regions", _plan_regions),
+    Stage("plan_metric", _plan_metric),
+    Stage("frame_layout", _frame_layout),
+    Stage("insert_cache", _insert_cache),
+    Stage("layout_barriers", _layout_barriers),
+)
+
+
+def _site_names(ctx: PassContext) -> list[str]:
+    branch = ctx.config.metric_branch
+    return [f"{s.block.path} branch {branch}" if s.value is not None else f"{s.block.path} (block)" for s in ctx.sites]
 
 
 @dataclass
 class RewriteResult:
+    """The rewritten graph module, its state layout, and what the passes found (for reports)."""
+
     graph_module: fx.GraphModule
-    state_specs: list[StateSpec]
-    blocks: list[str] = field(default_factory=list)
-    regions: list[str] = field(default_factory=list)
-    metric_sites: list[str] = field(default_factory=list)
+    layout: StateLayout
+    blocks: list[str]
+    regions: list[str]
+    metric_sites: list[str]
     frame_layout: tuple[int, int] | None = None
 
 
-def _moreg_layout(graph: fx.Graph, config: AdaCacheConfig, sites: list[MetricSite]) -> tuple[int, int]:
-    moreg = config.moreg
-    site = sites[0]
-    value = fake(site.value if site.value is not None else site.stream.out)
-    if moreg.frames is not None:
-        batch, frames, per_frame = first_batch(graph), moreg.frames, None
-    else:
-        inferred = infer_frame_layout(graph)
-        if inferred is None:
-            raise PassError(
-                "MoReg needs the number of latent frames, and this graph has no convolutional patch "
-                "embedding to infer it from: set MoRegConfig(frames=T)"
-            )
-        batch, frames, per_frame = inferred
-    expected = None if per_frame is None else batch * frames * per_frame * value.shape[-1]
-    if frames < 2 or value.numel() % (batch * frames) or (expected is not None and value.numel() != expected):
+def check_rewrite(ctx: PassContext) -> None:
+    """Postconditions of the rewritten graph: one ``torch.cond`` per region; the state placeholders
+    follow the user inputs in layout order (named ``adacache_<name>``, which backends rely on); the
+    outputs are the user outputs then the returned state, in layout order."""
+    graph, layout = ctx.graph, ctx.layout
+    conds = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.cond]
+    if len(conds) != len(ctx.regions):
+        raise PassError(f"{len(conds)} torch.cond nodes for {len(ctx.regions)} regions", "check_rewrite")
+    placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
+    expected = [f"adacache_{name}" for name in layout.names]
+    if placeholders[ctx.num_user_inputs:] != expected or len(placeholders) != ctx.num_user_inputs + len(layout):
+        raise PassError(f"state placeholders {placeholders[ctx.num_user_inputs:]} != layout {expected}", "check_rewrite")
+    (outputs,) = graph.output_node().args
+    if len(outputs) != ctx.num_user_outputs + len(layout.returned):
         raise PassError(
-            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site.block.path}) as "
-            f"[batch={batch}, frames={frames}, tokens per frame={per_frame}, channels]: it holds other tokens "
-            "(e.g. text concatenated to the video) or no frames. Choose a metric_block whose stream holds "
-            "only video tokens, or set MoRegConfig(frames=T) to force the layout"
+            f"{len(outputs)} outputs for {ctx.num_user_outputs} user outputs and {len(layout.returned)} returned "
+            "state tensors", "check_rewrite",
         )
-    layout = (batch, frames)
-    if max(moreg.strides) >= frames:
-        raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
-    return layout
 
 
 def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
-    """Run the passes over a captured graph module (in place) and return it with its state layout."""
-    graph = gm.graph
-    blocks: list[Block] = find_blocks(graph)
-    regions: list[Region] = plan_regions(graph, blocks, config.granularity)
-    sites = plan_metric(graph, blocks, regions, config.metric_blocks, config.metric_branch)
-    layout = _moreg_layout(graph, config, sites) if config.moreg is not None else None
-    result = RewriteResult(
-        graph_module=gm,
-        state_specs=[],
-        blocks=[b.path for b in blocks],
-        regions=[r.name for r in regions],
-        metric_sites=[
-            f"{s.block.path} branch {config.metric_branch}" if s.value is not None else f"{s.block.path} (block)"
-            for s in sites
-        ],
-        frame_layout=layout,
-    )
-    _, result.state_specs = insert_cache(
-        gm,
-        regions,
-        sites,
-        codebook=dict(config.codebook),
-        moreg=config.moreg,
-        frame_layout=layout,
-        compute_steps=config.compute_steps,
-        warmup_steps=config.warmup_steps,
-        extrapolation_order=config.extrapolation_order,
-    )
-    insert_layout_barriers(gm)
-    return result
+    """Run :data:`PIPELINE` over a captured graph module (in place) and return it with its state layout."""
+    ctx = PassContext(gm, config)
+    ctx.num_user_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    ctx.num_user_outputs = len(gm.graph.output_node().args[0])
+    for stage in PIPELINE:
+        try:
+            summary = stage.run(ctx)
+        except PassError as error:
+            if error.stage is not None:
+                raise
+            raise PassError(str(error), stage.name) from error
+        logger.debug("%s: %s", stage.name, summary)
+    check_rewrite(ctx)
+    return RewriteResult(gm, ctx.layout, [b.path for b in ctx.blocks], [r.name for r in ctx.regions],
+                         _site_names(ctx), ctx.frame_layout)

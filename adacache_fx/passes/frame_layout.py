@@ -1,8 +1,9 @@
-"""frame_layout: infer (batch, latent frames) from the patch embedding, for motion regularization.
+"""frame_layout: the (batch, latent frames) layout of the metric residual, for motion regularization.
 
 Matches the first convolution that reads a graph input: a 3-D convolution over ``[B, C, T, H, W]``
 gives ``T`` directly; a 2-D one over frames folded into the batch gives ``T = out_batch / B`` with
-``B`` the batch of the input it reads; tokens per frame are the output's spatial size. Rewrites nothing.
+``B`` the batch of the input it reads; tokens per frame are the output's spatial size. Checks that the
+metric residual holds exactly ``B x T x tokens per frame`` tokens. Rewrites nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import fake
+from .graph_utils import PassError, fake
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv3d.default, aten.conv2d.default, aten.convolution.default}
@@ -53,3 +54,29 @@ def first_batch(graph: fx.Graph) -> int | None:
         if node.op == "placeholder" and fake(node) is not None and fake(node).dim() > 0:
             return int(fake(node).shape[0])
     return None
+
+
+def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str) -> tuple[int, int]:
+    """``(batch, frames)`` of the metric residual ``site_value`` for MoReg, or a PassError saying what to set."""
+    value = fake(site_value)
+    if moreg.frames is not None:
+        batch, frames, per_frame = first_batch(graph), moreg.frames, None
+    else:
+        inferred = infer_frame_layout(graph)
+        if inferred is None:
+            raise PassError(
+                "MoReg needs the number of latent frames, and this graph has no convolutional patch "
+                "embedding to infer it from: set MoRegConfig(frames=T)"
+            )
+        batch, frames, per_frame = inferred
+    expected = None if per_frame is None else batch * frames * per_frame * value.shape[-1]
+    if frames < 2 or value.numel() % (batch * frames) or (expected is not None and value.numel() != expected):
+        raise PassError(
+            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site_path}) as "
+            f"[batch={batch}, frames={frames}, tokens per frame={per_frame}, channels]: it holds other tokens "
+            "(e.g. text concatenated to the video) or no frames. Choose a metric_block whose stream holds "
+            "only video tokens, or set MoRegConfig(frames=T) to force the layout"
+        )
+    if max(moreg.strides) >= frames:
+        raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
+    return batch, frames

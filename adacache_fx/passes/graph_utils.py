@@ -32,7 +32,11 @@ ADD_OPS = {aten.add.Tensor}
 
 
 class PassError(RuntimeError):
-    """A pass could not find the structure it needs in the graph."""
+    """A pass could not find the structure it needs in the graph (``stage``: the pass that failed)."""
+
+    def __init__(self, message: str, stage: str | None = None):
+        super().__init__(message if stage is None else f"{stage}: {message}")
+        self.stage = stage
 
 
 def fake(node) -> torch.Tensor | None:

@@ -17,28 +17,18 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from ..policy import ExtrapolationWeight, MotionMagnitude, ResidualDistance, StepBegin, StepEnd
+from ..state import StateLayout, StateSpec
 from .graph_utils import fake, is_view
 from .plan_regions import MetricSite, Region
 
 aten = torch.ops.aten
 cond = torch.ops.higher_order.cond
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One state tensor: name, shape (None: the ``[N, 4]`` history), dtype, initial value."""
-
-    name: str
-    shape: tuple[int, ...] | None
-    dtype: torch.dtype
-    fill: float
-    returned: bool = True  # the graph returns an updated value
 
 
 SCALAR_STATE = (
@@ -160,28 +150,27 @@ def insert_cache(
     gm: fx.GraphModule,
     regions: list[Region],
     sites: list[MetricSite],
-    *,
-    codebook: dict[float, int],
-    moreg=None,
+    config,
     frame_layout: tuple[int, int] | None = None,
-    compute_steps: tuple[int, ...] | None = None,
-    warmup_steps: int = 0,
-    extrapolation_order: int = 0,
-) -> tuple[fx.GraphModule, list[StateSpec]]:
-    """Rewrite ``gm`` in place and return it with the ordered list of its state tensors."""
+) -> StateLayout:
+    """Rewrite ``gm`` in place and return the layout of its state tensors."""
+    codebook, moreg = dict(config.codebook), config.moreg
+    compute_steps, warmup_steps = config.compute_steps, config.warmup_steps
+    extrapolation_order = config.extrapolation_order
     graph = gm.graph
     specs = list(SCALAR_STATE)
     for j, site in enumerate(sites):
         value = site.value if site.value is not None else site.stream.out
-        specs.append(StateSpec(f"p_prev_{j}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+        specs.append(StateSpec(f"p_prev_{j}", tuple(fake(value).shape), fake(value).dtype, 0.0, cache=True))
     extrapolate = extrapolation_order == 1
     if extrapolate:
         specs += [StateSpec("last_compute", (), torch.int64, 0), StateSpec("prev_compute", (), torch.int64, 0)]
     for r, region in enumerate(regions):
         for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
-            specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+            specs.append(StateSpec(f"cache_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0, cache=True))
             if extrapolate:
-                specs.append(StateSpec(f"cache_prev_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0))
+                specs.append(StateSpec(f"cache_prev_{r}_{k}", tuple(fake(value).shape), fake(value).dtype, 0.0,
+                                           cache=True))
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     state: dict[str, fx.Node] = {}
@@ -292,4 +281,4 @@ def insert_cache(
     output.args = (tuple(outputs) + tuple(new_state[spec.name] for spec in specs if spec.returned),)
     graph.lint()
     gm.recompile()
-    return gm, specs
+    return StateLayout(tuple(specs))

@@ -1,10 +1,27 @@
-"""One-line use with diffusers pipelines: ``adacache_fx.enable(pipe)`` / ``adacache_fx.disable(pipe)``."""
+"""One-line use with diffusers pipelines: ``adacache_fx.enable(pipe)`` / ``adacache_fx.disable(pipe)``.
+
+Imports nothing from diffusers: a pipeline is used through its ``transformer`` and ``scheduler``.
+"""
 
 from __future__ import annotations
 
-from .api import transform
-from .config import AdaCacheConfig
-from .module import CachedModel
+from ..api import cached_model, transform
+from ..config import AdaCacheConfig
+from ..module import CachedModel
+
+
+class SchedulerFollower:
+    """A prepare hook: a new generation starts when the pipeline's scheduler has not stepped yet."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def __call__(self, model: CachedModel, args: tuple, kwargs: dict) -> None:
+        scheduler = self.scheduler
+        if getattr(scheduler, "step_index", None) in (None, 0):
+            timesteps = getattr(scheduler, "timesteps", None)
+            if timesteps is not None and len(timesteps) >= 3:
+                model.begin_generation(len(timesteps))
 
 
 def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
@@ -24,15 +41,15 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     if scheduler is None or not hasattr(scheduler, "timesteps"):
         raise ValueError(f"{type(pipe).__name__} has no scheduler with timesteps to take N from")
     cached = transform(transformer, config)
-    cached._scheduler = scheduler
+    cached.register_prepare_hook(SchedulerFollower(scheduler))
     pipe.transformer = cached
     return cached
 
 
 def disable(pipe) -> None:
     """Restore the pipeline's original transformer."""
-    cached = getattr(pipe, "transformer", None)
-    inner = getattr(cached, "_orig_mod", cached)
-    if not isinstance(inner, CachedModel):
-        raise ValueError("AdaCache is not enabled on this pipeline")
+    try:
+        inner = cached_model(getattr(pipe, "transformer", None))
+    except TypeError:
+        raise ValueError("AdaCache is not enabled on this pipeline") from None
     pipe.transformer = inner.model

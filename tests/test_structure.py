@@ -1,0 +1,222 @@
+"""The structure every feature builds on: serializable configs, the state store, the pass pipeline,
+the public interface of CachedModel, and the behaviour fixes found on the way."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from reference_adacache import schedule
+
+import adacache_fx as ax
+from adacache_fx import presets
+from adacache_fx.passes import PIPELINE, PassError
+from adacache_fx.policy import StepEnd
+from adacache_fx.state import StateLayout, StateSpec, StateStore
+from adacache_fx.testing import tiny_dit
+
+
+def run(model, make_inputs, steps):
+    with torch.no_grad():
+        return [model(**make_inputs(s)) for s in range(steps)]
+
+
+# -- configs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    ax.AdaCacheConfig(),
+    ax.AdaCacheConfig(num_steps=30, codebook=presets.NEVER, metric_block=[1, 2], granularity="branch"),
+    ax.AdaCacheConfig(moreg=ax.MoRegConfig(strides=[1, 2], window=[3, 27], power=(0.4, 8, 1), frames=4),
+                      warmup_steps=3, extrapolation_order=1, metric_branch=1),
+    ax.AdaCacheConfig(num_steps=10, compute_steps=[1, 5, 3]),
+], ids=["default", "never-branch", "moreg-warm-linear", "forced"])
+def test_config_round_trips_through_a_dict_and_json(config):
+    data = config.to_dict()
+    assert data["type"] == "AdaCacheConfig" and data["version"] == 1
+    assert ax.AdaCacheConfig.from_dict(data) == config
+    assert ax.AdaCacheConfig.from_dict(json.loads(json.dumps(data))) == config
+
+
+def test_config_from_dict_refuses_unknown_fields_and_other_types():
+    data = ax.AdaCacheConfig().to_dict()
+    with pytest.raises(ValueError, match=r"unknown AdaCacheConfig fields \['speed'\]"):
+        ax.AdaCacheConfig.from_dict({**data, "speed": 2})
+    with pytest.raises(ValueError, match="not a AdaCacheConfig dict of version 1"):
+        ax.AdaCacheConfig.from_dict({**data, "version": 99})
+
+
+def test_config_round_trips_through_onnx_metadata(tmp_path):
+    pytest.importorskip("onnx")
+    from adacache_fx.export import read_metadata, to_onnx
+    from adacache_fx.export.onnx import config_from_metadata
+
+    model, make_inputs = tiny_dit()
+    config = ax.AdaCacheConfig(num_steps=8, moreg=ax.MoRegConfig(window=(2, 6)), warmup_steps=2)
+    cached = ax.transform(model, config)
+    to_onnx(cached, make_inputs(0), tmp_path / "tiny.onnx")
+    assert config_from_metadata(read_metadata(tmp_path / "tiny.onnx")) == config
+
+
+def test_to_onnx_accepts_a_tuple_of_positional_inputs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from adacache_fx.export import OnnxRunner, to_onnx
+
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=6))
+    inputs = make_inputs(0)
+    args = (inputs["hidden_states"], inputs["timestep"])
+    info = to_onnx(cached, args, tmp_path / "tiny.onnx", kwargs={"encoder_hidden_states": inputs["encoder_hidden_states"]})
+    assert info.input_names == ["arg0", "arg1", "encoder_hidden_states"]
+    runner = OnnxRunner(info.path)
+    expected = model(**inputs)
+    got = runner(*args, encoder_hidden_states=inputs["encoder_hidden_states"])
+    assert (got - expected).abs().max() < 1e-4
+
+
+# -- a non-finite metric picks the last rate -----------------------------------------------------------
+def test_nan_metric_picks_the_last_codebook_rate():
+    end = StepEnd(dict(presets.FAST_30))
+    s, compute = torch.tensor(3), torch.tensor(True)
+    rate, next_compute, m_prev = torch.tensor(1), torch.tensor(3), torch.tensor(1.0)
+    history = torch.full((10, 4), float("nan"))
+    for distance, expected in ((float("nan"), 1), (float("inf"), 1), (0.0, 6), (0.3, 3)):
+        _, new_rate, new_next, _, _ = end(s, compute, torch.tensor(distance), torch.tensor(0.0), rate, next_compute,
+                                          m_prev, history)
+        assert int(new_rate) == expected, distance
+        assert int(new_next) == 3 + expected
+
+
+def test_nan_activations_compute_every_step_and_the_report_marks_them():
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=12))
+
+    def poisoned(step):
+        inputs = make_inputs(step)
+        if step >= 3:
+            inputs["hidden_states"] = torch.full_like(inputs["hidden_states"], float("nan"))
+        return inputs
+
+    run(cached, poisoned, 12)
+    report = ax.report(cached)
+    assert [r.nonfinite for r in report.steps[:4]] == [False] * 4
+    nan_steps = [r for r in report.steps[4:] if r.computed]
+    assert nan_steps and all(r.nonfinite and r.metric is None and r.rate == 1 for r in nan_steps)
+    # the plain-Python reference falls through its if/elif chain to the last rate in the same way
+    trajectory = [torch.full((3,), float(s + 1)) if s < 4 else torch.full((3,), math.nan) for s in range(12)]
+    computed = schedule(trajectory, 12, dict(presets.FAST_30))
+    first_nan = next(s for s in computed if s >= 5)
+    assert computed[computed.index(first_nan):] == list(range(first_nan, 13))
+    assert "non-finite" in str(report)
+
+
+# -- the state store ------------------------------------------------------------------------------
+def _layout():
+    return StateLayout((StateSpec("step", (), torch.int64, 0), StateSpec("num_steps", (), torch.int64, 0, returned=False),
+                        StateSpec("history", None, torch.float32, math.nan),
+                        StateSpec("cache_0_0", (2, 3), torch.float32, 0.0, cache=True)))
+
+
+def test_layout_round_trips_and_allocates_for_n():
+    layout = _layout()
+    restored = StateLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    assert restored.names == layout.names and json.dumps(restored.to_dict()) == json.dumps(layout.to_dict())
+    assert [(s.shape, s.dtype, s.returned, s.cache) for s in restored] == [(s.shape, s.dtype, s.returned, s.cache)
+                                                                          for s in layout]
+    state = layout.allocate(7)
+    assert state["history"].shape == (7, 4) and int(state["num_steps"]) == 7 and state["cache_0_0"].shape == (2, 3)
+    assert [s.name for s in layout.returned] == ["step", "history", "cache_0_0"]
+
+
+def test_store_keeps_contexts_apart_and_rebinds_without_copies():
+    store = StateStore(5)
+    store.add_layout("k", _layout())
+    bound = store.bound("k")
+    bound["cache_0_0"].fill_(1.0)
+    store.switch("uncond")
+    assert float(bound["cache_0_0"].sum()) == 0.0  # uncond's own storage
+    bound["step"].fill_(3)
+    store.switch("default")
+    assert float(bound["cache_0_0"].sum()) == 6.0 and int(bound["step"]) == 0
+    assert store.contexts == ["default", "uncond"]
+    store.reset(6)  # a new N reallocates every context
+    assert bound["history"].shape == (6, 4) and float(bound["cache_0_0"].sum()) == 0.0
+
+
+def test_store_refuses_a_new_signature_mid_generation():
+    store = StateStore(5)
+    store.add_layout("a", _layout())
+    store.add_layout("b", _layout())
+    store.use("a")
+    store.get("a")["step"].fill_(2)
+    with pytest.raises(ValueError, match=r"step 2 of 5 in cache context 'default'"):
+        store.use("b")
+    store.get("a")["step"].fill_(5)  # the generation finished
+    store.use("b")
+
+
+# -- the pass pipeline ----------------------------------------------------------------------------------
+def test_each_stage_logs_what_it_matched(caplog):
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5))
+    with caplog.at_level(logging.DEBUG, logger="adacache_fx.passes"):
+        run(cached, make_inputs, 1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "adacache_fx.passes"]
+    assert [m.split(":")[0] for m in messages] == [stage.name for stage in PIPELINE]
+    assert "4 blocks: blocks.0 .. blocks.3" in messages[0]
+    assert "1 torch.cond" in messages[4]
+
+
+def test_a_failing_stage_is_named():
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5, metric_block=9))
+    with pytest.raises(ax.TransformError, match=r"TinyDiT: plan_metric: metric_block 9 is out of range") as info:
+        run(cached, make_inputs, 1)
+    assert isinstance(info.value.__cause__, PassError) and info.value.__cause__.stage == "plan_metric"
+
+
+def test_postconditions_hold_on_the_rewritten_graph():
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5, granularity="block", extrapolation_order=1))
+    run(cached, make_inputs, 1)
+    program = cached.program()
+    graph = program.graph_module.graph
+    conds = [n for n in graph.nodes if n.target is torch.ops.higher_order.cond]
+    assert len(conds) == len(program.rewrite.regions) == 4
+    state_inputs = [n.name for n in graph.nodes if n.op == "placeholder"][-len(program.layout):]
+    assert state_inputs == [f"adacache_{name}" for name in program.layout.names]
+
+
+# -- public interface of CachedModel ----------------------------------------------------------------------
+def test_program_hooks_reach_existing_and_new_programs_and_can_be_removed():
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5))
+    run(cached, make_inputs, 1)
+    seen = []
+    handle = cached.register_program_hook(seen.append)
+    assert seen == [cached.program()]  # the existing program
+    ax.reset(cached)
+    other = dict(make_inputs(0), hidden_states=torch.randn(1, 4, 2, 4, 4))
+    with torch.no_grad():
+        cached(**other)
+    assert len(seen) == 2 and seen[1] is cached.program()
+    handle.remove()
+    ax.reset(cached)
+    with torch.no_grad():
+        cached(**dict(make_inputs(0), hidden_states=torch.randn(1, 4, 4, 4, 4)))
+    assert len(seen) == 2
+
+
+def test_prepare_hooks_run_before_each_call_and_contexts_are_listed():
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5))
+    calls = []
+    cached.register_prepare_hook(lambda m, args, kwargs: calls.append((m.active_context, sorted(kwargs))))
+    run(cached, make_inputs, 2)
+    with cached.cache_context("uncond"):
+        run(cached, make_inputs, 1)
+    assert calls == [("default", ["encoder_hidden_states", "hidden_states", "timestep"])] * 2 + [
+        ("uncond", ["encoder_hidden_states", "hidden_states", "timestep"])]
+    assert cached.contexts == ["default", "uncond"]
+    assert ax.report(cached, "uncond").num_computed == 1
+    with pytest.raises(RuntimeError, match=r"no generation has run in cache context 'cfg'.*\['default', 'uncond'\]"):
+        ax.report(cached, "cfg")
