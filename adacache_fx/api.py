@@ -6,6 +6,7 @@ from torch import nn
 
 from .config import AdaCacheConfig
 from .module import CachedModel
+from .policies import policy_class
 from .state import Report, StepRecord
 
 __all__ = ["Report", "StepRecord", "cached_model", "report", "reset", "transform"]
@@ -31,8 +32,11 @@ def transform(model: nn.Module, config: AdaCacheConfig | None = None) -> CachedM
         raise TypeError(f"adacache_fx.transform expects an nn.Module, got {type(model).__name__}")
     if config is None:
         config = AdaCacheConfig()
-    if not isinstance(config, AdaCacheConfig):
-        raise TypeError(f"config must be an adacache_fx.AdaCacheConfig, got {type(config).__name__}")
+    if policy_class(config) is None:
+        raise TypeError(
+            f"config must be an adacache_fx.AdaCacheConfig (or a config type with a registered policy), "
+            f"got {type(config).__name__}"
+        )
     return CachedModel(model, config)
 
 

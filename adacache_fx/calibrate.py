@@ -41,14 +41,13 @@ from . import presets
 from .api import report
 from .config import AdaCacheConfig, validate_codebook
 from .integrations.diffusers import disable, enable
+from .state import check_num_steps
 
 #: Rate bases of the official fast and slow codebooks (30 steps).
 RATE_BASES: dict[str, tuple[int, ...]] = {
     "fast": tuple(presets.FAST_30.values()),
     "slow": tuple(presets.SLOW_30.values()),
 }
-#: Contexts whose trajectories are recorded (CFG pipelines use ``cond`` / ``uncond``; others ``default``).
-_CONTEXTS = ("cond", "uncond", "default")
 #: Scale factors searched for a numeric target (geometric grid).
 _SCALES = np.geomspace(1e-3, 1e3, 601)
 
@@ -70,6 +69,13 @@ def calibrate(
     in computed steps ``1 <= target <= `` :func:`max_speedup` ``(num_steps, warmup_steps)``.
     ``warmup_steps``: the ``AdaCacheConfig.warmup_steps`` the codebook will run with (a numeric target
     counts them). ``max_rate``: cap the rates of the basis (at most ``max_rate - 1`` cached steps in a row).
+
+    >>> import adacache_fx
+    >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline  # the bundled model
+    >>> pipe = ReferencePipeline.from_reference()
+    >>> codebook = adacache_fx.calibrate(pipe, ["a small red circle moving right slowly"], num_steps=10, target=2.0)
+    >>> sorted(set(codebook.values()))  # a fast basis, thresholds fitted to this model's metric
+    [1, 2, 3, 4, 5, 6]
     """
     _check_target(target, num_steps, warmup_steps, max_rate)
     trajectories = record_metrics(pipe_or_model, captions, num_steps, seed=seed)
@@ -83,7 +89,7 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
     relative L1 distance between the metric residuals of steps ``s - 1`` and ``s``.
     """
     captions = _check_captions(captions)
-    _check_num_steps(num_steps)
+    check_num_steps(num_steps)
     if getattr(pipe, "transformer", None) is None or not callable(pipe):
         raise TypeError(
             f"calibrate needs a diffusers pipeline with a `transformer` (e.g. ReferencePipeline), "
@@ -95,11 +101,8 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
         for i, caption in enumerate(captions):
             generator = torch.Generator().manual_seed(seed + i)
             pipe(prompt=caption, num_inference_steps=num_steps, generator=generator)
-            for context in _CONTEXTS:
-                try:
-                    steps = report(cached, context).steps
-                except RuntimeError:  # no generation ran in this context
-                    continue
+            for context in cached.contexts:  # e.g. "cond" and "uncond" of CFG, or "default"
+                steps = report(cached, context).steps
                 trajectories.append([math.nan if r.metric is None else r.metric for r in steps[1:]])
     finally:
         disable(pipe)
@@ -164,7 +167,7 @@ def predict_computed(
 
 def max_speedup(num_steps: int, warmup_steps: int = 0, max_rate: int | None = None) -> float:
     """Largest speedup in computed steps the fast basis can reach: its top rate (6) after the warm-up."""
-    _check_num_steps(num_steps)
+    check_num_steps(num_steps)
     start, top = max(2, warmup_steps), max(_capped(RATE_BASES["fast"], max_rate))
     computed = len({1, num_steps - 1, num_steps} | set(range(1, start)) | set(range(start, num_steps + 1, top)))
     return num_steps / computed
@@ -185,11 +188,6 @@ def _check_captions(captions) -> list[str]:
     if not captions or not all(isinstance(c, str) and c for c in captions):
         raise ValueError("calibrate needs at least one non-empty caption")
     return captions
-
-
-def _check_num_steps(num_steps) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 3:
-        raise ValueError(f"num_steps must be an int >= 3, got {num_steps!r}")
 
 
 def _check_target(target, num_steps: int, warmup_steps: int = 0, max_rate: int | None = None) -> None:

@@ -114,7 +114,7 @@ def test_schedule_matches_reference_on_synthetic_trajectories(changes, seed, pre
 
 
 def test_extrapolation_weight_over_two_generations():
-    from adacache_fx.policy import ExtrapolationWeight
+    from adacache_fx.policies.forecast import ExtrapolationWeight
 
     weight = ExtrapolationWeight()
     last = prev = torch.tensor(0)

@@ -12,7 +12,7 @@ from reference_adacache import schedule
 import adacache_fx as ax
 from adacache_fx import presets
 from adacache_fx.passes import PIPELINE, PassError
-from adacache_fx.policy import StepEnd
+from adacache_fx.policies.adacache import StepEnd
 from adacache_fx.state import StateLayout, StateSpec, StateStore
 from adacache_fx.testing import tiny_dit
 
@@ -220,3 +220,77 @@ def test_prepare_hooks_run_before_each_call_and_contexts_are_listed():
     assert ax.report(cached, "uncond").num_computed == 1
     with pytest.raises(RuntimeError, match=r"no generation has run in cache context 'cfg'.*\['default', 'uncond'\]"):
         ax.report(cached, "cfg")
+
+
+# -- a new policy is one class and one registration ---------------------------------------------------
+from dataclasses import dataclass  # noqa: E402
+
+from adacache_fx.policies import Policy, register_policy  # noqa: E402
+from adacache_fx.state import StateSpec as _Spec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class EveryKConfig(ax.AdaCacheConfig):
+    """Compute every k-th step (and steps 1, N-1, N); record the AdaCache distance on compute steps."""
+
+    k: int = 3
+
+
+@register_policy(EveryKConfig)
+class EveryKPolicy(Policy):
+    def __init__(self, config, num_sites, frame_layout=None):
+        super().__init__()
+        self.k = config.k
+
+    def state_specs(self):
+        return (_Spec("last", (), torch.int64, 0),)
+
+    def num_parts(self, site):
+        return 2
+
+    def decide(self, step, num_steps, state):
+        fresh = (step == 0) | (step >= num_steps)
+        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        compute = ((s - 1) % self.k == 0) | (s >= num_steps - 1)
+        return s, compute, {"last": torch.where(compute, s, state["last"])}
+
+    def measure(self, site, p, p_prev):
+        p, p_prev = p.float(), p_prev.float()
+        return torch.stack([(p - p_prev).abs().sum(), p_prev.abs().sum()])
+
+    def update(self, s, compute, parts, state, history):
+        metric = parts[0][0] / parts[0][1].clamp_min(1e-12)
+        nan = torch.full_like(metric, float("nan"))
+        row = torch.stack([compute.float(), torch.where(compute & (s > 1), metric, nan), nan, torch.ones_like(metric)])
+        return state, history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+
+
+def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model, EveryKConfig(num_steps=9, k=3))
+    eager = run(cached, make_inputs, 9)
+    report = ax.report(cached)
+    assert report.computed_steps == [1, 4, 7, 8, 9]
+    assert all(r.metric is not None for r in report.steps if r.computed and r.step > 1)
+
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(cached, backend=counter, fullgraph=True)
+    ax.reset(cached)
+    outputs = run(compiled, make_inputs, 9)
+    assert ax.report(cached).computed_steps == [1, 4, 7, 8, 9]
+    assert counter.frame_count == 1 and dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert max(float((a - b).abs().max()) for a, b in zip(outputs, eager)) < 1e-5
+
+    pytest.importorskip("onnxruntime")
+    from adacache_fx.export import OnnxRunner, to_onnx
+
+    ax.reset(cached)
+    to_onnx(cached, make_inputs(0), tmp_path / "every3.onnx")
+    runner = OnnxRunner(tmp_path / "every3.onnx")
+    exported = [runner(**make_inputs(s)) for s in range(9)]
+    assert runner.report().computed_steps == [1, 4, 7, 8, 9]
+    assert max(float((a - b).abs().max()) for a, b in zip(exported, eager)) < 1e-4

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from ..config import AdaCacheConfig
 from ..state import StateLayout
+from .branch_layout import BranchLayout
 from .find_blocks import Block, find_blocks
 from .frame_layout import moreg_layout
 from .graph_utils import PassError
@@ -42,6 +43,7 @@ class PassContext:
     sites: list[MetricSite] = field(default_factory=list)
     frame_layout: tuple[int, int] | None = None
     layout: StateLayout | None = None
+    branch_layouts: list[BranchLayout] = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -79,7 +81,8 @@ def _frame_layout(ctx: PassContext) -> str:
 
 
 def _insert_cache(ctx: PassContext) -> str:
-    ctx.layout = insert_cache(ctx.graph_module, ctx.regions, ctx.sites, ctx.config, ctx.frame_layout)
+    ctx.layout, ctx.branch_layouts = insert_cache(ctx.graph_module, ctx.regions, ctx.sites, ctx.config,
+                                                  ctx.frame_layout)
     return f"{len(ctx.regions)} torch.cond, {len(ctx.layout)} state tensors"
 
 
@@ -105,10 +108,12 @@ def _site_names(ctx: PassContext) -> list[str]:
 
 @dataclass
 class RewriteResult:
-    """The rewritten graph module, its state layout, and what the passes found (for reports)."""
+    """The rewritten graph module, its state layout, each region's cond layout (in graph order), and
+    what the passes found (for reports)."""
 
     graph_module: fx.GraphModule
     layout: StateLayout
+    branch_layouts: list[BranchLayout]
     blocks: list[str]
     regions: list[str]
     metric_sites: list[str]
@@ -123,6 +128,11 @@ def check_rewrite(ctx: PassContext) -> None:
     conds = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.cond]
     if len(conds) != len(ctx.regions):
         raise PassError(f"{len(conds)} torch.cond nodes for {len(ctx.regions)} regions", "check_rewrite")
+    for node, branch in zip(conds, ctx.branch_layouts):
+        _, _, _, operands = node.args
+        if len(operands) != len(branch.operands):
+            raise PassError(f"{node.name} has {len(operands)} operands, its layout {len(branch.operands)}",
+                            "check_rewrite")
     placeholders = [n.name for n in graph.nodes if n.op == "placeholder"]
     expected = [f"adacache_{name}" for name in layout.names]
     if placeholders[ctx.num_user_inputs:] != expected or len(placeholders) != ctx.num_user_inputs + len(layout):
@@ -149,5 +159,5 @@ def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
             raise PassError(str(error), stage.name) from error
         logger.debug("%s: %s", stage.name, summary)
     check_rewrite(ctx)
-    return RewriteResult(gm, ctx.layout, [b.path for b in ctx.blocks], [r.name for r in ctx.regions],
-                         _site_names(ctx), ctx.frame_layout)
+    return RewriteResult(gm, ctx.layout, ctx.branch_layouts, [b.path for b in ctx.blocks],
+                         [r.name for r in ctx.regions], _site_names(ctx), ctx.frame_layout)

@@ -25,10 +25,6 @@ class Block:
     path: str
     nodes: list[fx.Node] = field(repr=False)
 
-    @property
-    def list_path(self) -> str:
-        return self.path.rsplit(".", 1)[0]
-
 
 def block_scope(node: fx.Node) -> str | None:
     """The outermost indexed-child scope of a node (``"blocks.3"``), or None outside any block."""

@@ -54,10 +54,6 @@ def positions(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-def input_nodes(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 def live_ins(nodes: Iterable[fx.Node]) -> list[fx.Node]:
     """Values defined outside ``nodes`` and used inside, in first-use order."""
     inside = set(nodes)

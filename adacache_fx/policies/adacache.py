@@ -1,4 +1,4 @@
-"""The caching decision as tensor code, so it runs inside the graph (no host sync, no graph break).
+"""AdaCache's decision rule as a :class:`~adacache_fx.policies.base.Policy` (tensor code in the graph).
 
 Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora implementation):
 
@@ -24,7 +24,9 @@ Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora impl
   steps (``w = 0`` until two steps computed).
 
 All metrics are computed in float32 whatever the model dtype. The per-step history rows are
-``(computed, c, m, rate)`` with NaN for c and m where no metric was computed.
+``(computed, c, m, rate)`` (:data:`~adacache_fx.state.HISTORY_COLUMNS`) with NaN for c and m where no
+metric was computed. The metric parts of a site are ``(||p - p_prev||_1, ||p_prev||_1)``, followed at
+the MoReg site by ``(||later - earlier||_1, ||later||_1 + ||earlier||_1)`` per stride.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Columns of the history state tensor.
-HISTORY_COLUMNS = ("computed", "metric", "motion", "rate")
+from ..state import StateSpec
+from .base import Policy
 
 
 class StepBegin(nn.Module):
@@ -65,15 +67,16 @@ class StepBegin(nn.Module):
 
 
 class ResidualDistance(nn.Module):
-    """Relative L1 distance ``||p - p_prev||_1 / ||p_prev||_1`` in float32 (inside the compute branch)."""
+    """Parts ``(||p - p_prev||_1, ||p_prev||_1)`` of the relative L1 distance, in float32."""
 
     def forward(self, p, p_prev):
         p, p_prev = p.float(), p_prev.float()
-        return (p - p_prev).abs().sum() / p_prev.abs().sum().clamp_min(1e-12)
+        return torch.stack([(p - p_prev).abs().sum(), p_prev.abs().sum()])
 
 
 class MotionMagnitude(nn.Module):
-    """Raw MoReg motion of a residual laid out as ``[batch, frames, ...]`` (inside the compute branch)."""
+    """Parts of the raw MoReg motion of a residual laid out as ``[batch, frames, ...]``: per stride ``i``,
+    ``(||p[:, i:] - p[:, :-i]||_1, ||p[:, i:]||_1 + ||p[:, :-i]||_1)``."""
 
     def __init__(self, batch: int, frames: int, strides: tuple[int, ...]):
         super().__init__()
@@ -81,29 +84,16 @@ class MotionMagnitude(nn.Module):
 
     def forward(self, p):
         q = p.float().reshape(self.batch, self.frames, -1)
-        total = torch.zeros((), dtype=torch.float32, device=p.device)
+        parts = []
         for i in self.strides:
             later, earlier = q[:, i:], q[:, :-i]
-            total = total + (later - earlier).abs().sum() / (later.abs().sum() + earlier.abs().sum()).clamp_min(
-                1e-12
-            )
-        return total / len(self.strides)
+            parts += [(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()]
+        return torch.stack(parts)
 
 
-class ExtrapolationWeight(nn.Module):
-    """Weight ``w = (s - s_last) / (s_last - s_prev)`` of the linear residual forecast of a cached step.
-
-    Returns ``(w, last, prev)`` with the compute-step record updated for this step: ``w`` is float32 and 0
-    until two steps computed; a new generation (``s == 1``) forgets the previous one's steps.
-    """
-
-    def forward(self, s, compute, last, prev):
-        fresh = s == 1
-        last = torch.where(fresh, torch.zeros_like(last), last)
-        prev = torch.where(fresh, torch.zeros_like(prev), prev)
-        span = (last - prev).clamp_min(1).to(torch.float32)
-        w = torch.where(prev > 0, (s - last).to(torch.float32) / span, torch.zeros((), device=s.device))
-        return w, torch.where(compute, s, last), torch.where(compute, last, prev)
+def relative(parts: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator`` of a pair of parts, guarded against a zero denominator."""
+    return parts[0] / parts[1].clamp_min(1e-12)
 
 
 class StepEnd(nn.Module):
@@ -147,3 +137,52 @@ class StepEnd(nn.Module):
         )
         history = history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
         return s, rate, next_compute, m_prev, history
+
+
+class AdaCachePolicy(Policy):
+    """AdaCache (with optional MoReg and a forced schedule), as configured by an ``AdaCacheConfig``."""
+
+    def __init__(self, config, num_sites: int, frame_layout: tuple[int, int] | None = None):
+        super().__init__()
+        self.num_sites = num_sites
+        self.begin_step = StepBegin(config.compute_steps, config.warmup_steps)
+        self.end_step = StepEnd(dict(config.codebook), config.moreg)
+        self.distance = ResidualDistance()
+        self.motion = None
+        if config.moreg is not None:
+            batch, frames = frame_layout
+            self.motion = MotionMagnitude(batch, frames, config.moreg.strides)  # at metric site 0
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return (StateSpec("rate", (), torch.int64, 1), StateSpec("next_compute", (), torch.int64, 1),
+                StateSpec("m_prev", (), torch.float32, 1.0))
+
+    def num_parts(self, site: int) -> int:
+        return 2 + (2 * len(self.motion.strides) if self.motion is not None and site == 0 else 0)
+
+    def decide(self, step, num_steps, state):
+        s, compute, rate, next_compute, m_prev = self.begin_step(
+            step, num_steps, state["rate"], state["next_compute"], state["m_prev"]
+        )
+        return s, compute, {"rate": rate, "next_compute": next_compute, "m_prev": m_prev}
+
+    def measure(self, site, p, p_prev):
+        parts = self.distance(p, p_prev)
+        if self.motion is not None and site == 0:
+            parts = torch.cat([parts, self.motion(p)])
+        return parts
+
+    def update(self, s, compute, parts, state, history):
+        distances = [relative(part[:2]) for part in parts]
+        distance = distances[0] if len(distances) == 1 else torch.stack(distances).mean()
+        motion = distance
+        if self.motion is not None:
+            motion = torch.zeros((), dtype=torch.float32, device=distance.device)
+            strides = parts[0][2:].reshape(-1, 2)
+            for i in range(strides.shape[0]):
+                motion = motion + relative(strides[i])
+            motion = motion / strides.shape[0]
+        _, rate, next_compute, m_prev, history = self.end_step(
+            s, compute, distance, motion, state["rate"], state["next_compute"], state["m_prev"], history
+        )
+        return {"rate": rate, "next_compute": next_compute, "m_prev": m_prev}, history

@@ -1,0 +1,59 @@
+"""The interface between the graph rewrite and a caching decision rule.
+
+A policy is tensor code that runs inside the rewritten graph, in three places:
+
+* :meth:`Policy.decide`, at the top of the graph: advance the step and return the 0-dim bool
+  ``compute`` that every region's ``torch.cond`` takes;
+* :meth:`Policy.measure`, inside each compute branch that holds a metric site: reduce the site's
+  residual ``p`` and the one kept from the last compute step to a 1-D float32 vector of *metric parts*
+  (sums, not ratios: parts from shards of a sequence add up, so a distributed run can all-reduce them);
+* :meth:`Policy.update`, at the bottom: turn the parts into the next schedule and the step's history row.
+
+A policy keeps its own scalar state (declared by :meth:`Policy.state_specs`); the rewrite threads it
+through the graph as explicit state, so torch.compile and ONNX export need nothing policy-specific. A
+new policy is one module implementing this class plus one ``register_policy`` line (see
+``policies/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..state import StateSpec
+
+
+class Policy(nn.Module):
+    """Base class of decision rules. ``state`` dicts map the names of :meth:`state_specs` to tensors."""
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""
+        raise NotImplementedError
+
+    def num_parts(self, site: int) -> int:
+        """Length of the metric-parts vector :meth:`measure` returns for metric site ``site``."""
+        raise NotImplementedError
+
+    def decide(self, step: torch.Tensor, num_steps: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(s, compute, state)``: the 1-based step being run, whether it computes, the updated state.
+        ``step`` is the last step done (0 after a reset; a step >= N means a new generation starts)."""
+        raise NotImplementedError
+
+    def measure(self, site: int, p: torch.Tensor, p_prev: torch.Tensor) -> torch.Tensor:
+        """Metric parts (1-D float32) of site ``site`` on a compute step: ``p`` now, ``p_prev`` at the last compute step."""
+        raise NotImplementedError
+
+    def update(self, s, compute, parts: list[torch.Tensor], state: dict, history: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """``(state, history)`` after step ``s``: ``parts`` has one vector per site (zeros on cached steps)."""
+        raise NotImplementedError
+
+
+class PolicyCall(nn.Module):
+    """A graph node's handle on one method of a policy (fx ``call_module`` calls ``forward``)."""
+
+    def __init__(self, policy: Policy, method: str):
+        super().__init__()
+        self.policy, self.method = policy, method
+
+    def forward(self, *args):
+        return getattr(self.policy, self.method)(*args)
