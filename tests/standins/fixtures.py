@@ -1,0 +1,30 @@
+"""pytest fixtures that put the stand-ins in ``sys.modules`` (imported by tests/conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import pytest
+import torch
+
+from . import torch_tensorrt as fake_torch_tensorrt_module
+
+
+@contextlib.contextmanager
+def cuda_available():
+    """``torch.cuda.is_available()`` is True inside the block (only the availability checks see it)."""
+    saved = torch.cuda.is_available
+    torch.cuda.is_available = lambda: True
+    try:
+        yield
+    finally:
+        torch.cuda.is_available = saved
+
+
+@pytest.fixture
+def fake_torch_tensorrt(monkeypatch):
+    """The stand-in ``torch_tensorrt`` in ``sys.modules``; ``.compiled`` records each compile call."""
+    module = fake_torch_tensorrt_module.make_module()
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", module)
+    return module
