@@ -17,4 +17,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-from standins.fixtures import fake_torch_tensorrt  # noqa: E402, F401 - fixtures for the TensorRT tests
+from standins.fixtures import fake_tensorrt, fake_torch_tensorrt  # noqa: E402, F401 - fixtures for the TensorRT tests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import types
 
 import pytest
 import torch
@@ -28,3 +29,20 @@ def fake_torch_tensorrt(monkeypatch):
     module = fake_torch_tensorrt_module.make_module()
     monkeypatch.setitem(sys.modules, "torch_tensorrt", module)
     return module
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    """``install(version)``: the stand-in ``tensorrt`` of that version in ``sys.modules``, with the
+    stand-in current device behind ``torch.cuda.device`` and a null ``torch.cuda.current_stream``."""
+    from . import tensorrt as standin
+
+    def install(version: str = "11.0.0"):
+        module = standin.make_module(version)
+        monkeypatch.setitem(sys.modules, "tensorrt", module)
+        monkeypatch.setattr(torch.cuda, "device", standin.Device)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=0))
+        monkeypatch.setattr(standin.Device, "current", torch.device("cuda", 0))
+        return module
+
+    return install
