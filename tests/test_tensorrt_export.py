@@ -70,8 +70,8 @@ def test_fp16_uses_the_flag_where_it_exists(exports, fake_tensorrt, tmp_path):
     _, profiled, _, _ = exports
     trt = fake_tensorrt("10.16.0")
     with cuda_available():
-        build_tensorrt_engine(profiled, tmp_path / "wan.engine", fp16=True)
-    assert trt.built[0]["flags"] == ["FP16"]
+        build_tensorrt_engine(profiled, tmp_path / "wan.engine", fp16=True, tf32=False)
+    assert trt.built[0]["flags"] == ["FP16"] and trt.built[0]["cleared"] == ["TF32"]
 
 
 def test_fp16_on_tensorrt_11_takes_the_precision_from_the_onnx_types(exports, fake_tensorrt, tmp_path):

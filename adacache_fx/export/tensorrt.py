@@ -45,7 +45,7 @@ def _sidecar(engine_path: str | Path) -> Path:
 
 
 def build_tensorrt_engine(
-    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4
+    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4, tf32: bool = True
 ) -> Path:
     """Build a serialized TensorRT engine (TensorRT 10.0 to 11.x) from a :func:`to_onnx` file.
 
@@ -58,6 +58,8 @@ def build_tensorrt_engine(
     ``fp16``: TensorRT 10 sets ``BuilderFlag.FP16`` (FP16 kernels allowed). TensorRT 11 has no such
     flag (strong typing): the precision is the ONNX file's, so export the model in float16 or
     bfloat16 (``model.half()`` before :func:`to_onnx`); ``fp16=True`` on a float32 file is a ValueError.
+    ``tf32=False`` clears ``BuilderFlag.TF32`` (on by default in TensorRT): float32 matmuls in full
+    precision, for exact comparisons with PyTorch.
     """
     trt = require_tensorrt()
     metadata = read_metadata(onnx_path)
@@ -76,6 +78,8 @@ def build_tensorrt_engine(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     for flag in flags:
         config.set_flag(flag)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     n = metadata["num_steps"]
     columns = len(HISTORY_COLUMNS)

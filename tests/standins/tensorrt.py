@@ -12,6 +12,7 @@ device current than the one the engine was deserialized on fails.
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import json
 import types
 
@@ -53,6 +54,7 @@ def _walk(graph):
 def make_module(version: str) -> types.ModuleType:
     """A fresh ``tensorrt`` module of ``version``; ``.built`` lists what each build was asked."""
     trt = types.ModuleType("tensorrt")
+    trt.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)  # torch._dynamo looks it up
     trt.__version__ = version
     major, minor = (int(p) for p in version.split(".")[:2])
     trt.built, trt.errors = [], []
@@ -106,7 +108,7 @@ def make_module(version: str) -> types.ModuleType:
 
     class BuilderConfig:
         def __init__(self):
-            self.flags, self.pools, self.profiles = [], {}, []
+            self.flags, self.cleared, self.pools, self.profiles = [], [], {}, []
 
         def set_memory_pool_limit(self, pool, size):
             self.pools[pool.name] = int(size)
@@ -115,6 +117,11 @@ def make_module(version: str) -> types.ModuleType:
             if not isinstance(flag, trt.BuilderFlag):
                 raise TypeError(f"set_flag(): incompatible argument {flag!r}")
             self.flags.append(flag.name)
+
+        def clear_flag(self, flag):
+            if not isinstance(flag, trt.BuilderFlag):
+                raise TypeError(f"clear_flag(): incompatible argument {flag!r}")
+            self.cleared.append(flag.name)
 
         def add_optimization_profile(self, profile):
             self.profiles.append(profile.shapes)
@@ -134,6 +141,7 @@ def make_module(version: str) -> types.ModuleType:
 
         def build_serialized_network(self, network, config):
             record = {"onnx": network.onnx_path, "network_flags": network.flags, "flags": config.flags,
+                      "cleared": config.cleared,
                       "pools": config.pools, "profiles": config.profiles}
             trt.built.append(record)
             return json.dumps(record).encode()

@@ -4,6 +4,7 @@ each call matches the inputs it was built for."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import types
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 #: Keyword options of ``torch_tensorrt.compile(ir="dynamo")`` this stand-in accepts (a subset of 2.13's).
 OPTIONS = {"min_block_size", "workspace_size", "use_explicit_typing", "optimization_level", "device",
-           "truncate_double", "torch_executed_ops", "use_python_runtime", "enabled_precisions"}
+           "truncate_double", "torch_executed_ops", "use_python_runtime", "enabled_precisions", "disable_tf32"}
 
 
 class Input:
@@ -41,6 +42,7 @@ class Engine(nn.Module):
 def make_module() -> types.ModuleType:
     """A fresh ``torch_tensorrt`` module; ``module.compiled`` lists ``(module, inputs, options)``."""
     module = types.ModuleType("torch_tensorrt")
+    module.__spec__ = importlib.machinery.ModuleSpec("torch_tensorrt", None)  # torch._dynamo looks it up
     module.__version__ = "2.13.0+standin"
     module.compiled = []
     module.Input = Input
