@@ -3,6 +3,10 @@
 The ONNX ``If`` nodes become TensorRT conditionals, which evaluate only the branch taken, so a cached
 step skips the block stack on the GPU too. ``tensorrt`` is imported lazily: without it, or without a
 CUDA device, these raise a RuntimeError that says what is missing.
+
+Works with TensorRT 10.0 to 11.x (the build uses no API outside both; ``BuilderFlag.FP16`` only where
+it exists). Verified on CPU against stand-ins of both versions (tests/standins); awaiting a GPU run
+(tests/test_tensorrt_gpu.py, ``python -m adacache_fx.export.gpu_check``).
 """
 
 from __future__ import annotations
