@@ -10,9 +10,11 @@ import types
 import torch
 from torch import nn
 
-#: Keyword options of ``torch_tensorrt.compile(ir="dynamo")`` this stand-in accepts (a subset of 2.13's).
-OPTIONS = {"min_block_size", "workspace_size", "use_explicit_typing", "optimization_level", "device",
-           "truncate_double", "torch_executed_ops", "use_python_runtime", "enabled_precisions", "disable_tf32"}
+#: Keyword options of ``torch_tensorrt.compile(ir="dynamo")`` this stand-in accepts: a subset of the
+#: parameters of 2.13's ``torch_tensorrt.dynamo.compile``. Others are a TypeError here, stricter than 2.13,
+#: which drops unknown keywords (``enabled_precisions``, gone from its signature, included) silently.
+OPTIONS = {"min_block_size", "workspace_size", "disable_tf32", "optimization_level", "device", "truncate_double",
+           "torch_executed_ops", "use_python_runtime", "use_fp32_acc", "require_full_compilation"}
 
 
 class Input:
