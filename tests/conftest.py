@@ -15,3 +15,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+from standins.fixtures import fake_tensorrt, fake_torch_tensorrt  # noqa: E402, F401 - fixtures for the TensorRT tests

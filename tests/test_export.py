@@ -1,9 +1,8 @@
 """ONNX export: one If node per cached region, whole generations through ONNX Runtime equal to torch
-(schedule, outputs, state), skipped work on cached steps, cache contexts, errors; TensorRT on GPU."""
+(schedule, outputs, state), skipped work on cached steps, cache contexts, errors (TensorRT: test_tensorrt_*.py)."""
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 from collections import Counter
@@ -213,17 +212,3 @@ def test_tensorrt_without_cuda_says_what_is_missing(tmp_path):
         TensorRTRunner(tmp_path / "model.engine")
     code, output = _cli("--format", "tensorrt", "--out", str(tmp_path / "model.engine"))
     assert code == 2 and "pip install adacache-fx[gpu]" in output  # said before any slow stage
-
-
-@pytest.mark.gpu
-def test_tensorrt_generation_equals_torch(exported, tmp_path):
-    pytest.importorskip("tensorrt")
-    path, cached, make_inputs, _ = exported("wan")
-    engine = build_tensorrt_engine(path, tmp_path / "wan.engine")
-    runner = TensorRTRunner(engine)
-    cached = ax.transform(copy.deepcopy(cached.model).cuda(), CASES["wan"][1])
-    with torch.no_grad():
-        for s in range(STEPS):
-            inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in make_inputs(s).items()}
-            assert _rel(runner(**inputs)[0], cached(**inputs)[0]) < 1e-3
-    assert runner.report().computed_steps == ax.report(cached).computed_steps

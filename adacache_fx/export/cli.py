@@ -107,7 +107,9 @@ def cli_export(args: argparse.Namespace) -> int:
     out = Path(args.out or f"adacache_{args.model}{suffix}")
     onnx_path = out if args.format == "onnx" else out.with_suffix(".onnx")
     print(f"exporting {args.model} ({type(model).__name__}, {args.steps} steps, codebook {args.codebook}) to {onnx_path}")
-    info = to_onnx(cached, call, onnx_path, opset=args.opset, external_data=args.external_data or None, progress=line)
+    target = "tensorrt" if args.format == "tensorrt" else None
+    info = to_onnx(cached, call, onnx_path, opset=args.opset, external_data=args.external_data or None,
+                   progress=line, target=target)
     print(f"  {info.num_if_nodes} If node(s) for regions {info.metadata['regions']}; state {info.state_names}")
     if args.verify:
         started = time.perf_counter()

@@ -32,6 +32,7 @@ from torch import nn
 from ..api import cached_model
 from ..config import AdaCacheConfig
 from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
+from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
 METADATA_KEY = "adacache_fx"
 FORMAT_VERSION = 2
@@ -52,6 +53,7 @@ class ExportInfo:
     num_steps: int
     seconds: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict, repr=False)
+    profile: dict[str, int] = field(default_factory=dict)  # what the target's profile changed
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
@@ -209,6 +211,7 @@ def to_onnx(
     opset: int | None = None,
     external_data: bool | None = None,
     progress: Callable[[str, float], None] | None = None,
+    target: str | None = None,
 ) -> ExportInfo:
     """Export a transformed model for one input signature to an ONNX file, state as inputs and outputs.
 
@@ -225,6 +228,9 @@ def to_onnx(
         opset: ONNX opset version (default: the exporter's).
         external_data: store the weights in a separate file (default: only above 2 GB).
         progress: called as ``progress(stage, seconds)`` after each stage.
+        target: ``"tensorrt"`` applies the TensorRT profile (:mod:`adacache_fx.export.profiles`: default-valued
+            attributes dropped in every subgraph, opset capped, shared constants duplicated per branch);
+            None or ``"onnxruntime"``: the exporter's output as is.
 
     The graph is exported with ``torch.export`` (strict: non-strict export cannot trace the policy
     submodules inside ``torch.cond`` branches) and ``torch.onnx.export(dynamo=True)``; each cached
@@ -233,6 +239,12 @@ def to_onnx(
     """
     import onnx
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target == "tensorrt":
+        if opset is not None and opset > TENSORRT_MAX_OPSET:
+            raise ValueError(f"target='tensorrt' exports opset <= {TENSORRT_MAX_OPSET} (Attention inside If from 23), got {opset}")
+        opset = TENSORRT_MAX_OPSET if opset is None else opset
     cached = cached_model(model)
     args, kwargs = _as_call(example_inputs, kwargs)
     if cached.num_steps is None:
@@ -278,7 +290,7 @@ def to_onnx(
                 verbose=False,
             )
 
-    metadata = _metadata(cached, program, named, user_outputs)
+    metadata = {**_metadata(cached, program, named, user_outputs), "target": target}
     with stage("save"):
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
@@ -287,6 +299,11 @@ def to_onnx(
         ir_model.metadata_props[METADATA_KEY] = json.dumps(metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx_program.save(str(path), external_data=external_data)
+        profile = {}
+        if target == "tensorrt":
+            proto = onnx.load(str(path), load_external_data=False)
+            profile = apply_tensorrt_profile(proto)
+            onnx.save(proto, str(path))
     with stage("onnx.checker"):
         onnx.checker.check_model(str(path))
         graph = onnx.load(str(path), load_external_data=False).graph
@@ -298,7 +315,7 @@ def to_onnx(
         )
     return ExportInfo(
         path, [name for name, _ in tensors], output_names[:n_user], layout.names,
-        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata,
+        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile,
     )
 
 

@@ -3,10 +3,15 @@
 The ONNX ``If`` nodes become TensorRT conditionals, which evaluate only the branch taken, so a cached
 step skips the block stack on the GPU too. ``tensorrt`` is imported lazily: without it, or without a
 CUDA device, these raise a RuntimeError that says what is missing.
+
+Works with TensorRT 10.0 to 11.x (the build uses no API outside both; ``BuilderFlag.FP16`` only where
+it exists). Verified on CPU against stand-ins of both versions (tests/standins); awaiting a GPU run
+(tests/test_tensorrt_gpu.py, ``python -m adacache_fx.export.gpu_check``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,10 +19,18 @@ import torch
 
 from ..state import HISTORY_COLUMNS, dtype_name
 from .onnx import StatefulRunner, read_metadata
+from .profiles import apply_tensorrt_profile
 
 _INSTALL = "install the GPU extras: pip install adacache-fx[gpu] (tensorrt, onnxruntime-gpu, torch-tensorrt)"
 #: Rows of ``state.history`` (the number of steps N) an engine accepts.
 MAX_STEPS = 1000
+#: The alignment TensorRT requires of I/O tensor addresses, in bytes.
+ALIGNMENT = 256
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or a copy of it in a fresh allocation when its address (a view's) is not aligned."""
+    return tensor if tensor.data_ptr() % ALIGNMENT == 0 else tensor.clone(memory_format=torch.contiguous_format)
 
 
 def require_tensorrt():
@@ -36,29 +49,41 @@ def _sidecar(engine_path: str | Path) -> Path:
 
 
 def build_tensorrt_engine(
-    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4
+    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4, tf32: bool = True
 ) -> Path:
-    """Build a serialized TensorRT engine from a :func:`to_onnx` file.
+    """Build a serialized TensorRT engine (TensorRT 10.0 to 11.x) from a :func:`to_onnx` file.
 
     Parses the ONNX file (external data included) into an explicit-batch network, limits the builder
-    workspace to ``workspace_gb`` GiB, allows FP16 kernels if ``fp16``, and gives the only dynamic
-    dimension, the rows of ``state.history``, the range 3..``MAX_STEPS`` (optimal: the export's N).
+    workspace to ``workspace_gb`` GiB, and gives the only dynamic dimension, the rows of
+    ``state.history``, the range 3..``MAX_STEPS`` (optimal: the export's N). A file not exported with
+    ``target="tensorrt"`` gets the TensorRT profile applied to a temporary copy first.
     Writes the engine and, next to it, ``<engine_path>.json`` with the runner's metadata.
+
+    ``fp16``: TensorRT 10 sets ``BuilderFlag.FP16`` (FP16 kernels allowed). TensorRT 11 has no such
+    flag (strong typing): the precision is the ONNX file's, so export the model in float16 or
+    bfloat16 (``model.half()`` before :func:`to_onnx`); ``fp16=True`` on a float32 file is a ValueError.
+    ``tf32=False`` clears ``BuilderFlag.TF32`` (on by default in TensorRT): float32 matmuls in full
+    precision, for exact comparisons with PyTorch.
     """
     trt = require_tensorrt()
     metadata = read_metadata(onnx_path)
+    engine_path = Path(engine_path)
+    flags = _precision_flags(trt, metadata, fp16)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)  # the default since TensorRT 10
     network = builder.create_network(0 if explicit is None else 1 << int(explicit))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    with _profiled(onnx_path, metadata, engine_path) as parsed:
+        if not parser.parse_from_file(str(parsed)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT {trt.__version__} could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag in flags:
+        config.set_flag(flag)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     n = metadata["num_steps"]
     columns = len(HISTORY_COLUMNS)
@@ -67,11 +92,47 @@ def build_tensorrt_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
-    engine_path = Path(engine_path)
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     _sidecar(engine_path).write_text(json.dumps(metadata))
     return engine_path
+
+
+def _precision_flags(trt, metadata: dict, fp16: bool) -> list:
+    """The builder flags for ``fp16``: the FP16 flag where the installed TensorRT has it (10.x); none
+    under strong typing (11.x) if the file is half precision already; else a ValueError saying why."""
+    if not fp16:
+        return []
+    flag = getattr(trt.BuilderFlag, "FP16", None)
+    if flag is not None:
+        return [flag]
+    dtypes = {item["dtype"] for item in metadata["inputs"] if item["kind"] == "tensor" and "float" in item["dtype"]}
+    if dtypes and dtypes <= {"float16", "bfloat16"}:
+        return []
+    raise ValueError(
+        f"TensorRT {trt.__version__} has no FP16 builder flag (strongly typed networks): the precision is the "
+        f"ONNX file's ({sorted(dtypes)}). Export the model in float16 or bfloat16 (model.half() before to_onnx) "
+        "and build it, or build this file with fp16=False"
+    )
+
+
+@contextlib.contextmanager
+def _profiled(onnx_path, metadata: dict, engine_path: Path):
+    """The path to parse: the file itself if exported with ``target="tensorrt"``, else a profiled copy
+    next to it (so its external data files resolve), removed afterwards."""
+    if metadata.get("target") == "tensorrt":
+        yield Path(onnx_path)
+        return
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    apply_tensorrt_profile(model)
+    copy = Path(onnx_path).with_name(f".{engine_path.name}.profiled.onnx")
+    onnx.save(model, str(copy))
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
 
 
 class TensorRTRunner(StatefulRunner):
@@ -83,12 +144,13 @@ class TensorRTRunner(StatefulRunner):
     torch's current stream, so results are ordered with the surrounding torch work.
     """
 
-    def __init__(self, engine_path: str | Path, num_steps: int | None = None, device: int = 0):
+    def __init__(self, engine_path: str | Path, num_steps: int | None = None, device: int | str | torch.device = 0):
         trt = require_tensorrt()
         sidecar = _sidecar(engine_path)
         if not sidecar.is_file():
             raise FileNotFoundError(f"{sidecar} is missing: build engines with adacache_fx.export.build_tensorrt_engine")
-        super().__init__(json.loads(sidecar.read_text()), torch.device("cuda", device), num_steps)
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        super().__init__(json.loads(sidecar.read_text()), device, num_steps)
         with torch.cuda.device(self.device):
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             self.engine = self._runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
@@ -119,11 +181,17 @@ class TensorRTRunner(StatefulRunner):
             raise RuntimeError(f"the engine's inputs and outputs do not match its adacache_fx metadata: {problems}")
 
     def _execute(self, feeds, outputs):
-        for name, tensor in feeds.items():
-            if not self.context.set_input_shape(name, tuple(tensor.shape)):
-                raise ValueError(f"TensorRT rejected the shape {tuple(tensor.shape)} of input {name!r}")
-        for name, tensor in {**feeds, **outputs}.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
+        with torch.cuda.device(self.device):  # the engine's device, whatever the caller's current one
+            for name, tensor in feeds.items():
+                if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                    raise ValueError(f"TensorRT rejected the shape {tuple(tensor.shape)} of input {name!r}")
+            feeds = {name: _aligned(tensor) for name, tensor in feeds.items()}
+            for name, tensor in {**feeds, **outputs}.items():
+                if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                    raise RuntimeError(
+                        f"TensorRT rejected the address of {name!r} ({tensor.data_ptr():#x}): not an I/O tensor "
+                        f"of this engine, or not {ALIGNMENT}-byte aligned"
+                    )
+            stream = torch.cuda.current_stream(self.device)
+            if not self.context.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
