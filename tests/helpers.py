@@ -96,8 +96,8 @@ def untrained_reference_pipeline(seed: int = 0):
     """The reference pipeline with random (seeded) weights and no progress bar."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from adacache_fx.reference import build_reference_model
-    from adacache_fx.reference.pipeline import ReferencePipeline
+    from adacache_fx.tools.reference import build_reference_model
+    from adacache_fx.tools.reference.pipeline import ReferencePipeline
 
     torch.manual_seed(seed)
     transformer, caption_encoder = build_reference_model()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import first_tensor, hand_reference, max_diff, run_steps
-from tiny_models import build
+from adacache_fx.tools.fixtures import build
 from torch import nn
 
 import adacache_fx as ax

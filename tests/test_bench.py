@@ -1,4 +1,4 @@
-"""adacache_fx.bench: the quick mode on an untrained reference pipeline, the caption set, the summaries."""
+"""adacache_fx.tools.bench: the quick mode on an untrained reference pipeline, the caption set, the summaries."""
 
 import argparse
 import csv
@@ -11,7 +11,7 @@ import torch
 from helpers import untrained_reference_pipeline
 
 from adacache_fx import bench
-from adacache_fx.bench import (
+from adacache_fx.tools.bench import (
     CALIBRATION_CAPTIONS,
     COLUMNS,
     EVAL_CAPTIONS,
@@ -22,7 +22,7 @@ from adacache_fx.bench import (
     static_schedule,
     summarize_targets,
 )
-from adacache_fx.reference import parse_caption
+from adacache_fx.tools.reference import parse_caption
 
 
 @pytest.fixture(scope="module")

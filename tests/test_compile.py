@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 from helpers import first_tensor
-from tiny_models import FAMILIES, build
+from adacache_fx.tools.fixtures import FAMILIES, build
 
 import adacache_fx as ax
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import first_tensor, hand_reference
-from tiny_models import build
+from adacache_fx.tools.fixtures import build
 
 import adacache_fx as ax
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import max_diff, run_steps
-from tiny_models import FAMILIES, build
+from adacache_fx.tools.fixtures import FAMILIES, build
 
 import adacache_fx as ax
 

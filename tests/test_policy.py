@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference_adacache import schedule
-from tiny_models import build
+from adacache_fx.tools.fixtures import build
 from torch import nn
 
 import adacache_fx as ax

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adacache_fx.reference import (
+from adacache_fx.tools.reference import (
     COLOURS,
     DIRECTIONS,
     MAX_CAPTION_LEN,
@@ -145,7 +145,7 @@ def test_check_tolerates_mild_noise():
 
 
 def test_reference_model_runs_and_round_trips_through_safetensors(tmp_path):
-    from adacache_fx.reference import (
+    from adacache_fx.tools.reference import (
         build_reference_model,
         load_reference_model,
         sample,

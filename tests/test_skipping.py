@@ -6,7 +6,7 @@ is read from the profiler, which sees only the branch that ran.
 
 import pytest
 import torch
-from tiny_models import build
+from adacache_fx.tools.fixtures import build
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 

@@ -12,7 +12,7 @@ uncached video of the same caption and seed, generated in the same process:
   caption (rotated order), so drift of the machine affects them alike. ``time_s``: median seconds per video.
 * ``psnr``: PSNR of the mean squared error over all videos of the row (``inf`` only when every video is
   identical to its uncached one; a mean of per-video PSNRs would be infinite as soon as one is).
-  ``ssim``: mean over videos. ``check_ok``: fraction of videos passing ``adacache_fx.reference.check_clip``.
+  ``ssim``: mean over videos. ``check_ok``: fraction of videos passing ``adacache_fx.tools.reference.check_clip``.
 * ``cache_mib``: the largest amount of tensor memory the method holds between transformer calls (tensors
   reachable from the pipeline that are neither parameters nor buffers and were not there uncached),
   sampled before and after every transformer call of the untimed warm-up generation (3 steps; not for the
