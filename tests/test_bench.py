@@ -104,7 +104,7 @@ def test_eval_captions_are_balanced_and_held_out():
     assert set(Counter(c.colour for c in caps).values()) == {4}
     assert set(Counter(c.size for c in caps).values()) == {12}
     assert not set(CALIBRATION_CAPTIONS) & set(EVAL_CAPTIONS)
-    assert bench._eval_captions() == EVAL_CAPTIONS  # deterministic
+    assert bench.eval_captions() == EVAL_CAPTIONS  # deterministic
 
 
 def test_summary_compares_peers_with_the_best_adacache_curve():

@@ -13,11 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from adacache_fx.tools.fixtures import build
 
 import adacache_fx as ax
 from adacache_fx.export import OnnxRunner, TensorRTRunner, build_tensorrt_engine, to_onnx
 from adacache_fx.tools.export_cli import add_export_arguments, build_model, cli_export
+from adacache_fx.tools.fixtures import build
 
 STEPS = 30
 # Codebooks that give mixed schedules on these tiny models (checked below: some steps cached, some computed).

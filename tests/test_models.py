@@ -3,9 +3,9 @@
 import pytest
 import torch
 from helpers import max_diff, run_steps
-from adacache_fx.tools.fixtures import FAMILIES, build
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import FAMILIES, build
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,10 +1,11 @@
 """``ReferencePipeline``: caption in, video out, for the bundled reference model (diffusers conventions).
 
 Rectified flow as in training: ``x_t = (1 - t) * x0 + t * noise``, the transformer predicts the velocity
-``noise - x0`` at timestep ``1000 t``; ``fixtures.euler_flow`` integrates from noise (t = 1) to the clip
-(t = 0) over the noise levels of ``FlowMatchEulerDiscreteScheduler``. Classifier-free guidance runs the
-conditional and unconditional (empty caption) passes as two calls inside ``transformer.cache_context("cond" / "uncond", step_index=..., num_inference_steps=...)``
-like diffusers' Wan pipeline, so caching transforms see both contexts.
+``noise - x0`` at timestep ``1000 t``; ``FlowMatchEulerDiscreteScheduler`` integrates from noise (t = 1) to
+the clip (t = 0). Classifier-free guidance runs the conditional and unconditional (empty caption) passes
+as two calls inside ``transformer.cache_context("cond" / "uncond", step_index=..., num_inference_steps=...)``
+like diffusers' Wan pipeline, so caching transforms see both contexts. The loop steps the scheduler (not
+``fixtures.euler_flow``, the same Euler update) because ``adacache_fx.enable`` follows ``scheduler.step_index``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 
-from ..fixtures.sampling import euler_flow
 from .data import CHANNELS, HEIGHT, NUM_FRAMES, WIDTH
 
 
@@ -87,22 +87,19 @@ class ReferencePipeline(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         self._num_timesteps = len(timesteps)
         loop = {"num_inference_steps": len(timesteps)}
-
-        def velocity(latents, _sigma, i):
-            self._current_timestep = t = timesteps[i]
-            x = latents.to(dtype)
-            timestep = t.expand(x.shape[0]).to(dtype)
-            with self.transformer.cache_context("cond", step_index=i, **loop):
-                v = self.transformer(x, timestep, cond, return_dict=False)[0]
-            if guidance_scale != 1.0:
-                with self.transformer.cache_context("uncond", step_index=i, **loop):
-                    v_uncond = self.transformer(x, timestep, uncond, return_dict=False)[0]
-                v = v_uncond + guidance_scale * (v - v_uncond)
-            progress.update()
-            return v.float()
-
         with self.progress_bar(total=len(timesteps)) as progress:
-            latents = euler_flow(velocity, latents.float(), self.scheduler.sigmas)  # the scheduler's noise levels
+            for i, t in enumerate(timesteps):
+                self._current_timestep = t
+                x = latents.to(dtype)
+                timestep = t.expand(x.shape[0]).to(dtype)
+                with self.transformer.cache_context("cond", step_index=i, **loop):
+                    v = self.transformer(x, timestep, cond, return_dict=False)[0]
+                if guidance_scale != 1.0:
+                    with self.transformer.cache_context("uncond", step_index=i, **loop):
+                        v_uncond = self.transformer(x, timestep, uncond, return_dict=False)[0]
+                    v = v_uncond + guidance_scale * (v - v_uncond)
+                latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
+                progress.update()
         self._current_timestep = None
         frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # [B, T, C, H, W]
         if output_type == "np":
