@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import untrained_reference_pipeline
 
-from adacache_fx import bench
+from adacache_fx.tools import bench
 from adacache_fx.tools.bench import (
     CALIBRATION_CAPTIONS,
     COLUMNS,
