@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import untrained_reference_pipeline
 
 from adacache_fx.tools import bench
 from adacache_fx.tools.bench import (
@@ -22,6 +21,7 @@ from adacache_fx.tools.bench import (
     static_schedule,
     summarize_targets,
 )
+from adacache_fx.tools.fixtures import untrained_reference_pipeline
 from adacache_fx.tools.reference import parse_caption
 
 

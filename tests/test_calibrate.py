@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import untrained_reference_pipeline
 
 import adacache_fx as ax
 from adacache_fx.calibrate import RATE_BASES, calibrate, fit_codebook, max_speedup, predict_computed, record_metrics
+from adacache_fx.tools.fixtures import untrained_reference_pipeline
 
 N = 8
 CAPTIONS = ["a large red circle staying still", "a small blue square moving right fast"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..fixtures import untrained_reference_pipeline
 from .captions import EVAL_CAPTIONS, eval_captions
 from .harness import run_bench
 from .registry import METHODS
@@ -33,13 +34,7 @@ def cli_bench(args) -> int:
 
     torch.set_num_threads(args.threads)
     if args.untrained:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from ..reference import build_reference_model
-
-        torch.manual_seed(0)
-        transformer, encoder = build_reference_model()
-        pipe = ReferencePipeline(transformer.eval(), encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
+        pipe = untrained_reference_pipeline(0)
         description = "untrained weights, seed 0"
     else:
         pipe = ReferencePipeline.from_reference(args.weights)
