@@ -27,7 +27,6 @@ def count_graph_breaks(bench, setting) -> tuple[int, int]:
     return counts
 
 
-
 def add_graph_breaks(bench, settings, failed, rows) -> None:
     """One count per method (its first setting that ran); every row of the method gets it."""
     counted: dict[str, tuple[int, int] | str] = {}

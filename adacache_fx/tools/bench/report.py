@@ -15,6 +15,7 @@ from .rows import BASELINE, COLUMNS, Row
 
 #: Plotted PSNR ceiling (identical videos are drawn here).
 PLOT_CAP = 60.0
+#: The adacache-fx curves the targets (>= 2x at >= 25 dB) are checked on.
 ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated",
                           "adacache-fx calibrated+warm-up+linear")
 
