@@ -21,23 +21,10 @@ import torch
 
 import adacache_fx as ax
 from adacache_fx.export import OnnxRunner, to_onnx
-from adacache_fx.timing import measure
+from adacache_fx.tools.fixtures import euler_flow, flow_sigmas, speed_wan
+from adacache_fx.tools.timing import measure
 
 LONG = 1000  # N of the forced schedule: steps 2..LONG are cached
-
-
-def tiny_wan(seed: int = 0):
-    """8 blocks, 4 heads x 32 dims, 8 latent frames of 16x16 with 2x2 patches (512 tokens)."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=64, freq_dim=64, ffn_dim=512, num_layers=8, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).eval()
-    generator = torch.Generator().manual_seed(seed)
-    return model, torch.randn(1, 4, 8, 16, 16, generator=generator), torch.randn(1, 16, 64, generator=generator)
 
 
 def step_inputs(x, t: float, text) -> dict:
@@ -45,14 +32,11 @@ def step_inputs(x, t: float, text) -> dict:
 
 
 def generate(fn, latents, text, num_steps: int, reset=None):
-    """A flow-matching Euler loop; ``reset()`` first starts a new AdaCache generation."""
+    """A flow-matching Euler generation; ``reset()`` first starts a new AdaCache generation."""
     if reset is not None:
         reset()
-    x, sigmas = latents.clone(), torch.linspace(1.0, 0.0, num_steps + 1)
-    for i in range(num_steps):
-        v = fn(**step_inputs(x, float(sigmas[i]) * 1000, text))[0]
-        x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+    return euler_flow(lambda x, sigma, _: fn(**step_inputs(x, float(sigma) * 1000, text))[0], latents,
+                      flow_sigmas(num_steps))
 
 
 def _reset(fn):
@@ -90,7 +74,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     import onnxruntime as ort
 
-    model, latents, text = tiny_wan()
+    model, latents, text = speed_wan(num_layers=8, head_dim=32, heads=4, frames=8, size=16)  # 512 tokens
     example = step_inputs(latents, 999.0, text)
     forced = ax.AdaCacheConfig(num_steps=LONG, compute_steps=(1,))
     fast = ax.AdaCacheConfig(num_steps=args.steps, codebook=ax.presets.FAST_30)

@@ -17,9 +17,9 @@ import torch
 from diffusers.hooks import TaylorSeerCacheConfig
 
 import adacache_fx as ax
-from adacache_fx.bench import EVAL_CAPTIONS
-from adacache_fx.metrics import psnr
-from adacache_fx.reference.pipeline import ReferencePipeline
+from adacache_fx.tools.bench import EVAL_CAPTIONS
+from adacache_fx.tools.metrics import psnr
+from adacache_fx.tools.reference.pipeline import ReferencePipeline
 
 STEPS = 30
 INTERVAL = 4

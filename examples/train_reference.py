@@ -14,7 +14,7 @@ Examples (from the repository root)::
 
 ``--out`` holds ``checkpoint.pt`` (model, EMA, optimizer and RNG state; local only) and ``loss_curve.png``.
 ``--export`` writes the EMA weights as safetensors, ``config.json``, a model card ``README.md``, the loss
-curve and a sample grid into ``adacache_fx/reference/weights/``.
+curve and a sample grid into ``adacache_fx/tools/reference/weights/``.
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ from matplotlib.figure import Figure  # no pyplot: renders headless with the Agg
 from tqdm import tqdm
 
 try:
-    from adacache_fx import reference as ref
+    from adacache_fx.tools import reference as ref
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from adacache_fx import reference as ref
+    from adacache_fx.tools import reference as ref
+from adacache_fx.tools.fixtures import euler_flow, flow_sigmas
 
 GRID_CAPTIONS = (
     "a large red circle moving right fast",
@@ -132,6 +133,28 @@ def plot_grid(clips: torch.Tensor, captions: list[str], path: Path) -> None:
     fig.savefig(path, dpi=130)
 
 
+@torch.no_grad()
+def sample(transformer, caption_encoder, captions: list[str], num_steps: int, guidance_scale: float, seed: int):
+    """Clips ``[B, 3, 8, 32, 32]`` in [-1, 1]: Euler from noise (sigma 1) to 0, classifier-free guidance as one
+    batch of conditional and unconditional (empty caption) inputs; ``guidance_scale = 1``: conditional only."""
+    device = next(transformer.parameters()).device
+    use_cfg = guidance_scale != 1.0
+    text = caption_encoder.encode(captions + [""] * len(captions) if use_cfg else captions).to(device)
+    shape = (len(captions), ref.data.CHANNELS, ref.data.NUM_FRAMES, ref.data.HEIGHT, ref.data.WIDTH)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def velocity(x, sigma, _):
+        batch = torch.cat([x, x]) if use_cfg else x
+        v = transformer(batch, torch.full((batch.shape[0],), float(sigma) * 1000.0, device=device), text,
+                        return_dict=False)[0]
+        if not use_cfg:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+    return euler_flow(velocity, noise, flow_sigmas(num_steps).to(device)).clamp(-1.0, 1.0)
+
+
 def evaluate(transformer, caption_encoder, args: argparse.Namespace) -> dict[str, float]:
     """Generate ``--eval-clips`` clips for random captions and score them with ``checks``."""
     rng = np.random.default_rng(12345)
@@ -140,7 +163,7 @@ def evaluate(transformer, caption_encoder, args: argparse.Namespace) -> dict[str
     for i in range(0, len(captions), 16):
         chunk = captions[i : i + 16]
         clips.append(
-            ref.sample(transformer, caption_encoder, chunk, args.sample_steps, args.guidance_scale, i)
+            sample(transformer, caption_encoder, chunk, args.sample_steps, args.guidance_scale, i)
         )
     return ref.check_clips(torch.cat(clips), captions)
 
@@ -167,7 +190,7 @@ def export(
     ref.save_reference_model(ema_t, ema_e, folder, extra_config={"training": training, "sampling": sampling})
     plot_losses(losses, folder / "loss_curve.png")
     print("sampling the export grid ...", flush=True)
-    grid = ref.sample(ema_t, ema_e, list(GRID_CAPTIONS), args.sample_steps, args.guidance_scale, seed=0)
+    grid = sample(ema_t, ema_e, list(GRID_CAPTIONS), args.sample_steps, args.guidance_scale, seed=0)
     plot_grid(grid, list(GRID_CAPTIONS), folder / "samples.png")
     rates = evaluate(ema_t, ema_e, args) if args.eval_clips > 0 else {}
     n_params = sum(p.numel() for p in ema_t.parameters())
@@ -178,7 +201,7 @@ def export(
 
 A tiny text-to-video diffusion transformer (diffusers `WanTransformer3DModel`, pixel space) trained from
 scratch on synthetic clips, shipped so that AdaCache and the other passes of `adacache_fx` can be tested on a
-real (if small) trained model. Load it with `adacache_fx.reference.load_reference_model()`.
+real (if small) trained model. Load it with `adacache_fx.tools.reference.load_reference_model()`.
 
 ## Model
 
@@ -195,7 +218,7 @@ real (if small) trained model. Load it with `adacache_fx.reference.load_referenc
 
 ## Data
 
-Generated on the fly by `adacache_fx.reference.data` (no downloads): 8 frames of 32x32 RGB, one anti-aliased
+Generated on the fly by `adacache_fx.tools.reference.data` (no downloads): 8 frames of 32x32 RGB, one anti-aliased
 object on a dark background. Shape in {{circle, square, triangle}}, colour in {{{", ".join(ref.COLOURS)}}},
 size in {{small, large}}, and either static or moving left/right/up/down at 1 (slow) or 3 (fast) pixels per
 frame. Captions: "a large red circle moving left fast", "a small blue square staying still".
@@ -215,14 +238,14 @@ frame. Captions: "a large red circle moving left fast", "a small blue square sta
 
 ## Samples
 
-Euler sampler (`adacache_fx.reference.sample`), {args.sample_steps} steps, guidance scale
+Euler sampler (`examples/train_reference.py`: `sample`, on `adacache_fx.tools.fixtures.euler_flow`), {args.sample_steps} steps, guidance scale
 {args.guidance_scale}, seed 0. First, middle and last frame per caption:
 
 ![samples](samples.png)
 
 ## Caption faithfulness
 
-`adacache_fx.reference.check_clip` locates the object in every frame and measures motion direction, speed,
+`adacache_fx.tools.reference.check_clip` locates the object in every frame and measures motion direction, speed,
 colour, size and shape (it scores 100% on rendered ground-truth clips). Pass rates over {args.eval_clips}
 generated clips for random captions (same sampler settings; `ok` = direction, speed and colour all right):
 

@@ -90,17 +90,3 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, ex
         if compute:
             computed.append(s)
     return outputs
-
-
-def untrained_reference_pipeline(seed: int = 0):
-    """The reference pipeline with random (seeded) weights and no progress bar."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from adacache_fx.reference import build_reference_model
-    from adacache_fx.reference.pipeline import ReferencePipeline
-
-    torch.manual_seed(seed)
-    transformer, caption_encoder = build_reference_model()
-    pipe = ReferencePipeline(transformer.eval(), caption_encoder.eval(), FlowMatchEulerDiscreteScheduler(shift=1.0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe

@@ -3,11 +3,11 @@
 import pytest
 import torch
 from helpers import first_tensor, hand_reference, max_diff, run_steps
-from tiny_models import build
 from torch import nn
 
 import adacache_fx as ax
 from adacache_fx import presets
+from adacache_fx.tools.fixtures import build
 
 
 @pytest.fixture(scope="module")

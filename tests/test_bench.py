@@ -1,4 +1,4 @@
-"""adacache_fx.bench: the quick mode on an untrained reference pipeline, the caption set, the summaries."""
+"""adacache_fx.tools.bench: the quick mode on an untrained reference pipeline, the caption set, the summaries."""
 
 import argparse
 import csv
@@ -8,10 +8,9 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import untrained_reference_pipeline
 
-from adacache_fx import bench
-from adacache_fx.bench import (
+from adacache_fx.tools import bench
+from adacache_fx.tools.bench import (
     CALIBRATION_CAPTIONS,
     COLUMNS,
     EVAL_CAPTIONS,
@@ -22,7 +21,8 @@ from adacache_fx.bench import (
     static_schedule,
     summarize_targets,
 )
-from adacache_fx.reference import parse_caption
+from adacache_fx.tools.fixtures import untrained_reference_pipeline
+from adacache_fx.tools.reference import parse_caption
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_eval_captions_are_balanced_and_held_out():
     assert set(Counter(c.colour for c in caps).values()) == {4}
     assert set(Counter(c.size for c in caps).values()) == {12}
     assert not set(CALIBRATION_CAPTIONS) & set(EVAL_CAPTIONS)
-    assert bench._eval_captions() == EVAL_CAPTIONS  # deterministic
+    assert bench.eval_captions() == EVAL_CAPTIONS  # deterministic
 
 
 def test_summary_compares_peers_with_the_best_adacache_curve():

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
-from helpers import untrained_reference_pipeline
 
 import adacache_fx as ax
 from adacache_fx.calibrate import RATE_BASES, calibrate, fit_codebook, max_speedup, predict_computed, record_metrics
+from adacache_fx.tools.fixtures import untrained_reference_pipeline
 
 N = 8
 CAPTIONS = ["a large red circle staying still", "a small blue square moving right fast"]
@@ -77,7 +77,17 @@ def test_larger_target_computes_fewer_steps_in_a_real_run(pipe, trajectories):
 
 def test_deterministic(pipe, trajectories):
     assert calibrate(pipe, CAPTIONS, N, target=2.0) == fit_codebook(trajectories, N, 2.0)
-    assert fit_codebook(trajectories, N, "fast") == fit_codebook(trajectories, N, "fast")
+
+
+def test_thresholds_are_the_sextiles_of_the_pooled_metric():
+    # N = 10: the distances of steps 2..8 decide (7 values); steps N-1 and N always compute
+    trajectories = [[0.3, 0.0, 0.6, 0.1, 0.5, 0.2, 0.4, 99.0, 99.0], [math.nan] * 9]  # NaN: no metric recorded
+    # sorted 0.0 0.1 ... 0.6: the k/6 quantile is 0.1 k; rates of the official codebooks (30 steps)
+    fast = fit_codebook(trajectories, 10, "fast")
+    assert list(fast) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, math.inf])
+    assert list(fast.values()) == [6, 5, 4, 3, 2, 1]
+    assert list(fit_codebook(trajectories, 10, "slow").values()) == [3, 2, 1, 1, 1, 1]
+    assert list(fit_codebook(trajectories, 10, "fast", max_rate=4).values()) == [4, 4, 4, 3, 2, 1]
 
 
 @pytest.mark.parametrize(

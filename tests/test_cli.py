@@ -2,7 +2,7 @@
 
 import pytest
 
-from adacache_fx.cli import main
+from adacache_fx.tools.cli import main
 
 
 def test_help_lists_the_subcommands(capsys):

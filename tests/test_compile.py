@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch._dynamo.testing
 from helpers import first_tensor
-from tiny_models import FAMILIES, build
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import FAMILIES, build
 
 
 def generation(model, make_inputs, num_steps, contexts=("cond", "uncond")):

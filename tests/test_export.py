@@ -12,19 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from tiny_models import build
 
 import adacache_fx as ax
-from adacache_fx.export import (
-    OnnxRunner,
-    TensorRTRunner,
-    add_export_arguments,
-    build_model,
-    build_tensorrt_engine,
-    cli_export,
-    to_onnx,
-)
-from adacache_fx.reference import WEIGHTS_DIR
+from adacache_fx.export import OnnxRunner, TensorRTRunner, build_tensorrt_engine, to_onnx
+from adacache_fx.tools.export_cli import add_export_arguments, build_model, cli_export
+from adacache_fx.tools.fixtures import build
 
 STEPS = 30
 # Codebooks that give mixed schedules on these tiny models (checked below: some steps cached, some computed).
@@ -198,10 +190,10 @@ def test_cli_prints_stages(exported):
     assert "max relative error" in output
 
 
-@pytest.mark.skipif((WEIGHTS_DIR / "transformer.safetensors").is_file(), reason="the reference weights exist")
-def test_cli_reference_without_weights_says_how_to_get_them():
-    code, output = _cli("--model", "reference", "--out", "unused.onnx")
-    assert code == 2 and "train_reference.py" in output
+def test_cli_reference_without_weights_says_how_to_get_them(tmp_path):
+    code, output = _cli("--model", "reference", "--weights", str(tmp_path), "--out", str(tmp_path / "unused.onnx"))
+    assert code == 2 and "train_reference.py" in output and "transformer.safetensors" in output
+    assert not (tmp_path / "unused.onnx").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a CUDA device")

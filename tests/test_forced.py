@@ -3,9 +3,9 @@
 import pytest
 import torch
 from helpers import first_tensor, hand_reference
-from tiny_models import build
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import build
 
 COMPUTE_STEPS = (1, 2, 5, 6, 9)
 

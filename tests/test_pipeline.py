@@ -4,25 +4,10 @@ import pytest
 import torch
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import tiny_wan_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # WanPipeline's module imports it
-
-
-def tiny_wan_pipeline():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    ).eval()
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=4, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    ).eval()
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=scheduler, transformer=transformer)
 
 
 def generate(pipe, steps=6, seed=0):

@@ -5,11 +5,11 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reference_adacache import schedule
-from tiny_models import build
 from torch import nn
 
 import adacache_fx as ax
 from adacache_fx import presets
+from adacache_fx.tools.fixtures import build
 
 
 def record_trajectory(model, make_inputs, num_steps, **config):

@@ -1,9 +1,16 @@
-"""Property-based: randomly generated small plain-torch DiTs are transformed exactly, or refused clearly."""
+"""Property-based: randomly generated small plain-torch DiTs are transformed exactly, or refused clearly.
 
+A DiT with at least one block is always transformed (every combination of norm placement, adaLN, two
+streams, cross-attention and granularity); one without blocks is refused, saying why.
+"""
+
+import itertools
+
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import first_tensor, hand_reference
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -91,7 +98,7 @@ class RandomDiT(nn.Module):
 
 models = st.fixed_dictionaries(
     {
-        "depth": st.integers(2, 6),
+        "depth": st.integers(0, 6),  # 0: no block stack, the one refused case
         "heads": st.sampled_from([1, 2, 3]),
         "head_dim": st.sampled_from([3, 4, 8]),
         "tokens": st.integers(3, 9),
@@ -109,6 +116,8 @@ models = st.fixed_dictionaries(
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=models)
+@example(spec={"depth": 0, "heads": 2, "head_dim": 4, "tokens": 4, "text_tokens": 3, "channels": 3, "pre_norm": True,
+               "ada": True, "two_streams": False, "cross": True, "granularity": "stack", "seed": 0})
 def test_random_dits_are_exact_or_refused(spec):
     torch.manual_seed(spec["seed"])
     text_tokens = spec["text_tokens"]
@@ -131,12 +140,13 @@ def test_random_dits_are_exact_or_refused(spec):
     steps = 6
     never = ax.transform(model, ax.AdaCacheConfig(num_steps=steps, codebook=ax.presets.NEVER,
                                                   granularity=spec["granularity"]))
-    try:
-        with torch.no_grad():
-            got = [first_tensor(never(**make_inputs(s))).clone() for s in range(steps)]
-    except ax.TransformError as error:  # refusal must say which block and why
-        assert "cannot" in str(error)
+    if spec["depth"] == 0:
+        with pytest.raises(ax.TransformError, match="cannot cache RandomDiT: no transformer block stack"):
+            with torch.no_grad():
+                never(**make_inputs(0))
         return
+    with torch.no_grad():
+        got = [first_tensor(never(**make_inputs(s))).clone() for s in range(steps)]
     with torch.no_grad():
         expected = [model(**make_inputs(s)) for s in range(steps)]
     assert max(float((a - b).abs().max()) for a, b in zip(expected, got)) < 1e-5
@@ -148,3 +158,23 @@ def test_random_dits_are_exact_or_refused(spec):
         got = [first_tensor(forced(**make_inputs(s))).clone() for s in range(steps)]
     reference = hand_reference(model, make_inputs, steps, compute_steps, spec["granularity"])
     assert max(float((a - b).abs().max()) for a, b in zip(reference, got)) < 1e-5
+
+
+def test_no_structure_with_blocks_is_refused():
+    """Every structural combination (48) with two blocks is transformed: the refused fraction is 0."""
+    inputs = {"hidden_states": torch.randn(2, 4, 3), "timestep": torch.tensor([900, 900]),
+              "encoder_hidden_states": torch.randn(2, 5, 5)}
+    refused, combos = [], list(itertools.product([False, True], repeat=4))
+    for (pre_norm, ada, two_streams, cross), granularity in itertools.product(combos, ["stack", "block", "branch"]):
+        torch.manual_seed(0)
+        model = RandomDiT(2, 8, 2, 3, pre_norm=pre_norm, ada=ada, two_streams=two_streams, cross=cross).eval()
+        cached = ax.transform(model, ax.AdaCacheConfig(num_steps=6, codebook=ax.presets.NEVER, granularity=granularity))
+        try:
+            with torch.no_grad():
+                got = first_tensor(cached(**inputs))
+        except ax.TransformError as error:
+            refused.append((pre_norm, ada, two_streams, cross, granularity, str(error)))
+            continue
+        with torch.no_grad():
+            assert float((got - model(**inputs)).abs().max()) < 1e-5
+    assert refused == []

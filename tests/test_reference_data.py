@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from adacache_fx.reference import (
+from adacache_fx.tools.reference import (
     COLOURS,
     DIRECTIONS,
     MAX_CAPTION_LEN,
@@ -145,12 +145,14 @@ def test_check_tolerates_mild_noise():
 
 
 def test_reference_model_runs_and_round_trips_through_safetensors(tmp_path):
-    from adacache_fx.reference import (
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from adacache_fx.tools.reference import (
         build_reference_model,
         load_reference_model,
-        sample,
         save_reference_model,
     )
+    from adacache_fx.tools.reference.pipeline import ReferencePipeline
 
     torch.manual_seed(0)
     transformer, encoder = build_reference_model()
@@ -174,8 +176,11 @@ def test_reference_model_runs_and_round_trips_through_safetensors(tmp_path):
             x, torch.tensor([500.0, 20.5]), encoder2.encode(["a large red circle moving left fast", ""])
         )
     assert torch.allclose(out2.sample, out_float, atol=1e-6)
-    clips = sample(transformer2, encoder2, ["a small blue square staying still"], num_steps=2, seed=0)
-    assert clips.shape == (1, 3, 8, 32, 32)
-    assert clips.abs().max() <= 1.0
+    pipe = ReferencePipeline(transformer2, encoder2, FlowMatchEulerDiscreteScheduler(shift=1.0))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a small blue square staying still", num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0)).frames
+    assert frames.shape == (1, 8, 3, 32, 32)  # [B, T, C, H, W]
+    assert 0.0 <= frames.min() <= frames.max() <= 1.0
     with pytest.raises(FileNotFoundError):
         load_reference_model(tmp_path / "missing")

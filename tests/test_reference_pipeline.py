@@ -1,9 +1,9 @@
 """The reference pipeline (diffusers conventions) with and without AdaCache, on untrained weights."""
 
 import torch
-from helpers import untrained_reference_pipeline
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import untrained_reference_pipeline
 
 
 def run(pipe, steps, **kwargs):

@@ -6,11 +6,11 @@ is read from the profiler, which sees only the branch that ran.
 
 import pytest
 import torch
-from tiny_models import build
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import build
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm"}
 HEAVY = MATMULS | {"aten::convolution", "aten::_convolution", "aten::conv3d", "aten::conv2d"}

@@ -8,7 +8,6 @@ Each cached region is an ONNX ``If`` node (a TensorRT conditional), so a cached 
 stack in ONNX Runtime and TensorRT as in torch. Files are specialized to the example's shapes.
 """
 
-from .cli import add_export_arguments, build_model, cli_export
 from .onnx import ExportInfo, OnnxRunner, StatefulRunner, read_metadata, to_onnx
 from .tensorrt import TensorRTRunner, build_tensorrt_engine
 
@@ -17,10 +16,7 @@ __all__ = [
     "OnnxRunner",
     "StatefulRunner",
     "TensorRTRunner",
-    "add_export_arguments",
-    "build_model",
     "build_tensorrt_engine",
-    "cli_export",
     "read_metadata",
     "to_onnx",
 ]

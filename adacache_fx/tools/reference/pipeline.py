@@ -4,7 +4,8 @@ Rectified flow as in training: ``x_t = (1 - t) * x0 + t * noise``, the transform
 ``noise - x0`` at timestep ``1000 t``; ``FlowMatchEulerDiscreteScheduler`` integrates from noise (t = 1) to
 the clip (t = 0). Classifier-free guidance runs the conditional and unconditional (empty caption) passes
 as two calls inside ``transformer.cache_context("cond" / "uncond", step_index=..., num_inference_steps=...)``
-like diffusers' Wan pipeline, so caching transforms see both contexts.
+like diffusers' Wan pipeline, so caching transforms see both contexts. The loop steps the scheduler (not
+``fixtures.euler_flow``, the same Euler update) because ``adacache_fx.enable`` follows ``scheduler.step_index``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ReferencePipeline(DiffusionPipeline):
 
     @classmethod
     def from_reference(cls, path=None, device="cpu") -> ReferencePipeline:
-        """The pipeline with the bundled trained weights (``adacache_fx/reference/weights``)."""
+        """The pipeline with the bundled trained weights (``adacache_fx/tools/reference/weights``)."""
         from .model import load_reference_model
 
         transformer, caption_encoder = load_reference_model(path, device)

@@ -1,5 +1,5 @@
-"""Reference video DiT for adacache_fx: synthetic captioned clips, a tiny Wan transformer, a sampler and
-a caption-faithfulness check."""
+"""Reference video DiT for adacache_fx: synthetic captioned clips, a tiny Wan transformer, a diffusers-style
+pipeline and a caption-faithfulness check."""
 
 from .checks import ClipCheck, check_clip, check_clips
 from .data import (
@@ -18,7 +18,6 @@ from .data import (
     sample_batch,
     sample_caption,
 )
-from .sampling import sample
 
 # The model names import diffusers (seconds); load them on first access so data/checks stay light.
 _MODEL_NAMES = (
@@ -60,7 +59,6 @@ __all__ = [
     "load_reference_model",
     "parse_caption",
     "render_clip",
-    "sample",
     "sample_batch",
     "sample_caption",
     "save_reference_model",

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import presets
-from .config import AdaCacheConfig, MoRegConfig
+from .. import presets
+from ..config import AdaCacheConfig, MoRegConfig
 from .metrics import psnr, ssim
 from .timing import measure_interleaved
 

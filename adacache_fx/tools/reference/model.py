@@ -1,6 +1,6 @@
 """The reference model: a tiny pixel-space Wan transformer plus a learned caption encoder.
 
-Weights live in ``adacache_fx/reference/weights/`` as safetensors (``transformer.safetensors``,
+Weights live in ``adacache_fx/tools/reference/weights/`` as safetensors (``transformer.safetensors``,
 ``caption_encoder.safetensors``) next to a ``config.json``; they are written by
 ``examples/train_reference.py --export``.
 """
@@ -107,7 +107,7 @@ def load_reference_model(
     t_cfg = dict(config["transformer"])
     t_cfg["patch_size"] = tuple(t_cfg["patch_size"])
     if list(config.get("vocab", VOCAB)) != list(VOCAB):
-        raise ValueError("the saved caption vocabulary differs from adacache_fx.reference.data.VOCAB")
+        raise ValueError("the saved caption vocabulary differs from adacache_fx.tools.reference.data.VOCAB")
     transformer = WanTransformer3DModel(**t_cfg)
     caption_encoder = CaptionEncoder(**config["caption_encoder"])
     transformer.load_state_dict(load_file(str(folder / TRANSFORMER_FILE)))

@@ -7,34 +7,9 @@ import sys
 
 import torch
 
-from . import presets
-from .config import AdaCacheConfig
-
-
-def _tiny_wan(num_layers: int, dim_head: int, heads: int, frames: int, size: int, seed: int = 0):
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=4,
-        out_channels=4, text_dim=64, freq_dim=64, ffn_dim=4 * heads * dim_head, num_layers=num_layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
-    ).eval()
-    latents = torch.randn(1, 4, frames, size, size)
-    text = torch.randn(1, 16, 64)
-    return model, latents, text
-
-
-def _euler_loop(model, latents, text, num_steps: int):
-    """A flow-matching Euler loop (as diffusers' FlowMatchEulerDiscreteScheduler, shift 1)."""
-    x = latents.clone()
-    sigmas = torch.linspace(1.0, 0.0, num_steps + 1)
-    with torch.no_grad():
-        for i in range(num_steps):
-            t = (sigmas[i] * 1000).reshape(1)
-            v = model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-    return x
+from .. import presets
+from ..config import AdaCacheConfig
+from .fixtures import sample_transformer, speed_wan
 
 
 def cmd_speed(args) -> int:
@@ -44,16 +19,16 @@ def cmd_speed(args) -> int:
     from .timing import measure_interleaved
 
     torch.set_num_threads(args.threads)
-    model, latents, text = _tiny_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
+    model, latents, text = speed_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
     codebook = presets.PRESETS[args.codebook]
     variants = {"baseline": model}
     for granularity in ("stack", "block", "branch"):
         variants[granularity] = ax.transform(
             model, AdaCacheConfig(num_steps=args.steps, codebook=codebook, granularity=granularity)
         )
-    outputs = {name: _euler_loop(m, latents, text, args.steps) for name, m in variants.items()}
+    outputs = {name: sample_transformer(m, latents, text, args.steps) for name, m in variants.items()}
     timings = measure_interleaved(
-        {name: (lambda m=m: _euler_loop(m, latents, text, args.steps)) for name, m in variants.items()},
+        {name: (lambda m=m: sample_transformer(m, latents, text, args.steps)) for name, m in variants.items()},
         repeats=args.repeats,
         warmup=0,
     )
@@ -142,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_compile_bench)
 
     export = sub.add_parser("export", help="export a transformed model to ONNX (If nodes, explicit state) or TensorRT")
-    _lazy("adacache_fx.export.cli", "add_export_arguments")(export)
-    export.set_defaults(func=_lazy("adacache_fx.export.cli", "cli_export"))
+    _lazy("adacache_fx.tools.export_cli", "add_export_arguments")(export)
+    export.set_defaults(func=_lazy("adacache_fx.tools.export_cli", "cli_export"))
 
     peers = sub.add_parser("bench", help="AdaCache against the peers (diffusers cache hooks, cache-dit) on the reference model")
-    _lazy("adacache_fx.bench", "add_bench_arguments")(peers)
-    peers.set_defaults(func=_lazy("adacache_fx.bench", "cli_bench"))
+    _lazy("adacache_fx.tools.bench", "add_bench_arguments")(peers)
+    peers.set_defaults(func=_lazy("adacache_fx.tools.bench", "cli_bench"))
     return parser
 
 

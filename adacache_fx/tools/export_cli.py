@@ -10,57 +10,27 @@ import torch
 
 from .. import presets
 from ..config import AdaCacheConfig
+from .fixtures import build
 
-#: Built-in tiny random-weight models: diffusers class, its kwargs, latents shape, extra call kwargs.
-BUILTIN_MODELS = {
-    "wan": (
-        "WanTransformer3DModel",
-        dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-             text_dim=16, freq_dim=32, ffn_dim=64, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-             rope_max_seq_len=32),
-        (1, 4, 2, 8, 8), {},
-    ),
-    "cogvideox": (
-        "CogVideoXTransformer3DModel",
-        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-             text_embed_dim=16, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
-             temporal_compression_ratio=4, max_text_seq_length=8),
-        (1, 2, 4, 8, 8), {},
-    ),
-    "latte": (
-        "LatteTransformer3DModel",
-        dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, cross_attention_dim=32,
-             attention_bias=True, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
-             num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-             caption_channels=16, video_length=2),
-        (1, 4, 2, 8, 8), {"enable_temporal_attentions": True},
-    ),
-}
-MODEL_CHOICES = [*BUILTIN_MODELS, "reference"]
+#: Built-in tiny random-weight models (``fixtures.build``), or the trained reference model.
+MODEL_CHOICES = ["wan", "cogvideox", "latte", "reference"]
 
 
-def build_model(name: str, num_layers: int = 4, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """``(model, kwargs of one step)`` for a built-in tiny model or the trained ``reference`` model."""
-    generator = torch.Generator().manual_seed(seed)
+def build_model(name: str, num_layers: int = 4, seed: int = 0, weights=None) -> tuple[torch.nn.Module, dict]:
+    """``(model, kwargs of one step)`` for a built-in tiny model or the trained ``reference`` model (from
+    ``weights``, default the bundled ones)."""
     if name == "reference":
-        try:
-            from ..reference import load_reference_model
-        except ImportError as error:
-            raise RuntimeError("the reference model is not available in this version of adacache_fx") from error
-        transformer, caption_encoder = load_reference_model()  # FileNotFoundError says how to get the weights
+        from .reference import load_reference_model
+
+        generator = torch.Generator().manual_seed(seed)
+        transformer, caption_encoder = load_reference_model(weights)  # FileNotFoundError says how to get them
         with torch.no_grad():
             text = caption_encoder.encode(["a red circle moving right slowly", ""])
         latents = torch.randn(2, 3, 8, 32, 32, generator=generator)  # conditional and unconditional (CFG)
         return transformer, {"hidden_states": latents, "timestep": torch.full((2,), 999.0),
                              "encoder_hidden_states": text, "return_dict": False}
-    import diffusers
-
-    class_name, kwargs, shape, extra = BUILTIN_MODELS[name]
-    torch.manual_seed(seed)
-    model = getattr(diffusers, class_name)(num_layers=num_layers, **kwargs).eval()
-    call = {"hidden_states": torch.randn(shape, generator=generator), "timestep": torch.tensor([999]),
-            "encoder_hidden_states": torch.randn(1, 8, 16, generator=generator), **extra, "return_dict": False}
-    return model, call
+    model, make_inputs = build(name, num_layers, seed=seed)
+    return model, {**make_inputs(0), "return_dict": False}
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,6 +42,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--steps", type=int, default=30, help="denoising steps N (default 30)")
     parser.add_argument("--codebook", choices=sorted(presets.PRESETS), default="fast")
     parser.add_argument("--layers", type=int, default=4, help="blocks of a built-in model (default 4)")
+    parser.add_argument("--weights", default=None, help="reference model: folder of its weights (default: bundled)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--external-data", action="store_true", help="store the weights in a separate file")
     parser.add_argument("--fp16", action="store_true", help="TensorRT: allow FP16 kernels")
@@ -85,7 +56,7 @@ def cli_export(args: argparse.Namespace) -> int:
     """Export ``args.model`` transformed with AdaCache; prints one line per stage with its duration."""
     import adacache_fx as ax
 
-    from .onnx import OnnxRunner, to_onnx
+    from ..export.onnx import OnnxRunner, to_onnx
 
     def line(stage: str, seconds: float) -> None:
         print(f"  {stage:<28s} {seconds:7.2f} s", flush=True)
@@ -93,10 +64,10 @@ def cli_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         if args.format == "tensorrt":
-            from .tensorrt import require_tensorrt
+            from ..export.tensorrt import require_tensorrt
 
             require_tensorrt()  # before the slow stages
-        model, call = build_model(args.model, args.layers)
+        model, call = build_model(args.model, args.layers, weights=args.weights)
     except (FileNotFoundError, RuntimeError) as error:
         print(f"adacache-fx export: {error}")
         return 2
@@ -122,7 +93,7 @@ def cli_export(args: argparse.Namespace) -> int:
         error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
         print(f"  ONNX Runtime vs torch, first step: max relative error {error:.2e}")
     if args.format == "tensorrt":
-        from .tensorrt import build_tensorrt_engine
+        from ..export.tensorrt import build_tensorrt_engine
 
         started = time.perf_counter()
         build_tensorrt_engine(onnx_path, out, fp16=args.fp16, workspace_gb=args.workspace_gb)
@@ -132,7 +103,7 @@ def cli_export(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the export command alone: ``python -m adacache_fx.export.cli --model wan ...``."""
+    """Run the export command alone: ``python -m adacache_fx.tools.export_cli --model wan ...``."""
     return cli_export(add_export_arguments(argparse.ArgumentParser(prog="adacache-fx export")).parse_args(argv))
 
 

@@ -13,9 +13,10 @@ import time
 import torch
 from torch import nn
 
-from . import presets
-from .api import report, reset, transform
-from .config import AdaCacheConfig
+from .. import presets
+from ..api import report, reset, transform
+from ..config import AdaCacheConfig
+from .fixtures import speed_wan
 from .timing import measure
 
 
@@ -40,10 +41,8 @@ def _cold_compile(model, kwargs) -> tuple[nn.Module, float]:
 
 
 def run(args) -> int:
-    from .cli import _tiny_wan
-
     torch.set_num_threads(args.threads)
-    model, latents, text = _tiny_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
+    model, latents, text = speed_wan(args.layers, args.head_dim, args.heads, args.frames, args.size)
     kwargs = {"hidden_states": latents, "timestep": torch.tensor([500.0]), "encoder_hidden_states": text,
               "return_dict": False}
     n = args.steps

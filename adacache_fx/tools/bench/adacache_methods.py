@@ -1,0 +1,117 @@
+"""adacache-fx's bench methods: codebooks (preset, scaled, calibrated), static schedules, compiled."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+
+import torch
+from torch import nn
+
+from ... import presets
+from ...api import report, transform
+from ...calibrate import fit_codebook, max_speedup
+from ...config import AdaCacheConfig, MoRegConfig
+from .registry import Setting, register
+from .rows import BASELINE
+
+#: ``adacache-calibrated-warm``: warm-up steps (a sixth of N), top rate, linear residual extrapolation.
+WARM_FRACTION, WARM_MAX_RATE = 1 / 6, 4
+
+
+def _adacache(bench, key: str, method: str, setting: str, config, compiled=False) -> Setting:
+    holder: dict[str, nn.Module] = {}
+
+    def enable():
+        if "model" not in holder:
+            cfg = config() if callable(config) else config
+            model = bench.base if cfg is None else transform(bench.base, cfg)
+            holder["model"] = torch.compile(model, fullgraph=True) if compiled else model
+        model = holder["model"]
+        bench.pipe.transformer = model
+
+        def finish():
+            bench.pipe.transformer = bench.base
+            if model is bench.base or getattr(model, "_orig_mod", None) is bench.base:
+                return float(bench.steps)  # uncached (compiled): every step computes
+            counts = []
+            for context in ("cond", "uncond", "default"):
+                with contextlib.suppress(RuntimeError):
+                    counts.append(report(model, context).num_computed)
+            return float(statistics.mean(counts))
+
+        return finish
+
+    return Setting(key, method, setting, enable, compiled=compiled, probe=False)
+
+
+def static_schedule(num_steps: int, every: int) -> tuple[int, ...]:
+    """Compute steps of the static schedule: every ``every`` steps from step 1, plus steps N-1 and N."""
+    return tuple(sorted(set(range(1, num_steps + 1, every)) | {num_steps - 1, num_steps}))
+
+
+def _moreg_window(num_steps: int) -> tuple[int, int]:
+    first, last = presets.MOREG_WINDOW_30
+    return max(1, round(first * num_steps / 30)), max(1, round(last * num_steps / 30))
+
+
+@register("adacache-never", "adacache-fx never", full=(), quick=("never",))
+def _never(bench, key, method, _):
+    return _adacache(bench, key, method, "never skips (exact)",
+                     AdaCacheConfig(num_steps=bench.steps, codebook=presets.NEVER))
+
+
+def _scaled_codebook(bench, key, method, v):
+    """The fast or slow preset with every threshold times ``v`` (MoReg for the ``-moreg`` keys)."""
+    n = bench.steps
+    base = presets.FAST_30 if "fast" in key else presets.SLOW_30
+    codebook = {t * v: r for t, r in base.items()}
+    moreg = MoRegConfig(window=_moreg_window(n)) if key.endswith("moreg") else None
+    return _adacache(bench, key, method, f"thresholds x{v:g}", AdaCacheConfig(num_steps=n, codebook=codebook, moreg=moreg))
+
+
+for _key, _curve, _full in (
+    ("adacache-fast", "adacache-fx fast", (0.5, 1.0, 2.0)),
+    ("adacache-fast-moreg", "adacache-fx fast+MoReg", (1.0,)),
+    ("adacache-slow", "adacache-fx slow", (0.5, 1.0)),
+    ("adacache-slow-moreg", "adacache-fx slow+MoReg", (1.0,)),
+):
+    register(_key, _curve, full=_full, quick=(1.0,))(_scaled_codebook)
+
+
+@register("adacache-static", "adacache-fx static", full=(2, 3), quick=(2,))
+def _static(bench, key, method, v):
+    n = bench.steps
+    return _adacache(bench, key, method, f"every {v} steps", AdaCacheConfig(num_steps=n, compute_steps=static_schedule(n, v)))
+
+
+@register("adacache-calibrated", "adacache-fx calibrated", full=("slow", "fast", 2.5, 3.0), quick=(1.5,))
+def _calibrated(bench, key, method, v):
+    n = bench.steps
+    if not isinstance(v, str) and v > max_speedup(n):
+        return None
+    label = f"target {v}" if isinstance(v, str) else f"target {v:g}x steps"
+    return _adacache(bench, key, method, label,
+                     lambda: AdaCacheConfig(num_steps=n, codebook=fit_codebook(bench.trajectories(), n, v)))
+
+
+@register("adacache-calibrated-warm", "adacache-fx calibrated+warm-up+linear", full=(2.0, 2.25, 2.5), quick=(1.5,))
+def _calibrated_warm(bench, key, method, v):
+    n = bench.steps
+    warmup = round(n * WARM_FRACTION)
+    if v > max_speedup(n, warmup, WARM_MAX_RATE):
+        return None
+    return _adacache(
+        bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}",
+        lambda: AdaCacheConfig(
+            num_steps=n, warmup_steps=warmup, extrapolation_order=1,
+            codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE)))
+
+
+@register("adacache-compiled", "adacache-fx compiled", full=("none", "fast"), quick=("none", "fast"))
+def _compiled(bench, key, method, v):
+    """With the uncached model compiled alike, for reference."""
+    if v == "none":
+        return _adacache(bench, key, f"{BASELINE} compiled", "inductor", None, compiled=True)
+    config = AdaCacheConfig(num_steps=bench.steps, codebook=presets.FAST_30)
+    return _adacache(bench, key, method, "fast thresholds x1, inductor fullgraph", config, compiled=True)

@@ -1,0 +1,177 @@
+"""The bench's outputs: Markdown table, targets summary, CSV (and reading it back), Pareto plot."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .rows import BASELINE, COLUMNS, Row
+
+#: Plotted PSNR ceiling (identical videos are drawn here).
+PLOT_CAP = 60.0
+#: The adacache-fx curves the targets (>= 2x at >= 25 dB) are checked on.
+ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated",
+                          "adacache-fx calibrated+warm-up+linear")
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| method | setting | computed / N | speedup | s / video | PSNR dB | SSIM | caption ok | cache MiB | "
+             "graph breaks | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        computed = "-" if r.computed is None else f"{r.computed:.1f}/{r.steps}"
+        speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        lines.append(
+            f"| {r.method} | {r.setting} | {computed} | {speedup} | {_fmt(r.time_s)} | {_fmt(r.psnr)} | "
+            f"{_fmt(r.ssim, 4)} | {_fmt(r.check_ok)} | {_fmt(r.cache_mib, 3)} | {_fmt(r.graph_breaks)} | {r.note} |"
+        )
+    return "\n".join(lines)
+
+
+def best_curve(rows: Sequence[Row]) -> list[Row]:
+    """The Pareto front of eager adacache-fx rows (speedup up, PSNR down): no other row is faster and better."""
+    front: list[Row] = []
+    ada = [r for r in rows if r.method.startswith("adacache-fx") and r.method != "adacache-fx compiled"
+           and r.speedup is not None and r.psnr is not None]
+    for r in sorted(ada, key=lambda r: (-r.speedup, -r.psnr)):  # fastest first
+        if not front or r.psnr > front[-1].psnr:
+            front.append(r)
+    return front[::-1]
+
+
+def _curve_at(front: list[Row], speedup: float) -> tuple[float, str] | None:
+    """PSNR of the best curve at ``speedup`` (linear between its points; below its slowest point, that point's
+    PSNR), and the points it comes from; ``None`` beyond its fastest point."""
+    if not front or speedup > front[-1].speedup:
+        return None
+    if speedup <= front[0].speedup:
+        a = front[0]
+        return a.psnr, f"{a.method} [{a.setting}] {a.speedup:.2f}x"
+    for a, b in zip(front, front[1:]):
+        if a.speedup <= speedup <= b.speedup:
+            w = (speedup - a.speedup) / (b.speedup - a.speedup)
+            value = min(a.psnr, b.psnr) if math.isinf(a.psnr) else a.psnr + w * (b.psnr - a.psnr)
+            return value, f"between {a.method} [{a.setting}] {a.speedup:.2f}x and {b.method} [{b.setting}] {b.speedup:.2f}x"
+    return None
+
+
+def summarize_targets(rows: Sequence[Row]) -> str:
+    """The AdaCache targets: >= 2x wall-clock at >= 25 dB, and, at every speedup a peer reaches, the PSNR of
+    adacache-fx's best curve (:func:`best_curve`, interpolated) against the peer's."""
+    ran = [r for r in rows if r.speedup is not None and r.psnr is not None and not r.method.startswith(BASELINE)]
+    lines = []
+    hits = [r for r in ran if r.method in ADACACHE_TARGET_CURVES and r.speedup >= 2 and r.psnr >= 25]
+    if hits:
+        best = max(hits, key=lambda r: (r.psnr, r.speedup))
+        lines.append(f"- >= 2x at >= 25 dB: **met** by {len(hits)} setting(s); best PSNR: {best.method} "
+                     f"[{best.setting}] {best.speedup:.2f}x, {_fmt(best.psnr)} dB.")
+    else:
+        cand = [r for r in ran if r.method in ADACACHE_TARGET_CURVES]
+        fastest_ok = max((r for r in cand if r.psnr >= 25), key=lambda r: r.speedup, default=None)
+        best_2x = max((r for r in cand if r.speedup >= 2), key=lambda r: r.psnr, default=None)
+        lines.append("- >= 2x at >= 25 dB: **not met**; fastest at >= 25 dB: "
+                     + (f"{fastest_ok.method} [{fastest_ok.setting}] {fastest_ok.speedup:.2f}x" if fastest_ok else "none")
+                     + "; best PSNR at >= 2x: "
+                     + (f"{best_2x.method} [{best_2x.setting}] {_fmt(best_2x.psnr)} dB" if best_2x else "none") + ".")
+    front = best_curve(ran)
+    for r in ran:
+        if r.method.startswith("adacache-fx"):
+            continue
+        head = f"- {r.method} [{r.setting}] {r.speedup:.2f}x / {_fmt(r.psnr)} dB: "
+        at = _curve_at(front, r.speedup)
+        if at is None:
+            top = max((a.speedup for a in front), default=float("nan"))
+            lines.append(head + f"adacache-fx reaches no such speedup (its fastest: {top:.2f}x).")
+            continue
+        value, where = at
+        if value >= r.psnr:
+            verdict = "equal or higher"
+        elif math.isinf(r.psnr):
+            verdict = "**lower** (the peer's videos are identical to the uncached ones)"
+        else:
+            verdict = f"**lower by {r.psnr - value:.2f} dB**"
+        lines.append(head + f"adacache-fx's best curve there: {_fmt(value)} dB ({where}): {verdict}.")
+    return "\n".join(lines)
+
+
+def load_rows(path: Path | str) -> list[Row]:
+    """Rows back from a ``bench.csv`` (to re-render the table, the targets or the plot)."""
+    types_ = {f.name: f.type for f in fields(Row)}
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for k, v in record.items():
+                if k in ("method", "setting", "note"):
+                    values[k] = v
+                elif v == "":
+                    values[k] = None
+                else:
+                    values[k] = int(float(v)) if "int" in str(types_[k]) and "float" not in str(types_[k]) else float(v)
+            rows.append(Row(**values))
+    return rows
+
+
+def plot_pareto(rows: Sequence[Row], path: Path) -> None:
+    """Speedup vs PSNR, one curve per method (identical videos drawn at ``PLOT_CAP`` dB)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6))
+    methods = list(dict.fromkeys(r.method for r in rows))
+    colours = plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))
+    for method, colour in zip(methods, colours):
+        points = sorted((r.speedup, min(r.psnr, PLOT_CAP)) for r in rows
+                        if r.method == method and r.speedup is not None and r.psnr is not None)
+        if points:
+            style = "o-" if method.startswith("adacache-fx") else "s--"
+            ax.plot(*zip(*points), style, label=method, ms=5, color=colour)
+    ax.axhline(25, color="gray", lw=0.8, ls=":")
+    ax.axvline(2, color="gray", lw=0.8, ls=":")
+    ax.set_xlabel("wall-clock speedup vs no caching (median)")
+    ax.set_ylabel(f"PSNR vs uncached video, dB (identical drawn at {PLOT_CAP:g})")
+    ax.set_title("Caching methods on the reference Wan model")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+_LEGEND = """Columns: *computed* = transformer steps that ran the block stack per video and CFG context (adacache-fx:
+its report; peers: executions of the middle block's self-attention, for PAB computed attentions); *speedup* =
+median over videos of uncached / method wall-clock time, all settings run round-robin per video in one process;
+*PSNR* = of the mean squared error over all videos against the uncached videos (same caption and seed); *SSIM*
+= mean; *caption ok* = fraction passing `check_clip`; *cache MiB* = the largest tensor memory the method holds
+between transformer calls (CPU: no allocator peak; `-` = not sampled); *graph breaks* = Dynamo graph breaks
+compiling the transformer with the method enabled (3 steps)."""
+
+
+def write_outputs(rows: Sequence[Row], out: Path, captions, seeds, steps, description: str = "") -> None:
+    """``bench.csv`` (one line per row, :data:`COLUMNS`), ``bench.md`` (table and targets), ``pareto.png``."""
+    out = Path(out)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+    header = (f"# adacache-fx bench\n\nReference model{f' ({description})' if description else ''}, {steps} "
+              f"steps, CFG 3.0, {len(captions)} captions x {len(seeds)} seed(s), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} thread(s).\n\n{_LEGEND}\n\n")
+    (out / "bench.md").write_text(header + format_table(rows) + "\n\n## Targets\n\n" + summarize_targets(rows) + "\n")
+    plot_pareto(rows, out / "pareto.png")
