@@ -7,10 +7,10 @@ import torch
 from helpers import first_tensor
 from standins.fixtures import cuda_available
 from standins.torch_tensorrt import Engine
-from tiny_models import build
 
 import adacache_fx as ax
 from adacache_fx.backends import TensorRTBranch, cond_nodes
+from adacache_fx.tools.fixtures import build
 
 STEPS = 6
 CASES = {  # name: (family, config kwargs)

@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 from standins.fixtures import cuda_available
-from tiny_models import build
 
 import adacache_fx as ax
 from adacache_fx.export import TensorRTRunner, build_tensorrt_engine, to_onnx
 from adacache_fx.export.profiles import TENSORRT_MAX_OPSET, default_valued_attributes, walk_graphs
+from adacache_fx.tools.fixtures import build
 
 STEPS = 30
 CONFIG = ax.AdaCacheConfig(num_steps=STEPS, codebook=ax.presets.FAST_30)

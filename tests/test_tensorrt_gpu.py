@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 from helpers import first_tensor
-from tiny_models import build
 
 import adacache_fx as ax
 from adacache_fx.backends import TensorRTBranch, cond_nodes
+from adacache_fx.tools.fixtures import build
 
 pytestmark = pytest.mark.gpu
 STEPS = 30
