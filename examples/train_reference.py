@@ -53,7 +53,7 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from adacache_fx import reference as ref
-from adacache_fx.reference.data import evaluation_captions
+
 
 GRID_CAPTIONS = (
     "a large red circle moving right fast",
@@ -182,7 +182,7 @@ def plot_grid(clips: torch.Tensor, captions: list[str], path: Path) -> None:
 
 def evaluate(transformer, caption_encoder, args: argparse.Namespace) -> dict[str, float]:
     """Generate the fixed evaluation captions (seed = index of the chunk of 16) and score them."""
-    captions = evaluation_captions(args.eval_repeats)
+    captions = ref.evaluation_captions(args.eval_repeats)
     was_training = transformer.training
     transformer.eval()
     clips = [
@@ -365,7 +365,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
         )
     else:
         origin = f"{run.step} steps from scratch"
-    n_eval = len(evaluation_captions(args.eval_repeats))
+    n_eval = len(ref.evaluation_captions(args.eval_repeats))
     card = f"""# adacache_fx reference video DiT
 
 A tiny text-to-video diffusion transformer (diffusers `WanTransformer3DModel`, pixel space) trained from
@@ -419,7 +419,7 @@ Euler sampler (`adacache_fx.reference.sample`), {args.sample_steps} steps, guida
 
 `adacache_fx.reference.check_clip` locates the object in every frame and measures motion direction, speed,
 colour, size and shape (it scores 100% on rendered ground-truth clips). Pass rates of the uncached model over
-the {n_eval} fixed evaluation captions (`reference.data.evaluation_captions()`: every direction x speed
+the {n_eval} fixed evaluation captions (`reference.evaluation_captions()`: every direction x speed
 pair equally often, a third still; same sampler settings; `ok` = direction, speed and colour all right;
 `ok_<speed>` = `ok` within one speed class) at step {run.step}:
 
