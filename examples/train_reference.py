@@ -232,6 +232,7 @@ class Run:
         self.gen = torch.Generator().manual_seed(hyper["seed"] + 1)
         self.step, self.losses, self.ema_loss = 0, [], float("nan")
         self.train_s = self.eval_s = 0.0
+        self.cpu_s_before = 0.0  # process CPU time of earlier chunks; this process adds time.process_time()
         self.history: list[dict] = []
 
     def state(self) -> dict:
@@ -251,6 +252,7 @@ class Run:
             "ema_loss": self.ema_loss,
             "train_s": self.train_s,
             "eval_s": self.eval_s,
+            "cpu_s": self.cpu_s,
             "history": json.dumps(self.history),
         }
 
@@ -272,9 +274,16 @@ class Run:
         run.gen.set_state(ckpt["torch_rng"])
         run.step, run.ema_loss = ckpt["step"], ckpt["ema_loss"]
         run.train_s, run.eval_s = ckpt["train_s"], ckpt["eval_s"]
+        # checkpoints written before CPU time was recorded: wall time bounds a 1-thread process's CPU time
+        run.cpu_s_before = ckpt.get("cpu_s", run.train_s + run.eval_s)
         run.losses = ckpt["losses"].tolist()
         run.history = json.loads(ckpt["history"])
         return run
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of all chunks so far (all threads; model building and evaluation included)."""
+        return self.cpu_s_before + time.process_time()
 
     def train_step(self) -> tuple[float, float]:
         h = self.hyper
@@ -338,6 +347,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
         "final_loss_ema": run.ema_loss,
         "training_time_s": round(run.train_s, 1),
         "evaluation_time_s": round(run.eval_s, 1),
+        "cpu_time_s": round(run.cpu_s, 1),
         "objective": "rectified flow, x_t = (1-t) x0 + t noise, v = noise - x0, timestep = 1000 t",
         "t_sampling": f"shifted logit-normal: u = sigmoid(N(0, 1)), t = s u / (1 + (s - 1) u), s = {h['t_shift']}",
     }
@@ -402,8 +412,8 @@ frame. Captions: "a large red circle moving left fast", "a small blue square sta
   {h["caption_dropout"]:.0%} caption dropout, seed {h["seed"]}; resumable in chunks
   (`examples/train_reference.py --resume`).
 - Final loss (EMA {LOSS_EMA} of the per-step loss): **{run.ema_loss:.4f}**.
-- Time of this run: {run.train_s / 60:.1f} min training + {run.eval_s / 60:.1f} min periodic evaluation on CPU
-  ({args.threads or torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}),
+- Time of this run: {run.train_s / 60:.1f} min training + {run.eval_s / 60:.1f} min periodic evaluation (wall),
+  {run.cpu_s / 3600:.2f} CPU-hours in all, on CPU ({args.threads or torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}),
   torch {torch.__version__}.
 
 ![loss curve](loss_curve.png)
@@ -494,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"step {run.step}/{total} loss {loss:.4f} ema {run.ema_loss:.4f} grad {grad_norm:.3f} "
                     f"lr {run.scheduler.get_last_lr()[0]:.2e} {rate:.2f} s/step "
-                    f"train {run.train_s / 60:.1f} min eval {run.eval_s / 60:.1f} min",
+                    f"train {run.train_s / 60:.1f} min eval {run.eval_s / 60:.1f} min cpu {run.cpu_s / 60:.1f} min",
                     flush=True,
                 )
             maybe_evaluate()

@@ -44,6 +44,7 @@ def test_resumed_chunks_equal_one_run_and_export(train, tmp_path):
         assert all(torch.equal(one[key][k], two[key][k]) for k in one[key])
     assert one["optimizer"]["state"][0]["step"] == two["optimizer"]["state"][0]["step"] == 3
     assert two["scheduler"]["last_epoch"] == 3
+    assert two["cpu_s"] > 0
     csv_lines = (tmp_path / "two" / "eval.csv").read_text().splitlines()
     assert csv_lines[0].startswith("step,train_min,loss_ema,ok,direction_ok")
     assert [line.split(",")[0] for line in csv_lines[1:]] == ["0", "2"]
