@@ -2,29 +2,42 @@
 
 Rectified-flow / flow-matching objective as in Wan and Open-Sora 1.2: ``x_t = (1 - t) x0 + t noise``, the
 transformer predicts the velocity ``noise - x0`` given ``x_t``, the timestep ``1000 t`` and the caption
-embedding. ``t`` is drawn from a logit-normal distribution (``sigmoid(N(0, 1))``, as in SD3 / Open-Sora 1.2),
-which concentrates training on mid-range noise levels. 10% of captions are dropped to ``""`` so that the
-model also learns the unconditional velocity for classifier-free guidance.
+embedding. ``t`` is drawn from a shifted logit-normal distribution: ``u = sigmoid(N(0, 1))`` (SD3 /
+Open-Sora 1.2), then ``t = s u / (1 + (s - 1) u)`` with ``s = --t-shift`` (SD3's resolution shift). The shift
+moves training towards high noise, where a clip's layout and motion are decided. 10% of captions are
+dropped to ``""`` so that the model also learns the unconditional velocity for classifier-free guidance.
+
+The run is resumable in chunks: ``OUT/checkpoint.pt`` (model, EMA, optimizer, LR-schedule step, RNG states,
+losses, caption-check history and the training hyper-parameters) is rewritten atomically every
+``--save-minutes`` and when the process stops (end of ``--minutes``, SIGTERM, Ctrl-C). Every ``--eval-every``
+steps the EMA model generates the fixed evaluation captions (``reference.data.evaluation_captions``) and
+the caption check's pass rates are appended to ``OUT/eval.csv``; a copy of the checkpoint is kept as
+``OUT/checkpoint_<step>.pt``.
 
 Examples (from the repository root)::
 
-    python examples/train_reference.py --threads 1 --out runs/reference --steps 3000
-    python examples/train_reference.py --threads 1 --out runs/reference --steps 3000 --resume
-    python examples/train_reference.py --threads 1 --out runs/reference --steps 3000 --resume --export
+    # fine-tune the bundled weights; 90 minutes now, the rest later
+    python examples/train_reference.py --threads 1 --out runs/reference --steps 4500 \\
+        --init adacache_fx/tools/reference/weights --minutes 90
+    # next chunk (hyper-parameters come from the checkpoint)
+    python examples/train_reference.py --threads 1 --out runs/reference \\
+        --resume runs/reference/checkpoint.pt --minutes 90
+    # write the EMA weights, model card, loss curve, caption-check curve and sample grid
+    python examples/train_reference.py --threads 1 --resume runs/reference/checkpoint.pt --export-only
 
-``--out`` holds ``checkpoint.pt`` (model, EMA, optimizer and RNG state; local only) and ``loss_curve.png``.
-``--export`` writes the EMA weights as safetensors, ``config.json``, a model card ``README.md``, the loss
-curve and a sample grid into ``adacache_fx/tools/reference/weights/``.
+``--export`` / ``--export-only`` write into ``--export-dir`` (default ``adacache_fx/tools/reference/weights/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -34,7 +47,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure  # no pyplot: renders headless with the Agg canvas
-from tqdm import tqdm
 
 try:
     from adacache_fx.tools import reference as ref
@@ -54,29 +66,50 @@ GRID_CAPTIONS = (
     "a large green circle moving down fast",
 )
 LOSS_EMA = 0.98
+CHECK_KEYS = ("ok", "direction_ok", "speed_ok", "colour_ok", "size_ok", "shape_ok", "visible")
+EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_slow", "ok_fast")
+#: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
+HYPER = (
+    "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
+    "init",
+)  # fmt: skip
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="total optimizer steps (including resumed ones)")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps (default 4500; on resume: kept)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("runs/reference"), help="run folder (checkpoint, plots)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint interval in steps")
-    p.add_argument("--log-every", type=int, default=25, help="plain log line interval in steps")
+    p.add_argument("--out", type=Path, default=Path("runs/reference"), help="run folder (checkpoints, logs)")
+    p.add_argument("--resume", type=Path, default=None, metavar="CKPT", help="continue from this checkpoint")
+    p.add_argument("--init", type=Path, default=None, metavar="DIR", help="start from these exported weights")
+    p.add_argument("--minutes", type=float, default=None, help="stop (and checkpoint) after this many minutes")
+    p.add_argument("--save-minutes", type=float, default=5.0, help="checkpoint interval in minutes")
+    p.add_argument("--eval-every", type=int, default=400, help="caption-check interval in steps (0: never)")
+    p.add_argument("--log-every", type=int, default=25, help="log line interval in steps")
     p.add_argument("--export", action="store_true", help="after training, write the shipped weights")
-    p.add_argument("--export-dir", type=Path, default=ref.WEIGHTS_DIR, help=argparse.SUPPRESS)
+    p.add_argument("--export-only", action="store_true", help="export from --resume without training")
+    p.add_argument("--export-dir", type=Path, default=ref.WEIGHTS_DIR, help="where --export writes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 10%%")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported weight EMA")
     p.add_argument("--caption-dropout", type=float, default=0.1)
-    p.add_argument("--sample-steps", type=int, default=30, help="Euler steps for the export samples")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for the export samples")
-    p.add_argument("--eval-clips", type=int, default=48, help="generated clips scored by checks at export")
-    return p.parse_args()
+    p.add_argument("--t-shift", type=float, default=2.5, help="shift of the logit-normal t (1: none)")
+    p.add_argument("--sample-steps", type=int, default=30, help="Euler steps for samples and evaluation")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for samples and evaluation")
+    p.add_argument("--eval-repeats", type=int, default=4, help="evaluation set size / 12 (4: 48 captions)")
+    args = p.parse_args(argv)
+    if args.export_only and args.resume is None:
+        p.error("--export-only needs --resume CKPT")
+    return args
+
+
+def sample_t(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Shifted logit-normal noise levels in (0, 1): ``s u / (1 + (s - 1) u)``, ``u = sigmoid(N(0, 1))``."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -87,8 +120,8 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+def save_atomic(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
@@ -106,6 +139,20 @@ def plot_losses(losses: list[float], path: Path) -> None:
     ax.set(xlabel="step", ylabel="flow-matching MSE", yscale="log", title="reference model training loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_checks(history: list[dict], path: Path) -> None:
+    """Caption-check pass rates of the evaluation set against the training step."""
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    steps = [row["step"] for row in history]
+    for key in ("ok", "direction_ok", "speed_ok", "shape_ok", "colour_ok"):
+        ax.plot(steps, [row[key] for row in history], marker="o", markersize=3, label=key)
+    ax.set(xlabel="step", ylabel="pass rate", ylim=(0, 1.02), title="caption check (evaluation set, EMA)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -156,47 +203,201 @@ def sample(transformer, caption_encoder, captions: list[str], num_steps: int, gu
 
 
 def evaluate(transformer, caption_encoder, args: argparse.Namespace) -> dict[str, float]:
-    """Generate ``--eval-clips`` clips for random captions and score them with ``checks``."""
-    rng = np.random.default_rng(12345)
-    captions = [ref.sample_caption(rng) for _ in range(args.eval_clips)]
-    clips = []
-    for i in range(0, len(captions), 16):
-        chunk = captions[i : i + 16]
-        clips.append(
-            sample(transformer, caption_encoder, chunk, args.sample_steps, args.guidance_scale, i)
+    """Generate the fixed evaluation captions (seed = index of the chunk of 16) and score them."""
+    captions = ref.evaluation_captions(args.eval_repeats)
+    was_training = transformer.training
+    transformer.eval()
+    clips = [
+        sample(transformer, caption_encoder, captions[i : i + 16], args.sample_steps, args.guidance_scale, i)
+        for i in range(0, len(captions), 16)
+    ]
+    transformer.train(was_training)
+    results = [ref.check_clip(c, cap) for c, cap in zip(torch.cat(clips), captions, strict=True)]
+    rates = ref.check_clips(torch.cat(clips), captions)
+    for speed in ref.SPEEDS:
+        rates[f"ok_{speed}"] = float(np.mean([r.ok for r in results if r.caption.speed == speed]))
+    return rates
+
+
+def write_eval_csv(history: list[dict], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, EVAL_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+class Run:
+    """Model, EMA, optimizer, schedule, RNG streams and logs of one training run (one checkpoint)."""
+
+    def __init__(self, hyper: dict) -> None:
+        self.hyper = hyper
+        torch.manual_seed(hyper["seed"])
+        self.transformer, self.encoder = ref.build_reference_model()
+        self.init_info: dict = {}
+        if hyper["init"]:
+            t_init, e_init = ref.load_reference_model(hyper["init"])
+            self.transformer.load_state_dict(t_init.state_dict())
+            self.encoder.load_state_dict(e_init.state_dict())
+            config = json.loads((Path(hyper["init"]) / "config.json").read_text())
+            self.init_info = config.get("training", {})
+        self.ema_t = copy.deepcopy(self.transformer).requires_grad_(False)
+        self.ema_e = copy.deepcopy(self.encoder).requires_grad_(False)
+        self.params = [p for m in (self.transformer, self.encoder) for p in m.parameters()]
+        self.ema_params = [p for m in (self.ema_t, self.ema_e) for p in m.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=hyper["lr"], weight_decay=hyper["weight_decay"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.hyper["warmup"], self.hyper["steps"])
         )
-    return ref.check_clips(torch.cat(clips), captions)
+        self.data_rng = np.random.default_rng(hyper["seed"])
+        self.gen = torch.Generator().manual_seed(hyper["seed"] + 1)
+        self.step, self.losses, self.ema_loss = 0, [], float("nan")
+        self.train_s = self.eval_s = 0.0
+        self.cpu_s_before = 0.0  # process CPU time of earlier chunks; this process adds time.process_time()
+        self.history: list[dict] = []
+
+    def state(self) -> dict:
+        return {
+            "hyper": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in self.hyper.items()}),
+            "init_info": json.dumps(self.init_info),
+            "step": self.step,
+            "transformer": self.transformer.state_dict(),
+            "caption_encoder": self.encoder.state_dict(),
+            "ema_transformer": self.ema_t.state_dict(),
+            "ema_caption_encoder": self.ema_e.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data_rng": json.dumps(self.data_rng.bit_generator.state),
+            "torch_rng": self.gen.get_state(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "ema_loss": self.ema_loss,
+            "train_s": self.train_s,
+            "eval_s": self.eval_s,
+            "cpu_s": self.cpu_s,
+            "history": json.dumps(self.history),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, steps: int | None) -> Run:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hyper = json.loads(ckpt["hyper"]) | ({"steps": steps} if steps else {})
+        hyper["init"] = None  # the checkpoint replaces the initial weights
+        run = cls(hyper)
+        run.hyper["init"] = json.loads(ckpt["hyper"])["init"]
+        run.init_info = json.loads(ckpt["init_info"])
+        run.transformer.load_state_dict(ckpt["transformer"])
+        run.encoder.load_state_dict(ckpt["caption_encoder"])
+        run.ema_t.load_state_dict(ckpt["ema_transformer"])
+        run.ema_e.load_state_dict(ckpt["ema_caption_encoder"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.data_rng.bit_generator.state = json.loads(ckpt["data_rng"])
+        run.gen.set_state(ckpt["torch_rng"])
+        run.step, run.ema_loss = ckpt["step"], ckpt["ema_loss"]
+        run.train_s, run.eval_s = ckpt["train_s"], ckpt["eval_s"]
+        # checkpoints written before CPU time was recorded: wall time bounds a 1-thread process's CPU time
+        run.cpu_s_before = ckpt.get("cpu_s", run.train_s + run.eval_s)
+        run.losses = ckpt["losses"].tolist()
+        run.history = json.loads(ckpt["history"])
+        return run
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of all chunks so far (all threads; model building and evaluation included)."""
+        return self.cpu_s_before + time.process_time()
+
+    def train_step(self) -> tuple[float, float]:
+        h = self.hyper
+        clips, captions = ref.sample_batch(self.data_rng, h["batch_size"])
+        drop = torch.rand(h["batch_size"], generator=self.gen) < h["caption_dropout"]
+        texts = ["" if d else c.text for c, d in zip(captions, drop.tolist(), strict=True)]
+        noise = torch.randn(clips.shape, generator=self.gen)
+        t = sample_t(h["batch_size"], h["t_shift"], self.gen)
+        tb = t.view(-1, 1, 1, 1, 1)
+        x_t = (1 - tb) * clips + tb * noise
+        context = self.encoder(ref.encode_captions(texts))
+        pred = self.transformer(x_t, t * 1000.0, context, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - clips)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        decay = min(h["ema_decay"], (1 + self.step) / (10 + self.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, [p.detach() for p in self.params], 1.0 - decay)
+        self.step += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        self.ema_loss = value if math.isnan(self.ema_loss) else LOSS_EMA * self.ema_loss + (1 - LOSS_EMA) * value
+        return value, float(grad_norm)
+
+    def evaluate(self, args: argparse.Namespace) -> dict:
+        start = time.perf_counter()
+        rates = evaluate(self.ema_t, self.ema_e, args)
+        self.eval_s += time.perf_counter() - start
+        row = {"step": self.step, "train_min": round(self.train_s / 60, 2), "loss_ema": self.ema_loss}
+        row |= {k: round(v, 4) for k, v in rates.items()}
+        self.history = [r for r in self.history if r["step"] != self.step] + [row]
+        return row
 
 
-def export(
-    ema_t, ema_e, losses: list[float], ema_loss: float, elapsed: float, args: argparse.Namespace
-) -> None:
+def export(run: Run, args: argparse.Namespace) -> None:
+    """EMA weights (safetensors), config, model card, loss curve, caption-check curve and sample grid."""
     folder: Path = args.export_dir
-    step = len(losses)
+    h = run.hyper
+    ema_t, ema_e = run.ema_t.eval(), run.ema_e.eval()
+    if not run.history or run.history[-1]["step"] != run.step:
+        print(f"evaluating step {run.step} ...", flush=True)
+        run.evaluate(args)
+    result = run.history[-1]
+    prior_steps = int(run.init_info.get("steps", 0))
+    prior_s = float(run.init_info.get("training_time_s", 0.0))
     training = {
-        "steps": step,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "warmup": args.warmup,
-        "ema_decay": args.ema_decay,
-        "caption_dropout": args.caption_dropout,
-        "seed": args.seed,
-        "final_loss_ema": ema_loss,
-        "training_time_s": round(elapsed, 1),
+        "steps": prior_steps + run.step,
+        "steps_this_run": run.step,
+        "init": str(h["init"]) if h["init"] else None,
+        "init_training": run.init_info or None,
+        "batch_size": h["batch_size"],
+        "lr": h["lr"],
+        "warmup": h["warmup"],
+        "ema_decay": h["ema_decay"],
+        "caption_dropout": h["caption_dropout"],
+        "t_shift": h["t_shift"],
+        "seed": h["seed"],
+        "final_loss_ema": run.ema_loss,
+        "training_time_s": round(run.train_s, 1),
+        "evaluation_time_s": round(run.eval_s, 1),
+        "cpu_time_s": round(run.cpu_s, 1),
         "objective": "rectified flow, x_t = (1-t) x0 + t noise, v = noise - x0, timestep = 1000 t",
-        "t_sampling": "logit-normal: sigmoid(N(0, 1))",
+        "t_sampling": f"shifted logit-normal: u = sigmoid(N(0, 1)), t = s u / (1 + (s - 1) u), s = {h['t_shift']}",
     }
     sampling = {"num_steps": args.sample_steps, "guidance_scale": args.guidance_scale}
-    ref.save_reference_model(ema_t, ema_e, folder, extra_config={"training": training, "sampling": sampling})
-    plot_losses(losses, folder / "loss_curve.png")
+    extra = {"training": training, "sampling": sampling, "caption_check": result}
+    ref.save_reference_model(ema_t, ema_e, folder, extra_config=extra)
+    plot_losses(run.losses, folder / "loss_curve.png")
+    plot_checks(run.history, folder / "caption_check.png")
     print("sampling the export grid ...", flush=True)
     grid = sample(ema_t, ema_e, list(GRID_CAPTIONS), args.sample_steps, args.guidance_scale, seed=0)
     plot_grid(grid, list(GRID_CAPTIONS), folder / "samples.png")
-    rates = evaluate(ema_t, ema_e, args) if args.eval_clips > 0 else {}
     n_params = sum(p.numel() for p in ema_t.parameters())
     n_enc = sum(p.numel() for p in ema_e.parameters())
-    check_rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in rates.items())
+    check_rows = "\n".join(f"| {k} | {result[k]:.2f} |" for k in (*CHECK_KEYS, "ok_still", "ok_slow", "ok_fast"))
+    curve_rows = "\n".join(
+        f"| {r['step']} | {r['train_min']:.0f} | {r['ok']:.2f} | {r['direction_ok']:.2f} | {r['speed_ok']:.2f} "
+        f"| {r['shape_ok']:.2f} |"
+        for r in run.history
+    )
     config_json = json.dumps(json.loads((folder / "config.json").read_text())["transformer"], indent=2)
+    if prior_steps:
+        origin = (
+            f"{prior_steps} steps of an earlier run ({prior_s / 60:.0f} min, t ~ sigmoid(N(0, 1)) without "
+            f"shift), then {run.step} steps fine-tuning from those weights (this run, below)"
+        )
+    else:
+        origin = f"{run.step} steps from scratch"
+    n_eval = len(ref.evaluation_captions(args.eval_repeats))
     card = f"""# adacache_fx reference video DiT
 
 A tiny text-to-video diffusion transformer (diffusers `WanTransformer3DModel`, pixel space) trained from
@@ -210,7 +411,7 @@ real (if small) trained model. Load it with `adacache_fx.tools.reference.load_re
   is patchified 1x4x4 into 512 tokens.
 - Caption encoder: {n_enc / 1e3:.1f} k parameters; word embeddings + learned positions,
   `[B, 8] -> [B, 8, 64]`, padding positions zeroed (the empty caption `""` is the unconditional input).
-- Weights: exponential moving average (decay {args.ema_decay}) of the trained weights, safetensors.
+- Weights: exponential moving average (decay {h["ema_decay"]}) of the trained weights, safetensors.
 
 ```json
 {config_json}
@@ -226,13 +427,16 @@ frame. Captions: "a large red circle moving left fast", "a small blue square sta
 ## Training
 
 - Objective: rectified flow / flow matching, `x_t = (1 - t) x0 + t noise`, target `noise - x0`, timestep
-  `1000 t`; `t ~ sigmoid(N(0, 1))` (logit-normal).
-- {step} steps, batch {args.batch_size}, AdamW (lr {args.lr}, weight decay {args.weight_decay}),
-  {args.warmup}-step warmup then cosine decay to 10%, grad-norm clip 1.0,
-  {args.caption_dropout:.0%} caption dropout, seed {args.seed}.
-- Final loss (EMA {LOSS_EMA} of the per-step loss): **{ema_loss:.4f}**.
-- Training time: {elapsed / 60:.1f} min on CPU ({args.threads or torch.get_num_threads()} thread(s),
-  {platform.processor() or platform.machine()}), torch {torch.__version__}.
+  `1000 t`; `t = s u / (1 + (s - 1) u)`, `u ~ sigmoid(N(0, 1))`, shift `s = {h["t_shift"]}`.
+- {prior_steps + run.step} steps in all: {origin}.
+- This run: batch {h["batch_size"]}, AdamW (lr {h["lr"]}, weight decay {h["weight_decay"]}),
+  {h["warmup"]}-step warmup then cosine decay to 10% at step {h["steps"]}, grad-norm clip 1.0,
+  {h["caption_dropout"]:.0%} caption dropout, seed {h["seed"]}; resumable in chunks
+  (`examples/train_reference.py --resume`).
+- Final loss (EMA {LOSS_EMA} of the per-step loss): **{run.ema_loss:.4f}**.
+- Time of this run: {run.train_s / 60:.1f} min training + {run.eval_s / 60:.1f} min periodic evaluation (wall),
+  {run.cpu_s / 3600:.2f} CPU-hours in all, on CPU ({args.threads or torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}),
+  torch {torch.__version__}.
 
 ![loss curve](loss_curve.png)
 
@@ -246,138 +450,97 @@ Euler sampler (`examples/train_reference.py`: `sample`, on `adacache_fx.tools.fi
 ## Caption faithfulness
 
 `adacache_fx.tools.reference.check_clip` locates the object in every frame and measures motion direction, speed,
-colour, size and shape (it scores 100% on rendered ground-truth clips). Pass rates over {args.eval_clips}
-generated clips for random captions (same sampler settings; `ok` = direction, speed and colour all right):
+colour, size and shape (it scores 100% on rendered ground-truth clips). Pass rates of the uncached model over
+the {n_eval} fixed evaluation captions (`reference.evaluation_captions()`: every direction x speed
+pair equally often, a third still; same sampler settings; `ok` = direction, speed and colour all right;
+`ok_<speed>` = `ok` within one speed class) at step {run.step}:
 
 | check | rate |
 | --- | --- |
 {check_rows}
+
+Learning curve (EMA weights, same evaluation):
+
+| step | training min | ok | direction | speed | shape |
+| --- | --- | --- | --- | --- | --- |
+{curve_rows}
+
+![caption check](caption_check.png)
 """
     (folder / "README.md").write_text(card)
-    print(f"exported to {folder}: " + json.dumps(rates), flush=True)
+    print(f"exported to {folder}: " + json.dumps(result), flush=True)
 
 
 def _raise_interrupt(_signum, _frame):
     raise KeyboardInterrupt
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.resume is not None:
+        run = Run.from_checkpoint(args.resume, args.steps)
+        print(f"resumed from {args.resume} at step {run.step} (loss EMA {run.ema_loss:.4f})", flush=True)
+    else:
+        hyper = {k: getattr(args, k) for k in HYPER} | {"steps": args.steps or 4500}
+        run = Run(hyper)
+    if args.export_only:
+        export(run, args)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "checkpoint.pt"
-    torch.manual_seed(args.seed)
+    total = run.hyper["steps"]
 
-    transformer, encoder = ref.build_reference_model()
-    ema_t, ema_e = (
-        copy.deepcopy(transformer).requires_grad_(False),
-        copy.deepcopy(encoder).requires_grad_(False),
-    )
-    params = [p for m in (transformer, encoder) for p in m.parameters()]
-    ema_params = [p for m in (ema_t, ema_e) for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.warmup, args.steps))
-    data_rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    step, losses, ema_loss, elapsed = 0, [], float("nan"), 0.0
+    def checkpoint(keep: bool = False) -> None:
+        save_atomic(ckpt_path, run.state())
+        if keep:
+            shutil.copyfile(ckpt_path, args.out / f"checkpoint_{run.step:05d}.pt")
+        if run.losses:
+            plot_losses(run.losses, args.out / "loss_curve.png")
 
-    if args.resume:
-        if not ckpt_path.is_file():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        for module, key in ((transformer, "transformer"), (encoder, "caption_encoder")):
-            module.load_state_dict(ckpt[key])
-        ema_t.load_state_dict(ckpt["ema_transformer"])
-        ema_e.load_state_dict(ckpt["ema_caption_encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        data_rng.bit_generator.state = json.loads(ckpt["data_rng"])
-        gen.set_state(ckpt["torch_rng"])
-        step, ema_loss, elapsed = ckpt["step"], ckpt["ema_loss"], ckpt["elapsed_s"]
-        losses = ckpt["losses"].tolist()
-        print(f"resumed from {ckpt_path} at step {step} (loss EMA {ema_loss:.4f})", flush=True)
-
-    def checkpoint() -> None:
-        state = {
-            "step": step,
-            "transformer": transformer.state_dict(),
-            "caption_encoder": encoder.state_dict(),
-            "ema_transformer": ema_t.state_dict(),
-            "ema_caption_encoder": ema_e.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "data_rng": json.dumps(data_rng.bit_generator.state),
-            "torch_rng": gen.get_state(),
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "ema_loss": ema_loss,
-            "elapsed_s": elapsed,
-            "args": json.dumps({k: str(v) for k, v in vars(args).items()}),
-        }
-        save_checkpoint(ckpt_path, state)
-        if losses:
-            plot_losses(losses, args.out / "loss_curve.png")
+    def maybe_evaluate() -> None:
+        if args.eval_every and run.step % args.eval_every == 0 and run.step not in {r["step"] for r in run.history}:
+            row = run.evaluate(args)
+            print("eval " + json.dumps(row), flush=True)
+            write_eval_csv(run.history, args.out / "eval.csv")
+            plot_checks(run.history, args.out / "caption_check.png")
+            checkpoint(keep=True)
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    transformer.train()
-    encoder.train()
-    start_step = step
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=5)
-    t_last = time.perf_counter()
+    run.transformer.train()
+    run.encoder.train()
+    chunk_start = time.perf_counter()
+    last_save = chunk_start
     try:
-        while step < args.steps:
-            clips, captions = ref.sample_batch(data_rng, args.batch_size)
-            drop = torch.rand(args.batch_size, generator=gen) < args.caption_dropout
-            texts = ["" if d else c.text for c, d in zip(captions, drop.tolist(), strict=True)]
-            noise = torch.randn(clips.shape, generator=gen)
-            t = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
-            tb = t.view(-1, 1, 1, 1, 1)
-            x_t = (1 - tb) * clips + tb * noise
-            context = encoder(ref.encode_captions(texts))
-            pred = transformer(x_t, t * 1000.0, context, return_dict=False)[0]
-            loss = F.mse_loss(pred, noise - clips)
-
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
-
-            step += 1
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
-            value = float(loss)
-            losses.append(value)
-            ema_loss = value if math.isnan(ema_loss) else LOSS_EMA * ema_loss + (1 - LOSS_EMA) * value
-            bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", refresh=False)
-            bar.update(1)
-            if step % args.log_every == 0 or step == args.steps:
-                rate = elapsed / max(1, len(losses))
-                bar.write(
-                    f"step {step} loss {value:.4f} ema {ema_loss:.4f} grad {float(grad_norm):.3f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {rate:.2f} s/step elapsed {elapsed / 60:.1f} min"
+        maybe_evaluate()
+        while run.step < total:
+            if args.minutes is not None and time.perf_counter() - chunk_start > 60 * args.minutes:
+                print(f"--minutes {args.minutes} reached at step {run.step}", flush=True)
+                break
+            t0 = time.perf_counter()
+            loss, grad_norm = run.train_step()
+            run.train_s += time.perf_counter() - t0
+            if run.step % args.log_every == 0 or run.step == total:
+                rate = run.train_s / max(1, len(run.losses))
+                print(
+                    f"step {run.step}/{total} loss {loss:.4f} ema {run.ema_loss:.4f} grad {grad_norm:.3f} "
+                    f"lr {run.scheduler.get_last_lr()[0]:.2e} {rate:.2f} s/step "
+                    f"train {run.train_s / 60:.1f} min eval {run.eval_s / 60:.1f} min cpu {run.cpu_s / 60:.1f} min",
+                    flush=True,
                 )
-                sys.stdout.flush()
-            if step % args.save_every == 0:
+            maybe_evaluate()
+            if time.perf_counter() - last_save > 60 * args.save_minutes:
                 checkpoint()
-                t_last = time.perf_counter()  # checkpoint time is not training time
+                last_save = time.perf_counter()
     except KeyboardInterrupt:
-        bar.close()
         checkpoint()
-        print(f"interrupted: saved {ckpt_path} at step {step}", flush=True)
+        print(f"interrupted: saved {ckpt_path} at step {run.step}", flush=True)
         raise SystemExit(130) from None
-    bar.close()
-    if step > start_step:
-        checkpoint()
-        print(f"done: step {step}, loss EMA {ema_loss:.4f}, {elapsed / 60:.1f} min of training", flush=True)
-    if args.export:
-        ema_t.eval()
-        ema_e.eval()
-        export(ema_t, ema_e, losses, ema_loss, elapsed, args)
+    checkpoint()
+    print(f"saved {ckpt_path}: step {run.step}/{total}, loss EMA {run.ema_loss:.4f}", flush=True)
+    if args.export and run.step >= total:
+        export(run, args)
 
 
 if __name__ == "__main__":

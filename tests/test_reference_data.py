@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from adacache_fx.tools.reference import (
     check_clips,
     decode_tokens,
     encode_captions,
+    evaluation_captions,
     parse_caption,
     render_clip,
     sample_batch,
@@ -96,6 +98,33 @@ def test_check_agrees_with_ground_truth():
     clips = torch.stack([render_clip(c, rng) for c in captions])
     rates = check_clips(clips, captions)
     assert rates == dict.fromkeys(rates, 1.0)
+
+
+def test_evaluation_set_covers_every_direction_and_speed():
+    captions = evaluation_captions()
+    assert len(captions) == 48
+    assert captions == evaluation_captions()  # fixed
+    motion = Counter((c.direction, c.speed) for c in captions)
+    assert motion == {(None, "still"): 16} | {(d, s): 4 for d in DIRECTIONS for s in ("slow", "fast")}
+    assert Counter(c.shape for c in captions) == dict.fromkeys(SHAPES, 16)
+    assert Counter(c.colour for c in captions) == dict.fromkeys(COLOURS, 8)
+    assert Counter(c.size for c in captions) == dict.fromkeys(SIZES, 24)
+    assert len({c.shape for c in captions if c.speed == "fast"}) == 3  # attributes are not tied to motion
+    assert [parse_caption(c.text) for c in captions] == captions
+    assert len(evaluation_captions(repeats=1)) == 12
+
+
+def test_check_passes_on_ground_truth_of_the_evaluation_set():
+    rng = np.random.default_rng(4)
+    captions = evaluation_captions()
+    clips = torch.stack([render_clip(c, rng) for c in captions])
+    assert check_clips(clips, captions) == dict.fromkeys(
+        ("ok", "direction_ok", "speed_ok", "colour_ok", "size_ok", "shape_ok", "visible"), 1.0
+    )
+    # a clip played backwards moves the opposite way: the check must notice
+    flipped = check_clips(clips.flip(2), captions)
+    assert flipped["direction_ok"] == pytest.approx(16 / 48)  # only the still clips pass
+    assert flipped["speed_ok"] == 1.0
 
 
 def test_measured_speeds():

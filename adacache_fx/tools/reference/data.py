@@ -124,6 +124,24 @@ def sample_caption(rng: np.random.Generator) -> Caption:
     )
 
 
+def evaluation_captions(repeats: int = 4, seed: int = 2024) -> list[Caption]:
+    """The fixed evaluation set: ``12 * repeats`` captions (48 by default), balanced over motion.
+
+    Each repeat holds every (direction, speed) pair once plus 4 still captions, so a third is still and every
+    direction/speed pair appears ``repeats`` times; shapes, colours and sizes are dealt evenly and shuffled
+    with ``seed``.
+    """
+    motions = [(d, s) for d in DIRECTIONS for s in SPEEDS[1:]] + [(None, "still")] * 4
+    n = len(motions) * repeats
+    rng = np.random.default_rng(seed)
+
+    def dealt(values) -> list:
+        return list(rng.permutation(np.resize(np.asarray(values), n)))
+
+    shapes, colours, sizes = dealt(SHAPES), dealt(tuple(COLOURS)), dealt(SIZES)
+    return [Caption(str(shapes[i]), str(colours[i]), str(sizes[i]), d, s) for i, (d, s) in enumerate(motions * repeats)]
+
+
 def _trajectory(caption: Caption, rng: np.random.Generator) -> np.ndarray:
     """Object centres ``[T, 2]`` as (x, y), keeping the object (nearly) inside the frame."""
     r = SIZE_RADIUS[caption.size]

@@ -1,0 +1,65 @@
+"""examples/train_reference.py: noise-level sampling, chunked resumption and export (tiny settings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "train_reference.py"
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_reference", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shifted_logit_normal_t(train):
+    gen = torch.Generator().manual_seed(0)
+    plain = train.sample_t(100_000, 1.0, gen)
+    shifted = train.sample_t(100_000, 2.5, gen)
+    assert 0 < float(shifted.min()) and float(shifted.max()) < 1
+    assert float(plain.median()) == pytest.approx(0.5, abs=0.01)
+    assert float(shifted.median()) == pytest.approx(2.5 / 3.5, abs=0.01)  # s u / (1 + (s - 1) u) at u = 1/2
+    assert float((shifted > 0.9).float().mean()) > 5 * float((plain > 0.9).float().mean())
+
+
+def test_resumed_chunks_equal_one_run_and_export(train, tmp_path):
+    tiny = ["--threads", "1", "--batch-size", "2", "--eval-repeats", "1", "--sample-steps", "1"]
+    train.main([*tiny, "--out", str(tmp_path / "one"), "--steps", "3", "--eval-every", "0"])
+    train.main([*tiny, "--out", str(tmp_path / "two"), "--steps", "2", "--eval-every", "2"])
+    first = tmp_path / "two" / "checkpoint.pt"
+    train.main([*tiny, "--out", str(tmp_path / "two"), "--steps", "3", "--resume", str(first), "--eval-every", "0"])
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert one["step"] == two["step"] == 3
+    assert torch.equal(one["losses"], two["losses"])
+    for key in ("transformer", "ema_transformer", "caption_encoder"):
+        assert all(torch.equal(one[key][k], two[key][k]) for k in one[key])
+    assert one["optimizer"]["state"][0]["step"] == two["optimizer"]["state"][0]["step"] == 3
+    assert two["scheduler"]["last_epoch"] == 3
+    assert two["cpu_s"] > 0
+    csv_lines = (tmp_path / "two" / "eval.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("step,train_min,loss_ema,ok,direction_ok")
+    assert [line.split(",")[0] for line in csv_lines[1:]] == ["0", "2"]
+    assert (tmp_path / "two" / "checkpoint_00002.pt").is_file()
+
+    export_dir = tmp_path / "export"
+    train.main([*tiny, "--resume", str(tmp_path / "two" / "checkpoint.pt"), "--export-only", "--export-dir", str(export_dir)])
+    names = {p.name for p in export_dir.iterdir()}
+    assert {"transformer.safetensors", "caption_encoder.safetensors", "config.json", "README.md"} <= names
+    assert {"loss_curve.png", "samples.png", "caption_check.png"} <= names
+    config = json.loads((export_dir / "config.json").read_text())
+    assert config["training"]["steps"] == 3
+    assert config["caption_check"]["step"] == 3
+    assert "| 2 | 0 |" in (export_dir / "README.md").read_text()  # learning-curve row of the step-2 evaluation
+    from adacache_fx.tools.reference import load_reference_model
+
+    transformer, _ = load_reference_model(export_dir)
+    assert torch.equal(transformer.state_dict()["proj_out.weight"], two["ema_transformer"]["proj_out.weight"])
