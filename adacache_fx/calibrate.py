@@ -73,7 +73,7 @@ def calibrate(
     >>> import adacache_fx
     >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline  # the bundled model
     >>> pipe = ReferencePipeline.from_reference()
-    >>> codebook = adacache_fx.calibrate(pipe, ["a small red circle moving right slowly"], num_steps=10, target=2.0)
+    >>> codebook = adacache_fx.calibrate(pipe, ["a large red circle moving right fast"], num_steps=10, target=2.0)
     >>> sorted(set(codebook.values()))  # a fast basis, thresholds fitted to this model's metric
     [1, 2, 3, 4, 5, 6]
     """

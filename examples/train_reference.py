@@ -181,12 +181,13 @@ def plot_grid(clips: torch.Tensor, captions: list[str], path: Path) -> None:
 
 
 @torch.no_grad()
-def sample(transformer, caption_encoder, captions: list[str], num_steps: int, guidance_scale: float, seed: int):
+def sample(transformer, caption_encoder, captions: list, num_steps: int, guidance_scale: float, seed: int):
     """Clips ``[B, 3, 8, 32, 32]`` in [-1, 1]: Euler from noise (sigma 1) to 0, classifier-free guidance as one
     batch of conditional and unconditional (empty caption) inputs; ``guidance_scale = 1``: conditional only."""
     device = next(transformer.parameters()).device
     use_cfg = guidance_scale != 1.0
-    text = caption_encoder.encode(captions + [""] * len(captions) if use_cfg else captions).to(device)
+    texts = [c.text if isinstance(c, ref.Caption) else c for c in captions]
+    text = caption_encoder.encode(texts + [""] * len(texts) if use_cfg else texts).to(device)
     shape = (len(captions), ref.data.CHANNELS, ref.data.NUM_FRAMES, ref.data.HEIGHT, ref.data.WIDTH)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
 

@@ -294,3 +294,16 @@ def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
     exported = [runner(**make_inputs(s)) for s in range(9)]
     assert runner.report().computed_steps == [1, 4, 7, 8, 9]
     assert max(float((a - b).abs().max()) for a, b in zip(exported, eager)) < 1e-4
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import adacache_fx.api
+    import adacache_fx.calibrate
+    import adacache_fx.config
+    import adacache_fx.testing
+
+    for module in (adacache_fx.api, adacache_fx.config, adacache_fx.testing, adacache_fx.calibrate):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
