@@ -33,7 +33,7 @@ def _cogvideox():
     )
     transformer = CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-        text_embed_dim=16, num_layers=2, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
+        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
         temporal_compression_ratio=4, max_text_seq_length=8,
     )
     pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
@@ -73,7 +73,7 @@ def _latte():
     from diffusers import LattePipeline, LatteTransformer3DModel
 
     transformer = LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
         cross_attention_dim=32, attention_bias=True, sample_size=8, patch_size=2,
         activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16, video_length=2,
@@ -88,7 +88,7 @@ def _pixart():
     from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel
 
     transformer = PixArtTransformer2DModel(
-        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=16, num_attention_heads=2, in_channels=4,
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=16, num_attention_heads=2, in_channels=4,
         cross_attention_dim=32, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         use_additional_conditions=False, caption_channels=16,
@@ -113,7 +113,7 @@ def _ltx():
     )
     transformer = LTXVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
-        num_layers=2, qk_norm="rms_norm_across_heads", caption_channels=16,
+        num_layers=1, qk_norm="rms_norm_across_heads", caption_channels=16,
     )
     pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
     call = dict(height=32, width=32, num_frames=5, guidance_scale=3.0, max_sequence_length=8,
@@ -132,7 +132,7 @@ def _hunyuan():
     )
     transformer = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
         text_embed_dim=16, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
     )
     pipe = dict(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None, vae=vae,
@@ -151,7 +151,7 @@ def _wan():
     )
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )
     pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
@@ -163,7 +163,7 @@ def _flux():
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
         axes_dims_rope=(4, 6, 6),
     )
