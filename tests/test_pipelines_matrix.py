@@ -268,3 +268,53 @@ def test_two_steps_compute_every_step_with_one_warning(name, sched):
     for context in fam.contexts:
         rep = ax.report(fam.default, context)
         assert rep.num_steps == 2 and rep.computed_steps == [1, 2]
+
+
+def test_report_refuses_a_context_the_latest_generation_did_not_use():
+    fam = family("flux")
+    fam.run("default", _scheduler("flow_euler"), STEPS)
+    assert fam.default.generation_contexts == ["cond", "uncond"]
+    pipe = fam.pipes["default"]
+    call = {k: v for k, v in fam.call.items() if not k.startswith("negative_")}  # no true CFG: "cond" only
+    with torch.no_grad():
+        pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent", **call)
+    assert fam.default.generation_contexts == ["cond"]
+    assert "uncond" in fam.default.contexts  # it still holds the earlier generation's state
+    assert ax.report(fam.default, "cond").num_steps == STEPS
+    with pytest.raises(RuntimeError, match="'uncond' was not used in the latest generation"):
+        ax.report(fam.default, "uncond")
+
+
+def test_disable_undoes_every_wrapping():
+    fam = family("pixart")
+    components = dict(fam.pipes["plain"].components)
+    transformer, scheduler = components["transformer"], _scheduler("ddim")
+    pipe = type(fam.pipes["plain"])(**{**components, "scheduler": scheduler})
+    cached = ax.enable(pipe)
+    assert "set_timesteps" in vars(scheduler) and pipe.transformer is cached
+    swapped = pipe.scheduler = _scheduler("dpmsolver")
+    cached._adacache_follower[0].watch(swapped)  # what the next call does on seeing the swap
+    assert "set_timesteps" in vars(swapped) and "set_timesteps" not in vars(scheduler)
+    ax.disable(pipe)
+    assert pipe.transformer is transformer and "set_timesteps" not in vars(swapped)
+    assert not cached._prepare_hooks
+
+
+def test_a_scheduler_without_set_timesteps_is_named_in_one_warning():
+    from types import SimpleNamespace
+
+    from adacache_fx.integrations.diffusers import GenerationFollower
+
+    class Stepper:  # timesteps, but no set_timesteps and no step_index
+        timesteps = torch.arange(10)
+
+    pipe = SimpleNamespace(scheduler=Stepper())
+    follower = GenerationFollower(pipe)
+    model = ax.transform(torch.nn.Linear(2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        follower(model, (), {})
+        follower(model, (), {})
+    assert [str(w.message) for w in caught if "Stepper" in str(w.message)] == [
+        str(caught[0].message)] and "cannot tell where a generation starts" in str(caught[0].message)
+    assert model.num_steps == 10
