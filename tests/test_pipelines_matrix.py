@@ -318,3 +318,19 @@ def test_a_scheduler_without_set_timesteps_is_named_in_one_warning():
     assert [str(w.message) for w in caught if "Stepper" in str(w.message)] == [
         str(caught[0].message)] and "cannot tell where a generation starts" in str(caught[0].message)
     assert model.num_steps == 10
+
+
+def test_an_interrupted_generation_does_not_leak_into_the_next():
+    fam = family("flux")
+    full = fam.run("default", _scheduler("flow_euler"), STEPS)
+
+    def stop_after_three_steps(pipe, i, t, callback_kwargs):
+        pipe._interrupt = i >= 2  # diffusers' documented way to stop a generation early
+        return {}
+
+    pipe = fam.pipes["default"]
+    with torch.no_grad():
+        pipe(num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent",
+             callback_on_step_end=stop_after_three_steps, **fam.call)
+    assert len(ax.report(fam.default, "cond").steps) == 3  # both contexts stopped mid-generation
+    assert torch.equal(fam.run("default", _scheduler("flow_euler"), STEPS), full)
