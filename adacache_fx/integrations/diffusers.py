@@ -18,9 +18,10 @@ class GenerationFollower:
 
     Signals, from the pipeline's own objects: a call of ``scheduler.set_timesteps`` (wrapped here; every
     diffusers pipeline calls it once before its loop, whether or not the scheduler has a ``step_index``)
-    and a scheduler replaced since the last call. The pipeline's ``cache_context(..., step_index=0, num_inference_steps=N)`` calls
-    are followed by :meth:`CachedModel.cache_context` itself. N is the number of transformer calls per
-    cache context: the scheduler's timesteps from its ``begin_index`` (img2img pipelines start later).
+    and a scheduler replaced since the last call. The pipeline's ``cache_context(..., step_index=0,
+    num_inference_steps=N)`` calls are followed by :meth:`CachedModel.cache_context` itself. N is the
+    number of transformer calls per cache context: the scheduler's timesteps from its ``begin_index``
+    (img2img pipelines start later), else the pipeline's ``num_timesteps``.
     """
 
     def __init__(self, pipe):
@@ -56,7 +57,7 @@ class GenerationFollower:
     def num_steps(self) -> int | None:
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
-            return getattr(self.pipe, "_num_timesteps", None)
+            return getattr(self.pipe, "num_timesteps", None)
         return len(timesteps) - (getattr(self.pipe.scheduler, "begin_index", None) or 0)
 
     def warn_once(self, key: str, message: str) -> None:
