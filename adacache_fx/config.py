@@ -26,6 +26,8 @@ class MoRegConfig:
     Args:
         strides: frame strides ``i`` of the motion metric (averaged).
         window: inclusive 1-based step window in which the motion metric is active; outside it m = 1.
+            ``None`` (default) scales it with N: ``(k, N - k)`` with ``k = N // 12 + 2`` (see
+            :meth:`window_for`), which gives the official ``(4, 26)`` at 30 steps and ``(10, 90)`` at 100.
         power: ``(a, b, d)`` of the normalization ``m = ((m / a) ** b) / d``.
         grad_scale: ``k`` of the motion gradient ``g = k * (m - m_prev) / r_prev``.
         frames: number of latent frames T at the metric location; ``None`` infers it from the patch
@@ -33,7 +35,7 @@ class MoRegConfig:
     """
 
     strides: tuple[int, ...] = (1,)
-    window: tuple[int, int] = (4, 26)
+    window: tuple[int, int] | None = None
     power: tuple[float, float, float] = (0.385, 8.0, 1.0)
     grad_scale: float = 10.0
     frames: int | None = None
@@ -43,19 +45,31 @@ class MoRegConfig:
         if not strides or min(strides) < 1:
             raise ValueError(f"MoRegConfig.strides must be positive frame strides, got {self.strides!r}")
         object.__setattr__(self, "strides", strides)
-        if len(self.window) != 2 or self.window[0] > self.window[1]:
-            raise ValueError(f"MoRegConfig.window must be (first, last) with first <= last, got {self.window!r}")
+        if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):
+            raise ValueError(
+                f"MoRegConfig.window must be (first, last) with first <= last, or None, got {self.window!r}"
+            )
         if len(self.power) != 3 or self.power[0] <= 0 or self.power[2] == 0:
             raise ValueError(f"MoRegConfig.power must be (a, b, d) with a > 0 and d != 0, got {self.power!r}")
         if self.frames is not None and self.frames < 2:
             raise ValueError(f"MoRegConfig.frames must be >= 2 (motion needs frames), got {self.frames}")
-        object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
+        if self.window is not None:
+            object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
         object.__setattr__(self, "power", tuple(float(p) for p in self.power))
         object.__setattr__(self, "grad_scale", float(self.grad_scale))
 
+    def window_for(self, num_steps):
+        """The ``(first, last)`` step window for N = ``num_steps``: the one set, else ``(k, N - k)`` with
+        ``k = N // 12 + 2`` (integer arithmetic, so it also runs on a symbolic N inside a graph)."""
+        if self.window is not None:
+            return self.window
+        k = num_steps // 12 + 2
+        return k, num_steps - k
+
     def to_dict(self) -> dict:
         """A JSON-compatible dict that :meth:`from_dict` turns back into an equal config."""
-        return {"strides": list(self.strides), "window": list(self.window), "power": list(self.power),
+        window = None if self.window is None else list(self.window)
+        return {"strides": list(self.strides), "window": window, "power": list(self.power),
                 "grad_scale": self.grad_scale, "frames": self.frames}
 
     @classmethod

@@ -149,12 +149,19 @@ class CachedModel(nn.Module):
         return self._store.contexts
 
     @property
+    def generation_contexts(self) -> list[str]:
+        """The cache contexts the latest generation used, in the order first used (those :meth:`report`
+        reads; the others hold records of an earlier generation)."""
+        return self._store.generation_contexts
+
+    @property
     def num_steps(self) -> int | None:
         """N of the current generations (None until known)."""
         return self._store.num_steps
 
     def begin_generation(self, num_steps: int | None = None) -> None:
-        """Start a new generation in the active context on the next call (every context if N changes)."""
+        """Start a new generation in the active context on the next call (every context if N changes).
+        With fewer than 3 steps (a pipeline may run 2) every step computes."""
         self._store.begin_generation(num_steps)
 
     def reset(self, num_steps: int | None = None) -> None:
@@ -274,6 +281,11 @@ class CachedModel(nn.Module):
         if last is None:
             raise RuntimeError(
                 f"no generation has run in cache context {context!r} yet (contexts with state: {self.contexts})"
+            )
+        if context not in self._store.generation_contexts:
+            raise RuntimeError(
+                f"cache context {context!r} was not used in the latest generation: its records are from an "
+                f"earlier one (contexts of the latest generation: {self.generation_contexts})"
             )
         key, state = last
         program = self._programs[key]

@@ -120,10 +120,10 @@ def start_generation(state: dict[str, torch.Tensor]) -> None:
     state["history"].fill_(float("nan"))
 
 
-def check_num_steps(num_steps) -> int:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 3:
+def check_num_steps(num_steps, minimum: int = 3) -> int:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < minimum:
         raise ValueError(
-            f"num_steps must be an int >= 3 (steps 1, N-1 and N always compute), got {num_steps!r}"
+            f"num_steps must be an int >= {minimum} (steps 1, N-1 and N always compute), got {num_steps!r}"
         )
     return num_steps
 
@@ -144,6 +144,8 @@ class StateStore:
         self._storage: dict[str, dict[Hashable, dict[str, torch.Tensor]]] = {}
         self._bound: dict[Hashable, dict[str, torch.Tensor]] = {}
         self._last_key: dict[str, Hashable] = {}
+        self._epoch = 0  # counts resets: a context used in an older epoch than another one is stale
+        self._used: dict[str, int] = {}
 
     # -- layouts and storage ---------------------------------------------------------------------
     def add_layout(self, key: Hashable, layout: StateLayout, device: torch.device | str = "cpu") -> None:
@@ -184,6 +186,12 @@ class StateStore:
         state = None if key is None else self._storage.get(context, {}).get(key)
         return None if state is None else (key, state)
 
+    @property
+    def generation_contexts(self) -> list[str]:
+        """The contexts used since the latest reset that was followed by a call (the latest generation)."""
+        latest = max(self._used.values(), default=None)
+        return [c for c, epoch in self._used.items() if epoch == latest and c in self._last_key]
+
     def use(self, key: Hashable) -> None:
         """Record that the active context runs ``key`` now; refuse a new signature mid-generation
         (reads the step counter on the host: called eagerly, before the graph runs)."""
@@ -197,6 +205,7 @@ class StateStore:
                     "adacache_fx.reset(model) first. The cached state was left untouched."
                 )
         self._last_key[self.active] = key
+        self._used[self.active] = self._epoch
 
     # -- binding ---------------------------------------------------------------------------------
     def bound(self, key: Hashable) -> dict[str, torch.Tensor]:
@@ -223,16 +232,18 @@ class StateStore:
 
     # -- generations -----------------------------------------------------------------------------
     def begin_generation(self, num_steps: int | None = None) -> None:
-        """A new generation starts in the active context (in every context if N changes)."""
+        """A new generation starts in the active context (in every context if N changes). A pipeline may
+        run fewer than 3 steps: every step then computes."""
         if num_steps is not None and num_steps != self.num_steps:
-            self.reset(num_steps)
+            self.reset(num_steps, minimum=1)
             return
         for state in self._storage.get(self.active, {}).values():
             start_generation(state)
 
-    def reset(self, num_steps: int | None = None) -> None:
-        """Start a new generation in every context; a new N reallocates the state."""
-        if num_steps is not None and check_num_steps(num_steps) != self.num_steps:
+    def reset(self, num_steps: int | None = None, minimum: int = 3) -> None:
+        """Start a new generation in every context; a new N (at least ``minimum``) reallocates the state."""
+        self._epoch += 1
+        if num_steps is not None and check_num_steps(num_steps, minimum) != self.num_steps:
             self.num_steps = num_steps
             self._storage.clear()
             self._last_key.clear()
@@ -249,6 +260,7 @@ class StateStore:
         self._storage.clear()
         self._bound.clear()
         self._last_key.clear()
+        self._used.clear()
 
 
 # -- report --------------------------------------------------------------------------------------

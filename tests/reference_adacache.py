@@ -42,7 +42,7 @@ def schedule(trajectory, num_steps, codebook, moreg=None, batch=1, frames=None, 
             since = s - computed[-1]  # the rate that scheduled s, unless s was forced
             c = l1(p - p_prev) / l1(p_prev) / since
             if moreg is not None:
-                first, last = moreg.window
+                first, last = moreg.window_for(num_steps)
                 a, b, d = moreg.power
                 m = ((motion(p, batch, frames, moreg.strides) / a) ** b) / d if first <= s <= last else 1.0
                 gradient = moreg.grad_scale * (m - m_prev) / since

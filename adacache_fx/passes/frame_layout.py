@@ -65,10 +65,17 @@ def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str) ->
         inferred = infer_frame_layout(graph)
         if inferred is None:
             raise PassError(
-                "MoReg needs the number of latent frames, and this graph has no convolutional patch "
-                "embedding to infer it from: set MoRegConfig(frames=T)"
+                "MoReg needs the number of latent frames T, and this model has no convolutional patch "
+                "embedding to infer it from (it packs its tokens with a linear layer, as LTX-Video and Flux "
+                "do): set MoRegConfig(frames=T) for a video model; an image model has no motion to "
+                "regularize (use moreg=None)"
             )
         batch, frames, per_frame = inferred
+        if frames == 1:
+            raise PassError(
+                "MoReg is for video: this model's patch embedding reads single images (1 frame), so there "
+                "is no motion to measure; use AdaCacheConfig(moreg=None)"
+            )
     expected = None if per_frame is None else batch * frames * per_frame * value.shape[-1]
     if frames < 2 or value.numel() % (batch * frames) or (expected is not None and value.numel() != expected):
         raise PassError(

@@ -185,7 +185,7 @@ def plan_metric(
         streams, _ = pair_streams(block.nodes, pos)
         if not streams:
             raise PassError(f"metric block {block.path} has no residual stream")
-        stream = primary_stream(streams)
+        stream = primary_stream(streams, graph, blocks[:index % len(blocks)], pos)
         if stream.adds:
             if metric_branch >= len(stream.adds):
                 raise PassError(

@@ -13,7 +13,8 @@ Semantics (AdaCache, Kahatapitiya et al. 2024, as in the official Open-Sora impl
   by the warm-up or by N - 1). Several metric sites average their distances.
 * With motion regularization (MoReg), the motion of p is measured between frames ``i`` apart:
   ``m_i = ||p[:, i:] - p[:, :-i]||_1 / (||p[:, i:]||_1 + ||p[:, :-i]||_1)`` on p laid out as
-  ``[B, T, ...]``, averaged over the strides. Inside the step window, ``m = ((m / a) ** b) / d``, else
+  ``[B, T, ...]``, averaged over the strides. Inside the step window (default ``(k, N - k)``,
+  ``k = N // 12 + 2``: the official ``(4, 26)`` at 30 steps, ``(10, 90)`` at 100), ``m = ((m / a) ** b) / d``, else
   ``m = 1``; the motion gradient ``g = k * (m - m_prev) / r_prev`` (m_prev starts at 1 and keeps the
   last regularized-before-gradient m), then ``c = c * (m + |g|)``.
 * The codebook ``{threshold: rate}`` (thresholds increasing) gives the new rate: the rate of the first
@@ -116,7 +117,7 @@ class StepEnd(nn.Module):
         c = distance / since
         m = torch.ones_like(c)
         if self.moreg is not None:
-            first, last = self.moreg.window
+            first, last = self.moreg.window_for(history.shape[0])  # the history has N rows
             a, b, d = self.moreg.power
             in_window = (s >= first) & (s <= last)
             m = torch.where(in_window, ((motion / a) ** b) / d, m)
