@@ -305,3 +305,35 @@ def test_cogvideox_at_another_size_caches():
     assert max_diff(run_steps(cached, make_configured, 8),
                     hand_reference(model, make_configured, 8, set(steps), "block")) < 1e-5
     assert len(cached.programs) == 2
+
+
+class WritesThroughData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(2, 4))
+
+    def forward(self, x):
+        table = x.new_zeros(x.shape[0], 4)
+        table.data.copy_(x * 2)  # depends on the input: cannot be evaluated eagerly
+        return x + table
+
+
+class RebuildsFromItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = WritesThroughData()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_an_untraceable_tensor_names_the_module_and_its_buffers():
+    cached = ax.transform(RebuildsFromItsInput(), ax.AdaCacheConfig(num_steps=4))
+    with pytest.raises(ax.CaptureError, match=r"embed\.lifted_tensor_0 in module embed \(WritesThroughData, buffers "
+                                              r"\['table'\]\).*call the model at the size its config was built for"):
+        with torch.no_grad():
+            cached(torch.randn(2, 4))
