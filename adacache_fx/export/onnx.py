@@ -6,10 +6,11 @@ The exported graph is the rewritten program of one call signature::
 
 like the KV cache of an LLM engine: the runner feeds the state in and keeps what comes out for the
 next step. Each cached region is an ONNX ``If`` node whose predicate is computed from the ``state.*``
-inputs, so ONNX Runtime runs only the branch taken. Non-tensor inputs (``return_dict=False``...) and static
-inputs (small tensors the model reads on the host, see :mod:`adacache_fx.capture`) are baked in as
-constants; the runner refuses a call whose static input has another value. The ONNX model's ``metadata_props["adacache_fx"]`` holds what a runner needs
-(input and output names, the state layout, the number of steps N, the output structure).
+inputs, so ONNX Runtime runs only the branch taken. Non-tensor inputs (``return_dict=False``...) and
+static inputs (small tensors the model reads on the host, see :mod:`adacache_fx.capture`) are baked in
+as constants; the runner refuses a call whose static input has another value. The ONNX model's
+``metadata_props["adacache_fx"]`` holds what a runner needs (input and output names, the state
+layout, the number of steps N, the output structure).
 
 Shapes are static except the number of steps (the rows of ``state.history``): the capture is
 specialized to the input shapes, so export one file per input signature.
