@@ -28,7 +28,7 @@ class HostReadDiT(nn.Module):
 
     input_sq_size = 64
 
-    def __init__(self, pattern: str, num_layers: int = 4, dim: int = 32, channels: int = 4, patch: int = 2):
+    def __init__(self, pattern: str, num_layers: int = 2, dim: int = 32, channels: int = 4, patch: int = 2):
         super().__init__()
         self.pattern, self.patch, self.channels = pattern, patch, channels
         self.embed = nn.Linear(channels * patch * patch, dim)
