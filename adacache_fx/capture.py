@@ -225,18 +225,23 @@ class _Exporter:
         flat, spec = pytree.tree_flatten((self.args, self.kwargs))
         flat = [f"adacache_fx.static:{n}" if n in static else leaf for (n, _), leaf in zip(self.named, flat)]
         args, kwargs = pytree.tree_unflatten(flat, spec)
-        mode = _StaticEvaluation({n: self.tensors[n] for n in static}, self.fold)
-        active = bool(static) or self.fold
+        fold = self.fold or bool(static)  # what the static values compute may be cached by the model
+        mode = _StaticEvaluation({n: self.tensors[n] for n in static}, fold)
+        buffers = dict(self.model.named_buffers())
 
         def enter(module, call_args, call_kwargs):
             call = pytree.tree_map(lambda leaf: markers.get(leaf, leaf) if isinstance(leaf, str) else leaf,
                                    (call_args, call_kwargs))
-            if active:
+            if fold:  # the export swapped fake buffers in: evaluate with the real ones
+                for name, fake in module.named_buffers():
+                    if name in buffers and fake is not buffers[name]:
+                        mode.sources[id(fake)] = (fake, frozenset())
+                        mode.real[id(fake)] = buffers[name]
                 mode.__enter__()
             return call
 
         def leave(module, call_args, output):
-            if active:
+            if fold:
                 mode.__exit__(None, None, None)
 
         handles = [self.model.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
@@ -258,13 +263,15 @@ class _Exporter:
 class _StaticEvaluation(TorchFunctionMode):
     """Evaluate eagerly, on real values, every torch function whose tensor arguments are all static:
     specialized inputs, what is computed from them alone, and with ``fold`` tensors made without
-    tensor arguments. Records the inputs whose values are read on the host (:attr:`read`)."""
+    tensor arguments and buffers (:attr:`real` maps the export's fake buffers to the real ones).
+    Records the inputs whose values are read on the host (:attr:`read`)."""
 
     def __init__(self, inputs: dict[str, torch.Tensor], fold: bool):
         super().__init__()
         self.fold = fold
         self.sources = {id(t): (t, frozenset([n])) for n, t in inputs.items()}  # id -> (tensor, inputs)
         self.read: set[str] = set()
+        self.real: dict[int, torch.Tensor] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -280,6 +287,8 @@ class _StaticEvaluation(TorchFunctionMode):
             inputs = frozenset().union(*(names for _, names in sources))
             if func in _HOST_READS:
                 self.read |= inputs
+            if self.real:
+                args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: self.real.get(id(t), t), (args, kwargs))
             with _disable_current_modes():
                 out = func(*args, **kwargs)
             for leaf in pytree.tree_leaves(out):

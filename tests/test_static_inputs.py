@@ -1,6 +1,7 @@
 """Models that read small input tensors on the host (static inputs), and models that rebuild a buffer
 for an input size other than their config's (input-independent tensors evaluated eagerly)."""
 
+import functools
 import logging
 
 import pytest
@@ -168,6 +169,24 @@ def test_a_second_value_is_captured_separately(pattern):
         cached(**make_inputs(0))
         with pytest.raises(ValueError, match="signature changed in the middle of a generation"):
             cached(**make_second(1))
+
+
+class CachedPosEmbedDiT(HostReadDiT):
+    """Open-Sora's STDiT3 keeps its positional embeddings in a ``functools.lru_cache``."""
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - as the model does
+    def pos_embed(self, h, w, scale, base_size):
+        return super().pos_embed(h, w, scale, base_size)
+
+
+def test_a_cache_in_the_forward_keeps_real_tensors():
+    _, make_inputs = build_host_read("resolution")
+    torch.manual_seed(0)
+    model = CachedPosEmbedDiT("resolution").eval()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER))
+    got = run_steps(cached, make_inputs, 4)  # the embedding is evaluated eagerly: the cache holds a real tensor
+    assert max_diff(got, run_steps(model, make_inputs, 4)) < 1e-5
+    assert cached.static_inputs == ("height", "width")
 
 
 def test_named_static_inputs_are_specialized_without_a_failed_export(monkeypatch):
