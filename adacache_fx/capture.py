@@ -187,6 +187,14 @@ def _specialize(exporter: _Exporter, program, failure: BaseException | None, sta
     found = [n for n in candidates if n in exporter.read]
     if not found and failure is None:  # the graph's host reads are not of inputs
         return program, static
+    if not found:  # no input read: the values read were input-independent (a buffer's)
+        try:
+            exporter.fold = True
+            return exporter(static), static
+        except Exception as error:  # noqa: BLE001 - keep every candidate specialized
+            exporter.fold = False
+            logger.debug("%s: folding alone failed (%s); keeping %s", name, _brief(error), candidates)
+            found = candidates
     if found and found != candidates:
         try:  # the other candidates stay inputs of the graph
             specialized, candidates = exporter(static + found), found

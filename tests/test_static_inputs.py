@@ -356,3 +356,27 @@ def test_an_untraceable_tensor_names_the_module_and_its_buffers():
                                               r"\['table'\]\).*call the model at the size its config was built for"):
         with torch.no_grad():
             cached(torch.randn(2, 4))
+
+
+class ReadsABuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("flag", torch.tensor(1.0))
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x, t):
+        if self.flag > 0:  # a buffer read on the host: evaluated eagerly, no input specialized
+            x = x * 2
+        x = x + t
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_a_buffer_read_on_the_host_specializes_no_input():
+    model = ReadsABuffer().eval()
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER))
+    inputs = [(torch.randn(2, 4), torch.tensor([float(s)])) for s in range(4)]
+    with torch.no_grad():
+        assert max(float((cached(x, t) - model(x, t)).abs().max()) for x, t in inputs) == 0.0
+    assert cached.static_inputs == () and len(cached.programs) == 1
