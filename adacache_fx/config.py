@@ -104,6 +104,10 @@ class AdaCacheConfig:
             compute steps, ``r_last + (s - s_last) / (s_last - s_prev) * (r_last - r_prev)`` (the
             first-order forecast of TaylorSeer, here inside the graph); keeps a second residual per
             cached tensor, so the cache memory doubles. The schedule is decided as with ``0``.
+        static_inputs: names of small tensor inputs the model reads on the host (``height``, ``fps``;
+            ``arg2`` for a positional one): their values are constants of each capture and part of its
+            input signature, like shapes. Such inputs are also found automatically when the export
+            needs them; naming them saves that first failed export.
     """
 
     num_steps: int | None = None
@@ -115,6 +119,7 @@ class AdaCacheConfig:
     compute_steps: Sequence[int] | None = None
     warmup_steps: int = 0
     extrapolation_order: int = 0
+    static_inputs: Sequence[str] = ()
 
     def __post_init__(self):
         if self.num_steps is not None:
@@ -137,6 +142,9 @@ class AdaCacheConfig:
             object.__setattr__(self, "compute_steps", steps)
         if self.metric_block is not None and not isinstance(self.metric_block, int):
             object.__setattr__(self, "metric_block", tuple(int(b) for b in self.metric_block))
+        if isinstance(self.static_inputs, str) or not all(isinstance(n, str) for n in self.static_inputs):
+            raise TypeError(f"static_inputs must be a sequence of input names, got {self.static_inputs!r}")
+        object.__setattr__(self, "static_inputs", tuple(self.static_inputs))
         if self.moreg is not None and not isinstance(self.moreg, MoRegConfig):
             raise TypeError(f"moreg must be a MoRegConfig or None, got {type(self.moreg).__name__}")
 

@@ -3,7 +3,9 @@
 The rewritten graph is a pure function ``(inputs..., state...) -> (outputs..., new_state...)``. This
 module captures and rewrites the wrapped model lazily on the first call of each input signature,
 feeds it the state of the active cache context (held by a :class:`~adacache_fx.state.StateStore`)
-and writes the new values back in place. Nothing here reads a tensor value during a generation.
+and writes the new values back in place. Nothing here reads a tensor value during a generation,
+except the few values of the static inputs (small tensors the model reads on the host), which are
+part of the signature key.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ class Program:
 
 
 class SignatureKey(NamedTuple):
-    """What a captured program is specialized to: the call's structure, shapes, dtypes and constants
-    (:func:`~adacache_fx.capture.signature`), and the weights' dtype and device."""
+    """What a captured program is specialized to: the call's structure, shapes, dtypes, constants and
+    static inputs' values (:func:`~adacache_fx.capture.signature`), and the weights' dtype and device."""
 
     call: tuple
     dtype: torch.dtype | None
@@ -92,6 +94,10 @@ class CachedModel(nn.Module):
         self._current: tuple[Program, dict[str, torch.Tensor]] | None = None
         self._program_hooks: OrderedDict[int, Callable[[Program], None]] = OrderedDict()  # as torch's hook dicts
         self._prepare_hooks: OrderedDict[int, Callable] = OrderedDict()
+        # What the captures found out, so later signatures need no failed export: the inputs read on
+        # the host (specialized) and whether input-independent tensors are evaluated eagerly.
+        self._static_inputs: tuple[str, ...] = tuple(config.static_inputs)
+        self._fold_constants = False
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -191,15 +197,29 @@ class CachedModel(nn.Module):
         """The captured programs, by input signature key (read-only view)."""
         return dict(self._programs)
 
+    @property
+    def static_inputs(self) -> tuple[str, ...]:
+        """The inputs whose values are part of the signature key: named in the config or found by a
+        capture (small tensors the model reads on the host)."""
+        return self._static_inputs
+
     def signature_key(self, args: tuple, kwargs: dict) -> SignatureKey:
-        """The key of a call: its input signature and the weights' dtype and device."""
+        """The key of a call: its input signature (static inputs' values included) and the weights'
+        dtype and device."""
+        call = signature(args, kwargs, self._static_inputs)
         param = next(self.model.parameters(), None)
         if param is None:
-            return SignatureKey(signature(args, kwargs), None, "cpu")
-        return SignatureKey(signature(args, kwargs), param.dtype, str(param.device))
+            return SignatureKey(call, None, "cpu")
+        return SignatureKey(call, param.dtype, str(param.device))
 
     def _capture(self, key, args, kwargs) -> Program:
-        captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch")
+        captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
+                           static_inputs=self._static_inputs, fold=self._fold_constants)
+        self._fold_constants = captured.folded
+        found = tuple(n for n in captured.static_inputs if n not in self._static_inputs)
+        if found:  # the key now holds their values
+            self._static_inputs += found
+            key = self.signature_key(args, kwargs)
         try:
             result = rewrite(captured.graph_module, self.adacache_config)
         except PassError as error:
@@ -221,6 +241,7 @@ class CachedModel(nn.Module):
         program = self._programs.get(key)
         if program is None:
             program = self._capture(key, args, kwargs)
+            key = self.signature_key(args, kwargs)  # with the values of inputs the capture specialized
         self._store.use(key)
         self._current = (program, self._store.bound(key))
         return self._current

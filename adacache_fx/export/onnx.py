@@ -6,9 +6,11 @@ The exported graph is the rewritten program of one call signature::
 
 like the KV cache of an LLM engine: the runner feeds the state in and keeps what comes out for the
 next step. Each cached region is an ONNX ``If`` node whose predicate is computed from the ``state.*``
-inputs, so ONNX Runtime runs only the branch taken. Non-tensor inputs (``return_dict=False``...) are
-baked in as constants. The ONNX model's ``metadata_props["adacache_fx"]`` holds what a runner needs
-(input and output names, the state layout, the number of steps N, the output structure).
+inputs, so ONNX Runtime runs only the branch taken. Non-tensor inputs (``return_dict=False``...) and
+static inputs (small tensors the model reads on the host, see :mod:`adacache_fx.capture`) are baked in
+as constants; the runner refuses a call whose static input has another value. The ONNX model's
+``metadata_props["adacache_fx"]`` holds what a runner needs (input and output names, the state
+layout, the number of steps N, the output structure).
 
 Shapes are static except the number of steps (the rows of ``state.history``): the capture is
 specialized to the input shapes, so export one file per input signature.
@@ -23,13 +25,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
 from ..api import cached_model
+from ..capture import named_leaves
 from ..config import AdaCacheConfig
 from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
@@ -57,28 +59,6 @@ class ExportInfo:
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
-def _key_name(key) -> str:
-    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def named_leaves(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
-    """The flat leaves of a call ``(args, kwargs)`` with readable names: ``hidden_states``, ``arg0``,
-    ``added_cond_kwargs.resolution``. Falls back to ``input_{i}`` for containers without key paths."""
-    try:
-        paths, _ = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
-    except ValueError:
-        return [(f"input_{i}", leaf) for i, leaf in enumerate(pytree.tree_leaves((tuple(args), dict(kwargs))))]
-    named = []
-    for path, leaf in paths:
-        head, rest = path[1], path[2:]
-        first = f"arg{_key_name(head)}" if _key_name(path[0]) == "0" else _key_name(head)
-        named.append((".".join([first, *(_key_name(k) for k in rest)]), leaf))
-    return named
-
-
 def _children(spec: pytree.TreeSpec) -> list:
     return list(spec.children()) if callable(getattr(spec, "children", None)) else list(spec.children_specs)
 
@@ -174,6 +154,15 @@ class _Stages:
             self.progress(name, self.seconds[name])
 
 
+def _input_entry(name: str, leaf, static: tuple[str, ...]) -> dict:
+    if not isinstance(leaf, torch.Tensor):
+        return {"name": name, "kind": "constant", "repr": repr(leaf)}
+    entry = {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype)}
+    if name in static:  # a constant of the graph: the file holds it for this value only
+        entry.update(kind="static", value=leaf.reshape(-1).tolist())
+    return entry
+
+
 def _metadata(cached, program, named: list, user_outputs: list) -> dict:
     """What a runner needs, stored as JSON in the ONNX file's ``metadata_props``."""
     return {
@@ -181,11 +170,7 @@ def _metadata(cached, program, named: list, user_outputs: list) -> dict:
         "model": type(cached.model).__name__,
         "config": cached.adacache_config.to_dict(),
         "num_steps": cached.num_steps,
-        "inputs": [
-            {"name": name, "kind": "tensor", "shape": list(leaf.shape), "dtype": dtype_name(leaf.dtype)}
-            if isinstance(leaf, torch.Tensor) else {"name": name, "kind": "constant", "repr": repr(leaf)}
-            for name, leaf in named
-        ],
+        "inputs": [_input_entry(name, leaf, program.captured.static_inputs) for name, leaf in named],
         "outputs": [
             {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
             for i, v in enumerate(user_outputs)
@@ -255,13 +240,14 @@ def to_onnx(
         with stage("capture + rewrite"):
             program, _ = cached.prepare_call(args, kwargs)
         named = named_leaves(args, kwargs)
-        tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor)]
+        static = program.captured.static_inputs  # baked in: their placeholders are unused
+        tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor) and name not in static]
         device = tensors[0][1].device if tensors else torch.device("cpu")
         layout = program.layout
         state = list(layout.allocate(num_steps, device).values())  # a fresh generation's, not the live one
-        wrapper = _StatefulProgram(
-            program.graph_module, [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for _, leaf in named]
-        )
+        wrapper = _StatefulProgram(program.graph_module, [
+            None if name in static else _TENSOR if isinstance(leaf, torch.Tensor) else leaf for name, leaf in named
+        ])
         inputs = tuple(t for _, t in tensors) + tuple(state)
         dynamic = [None] * len(inputs)
         for i, spec in enumerate(layout):
@@ -428,6 +414,14 @@ class StatefulRunner:
             if item["kind"] == "constant":
                 if repr(value) != item["repr"]:
                     raise ValueError(f"input {name!r}: exported with the constant {item['repr']} baked in, got {value!r}")
+                continue
+            if item["kind"] == "static":
+                got = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
+                if got != item["value"] or list(getattr(value, "shape", ())) != item["shape"]:
+                    raise ValueError(
+                        f"input {name!r}: this file was exported for the value {item['value']} (the model reads "
+                        f"it on the host, so it is baked into the graph), got {got}; export a file for that value"
+                    )
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"input {name!r}: expected a tensor, got {type(value).__name__}")
