@@ -101,7 +101,7 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
         for i, caption in enumerate(captions):
             generator = torch.Generator().manual_seed(seed + i)
             pipe(prompt=caption, num_inference_steps=num_steps, generator=generator)
-            for context in cached.contexts:  # e.g. "cond" and "uncond" of CFG, or "default"
+            for context in cached.generation_contexts:  # e.g. "cond" and "uncond" of CFG, or "default"
                 steps = report(cached, context).steps
                 trajectories.append([math.nan if r.metric is None else r.metric for r in steps[1:]])
     finally:

@@ -156,8 +156,8 @@ class StateStore:
 
     @property
     def contexts(self) -> list[str]:
-        """The cache contexts that hold state, in the order they were first used."""
-        return list(self._storage)
+        """The cache contexts that ran a call (since the last change of N), in the order they were first used."""
+        return list(self._last_key)
 
     def get(self, key: Hashable, context: str | None = None) -> dict[str, torch.Tensor]:
         """The state of ``key`` in ``context`` (default: the active one), allocated on first use."""

@@ -350,7 +350,7 @@ class StatefulRunner:
 
     @property
     def contexts(self) -> list[str]:
-        """The cache contexts that hold state."""
+        """The cache contexts that ran a call."""
         return self._store.contexts
 
     def state(self, context: str | None = None) -> dict[str, torch.Tensor]:
@@ -436,6 +436,7 @@ class StatefulRunner:
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         feeds = self._user_feeds(args, kwargs)
+        self._store.use(_PROGRAM)
         current = self._store.get(_PROGRAM)
         following = self._spare.get(self._store.active)
         if following is None:  # a state never written back is shared by both sets
