@@ -4,9 +4,9 @@ errors say what to do."""
 import pytest
 import torch
 from helpers import run_steps
-from tiny_models import build
 
 import adacache_fx as ax
+from adacache_fx.tools.fixtures import build
 
 pytest.importorskip("diffusers")
 

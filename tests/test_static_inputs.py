@@ -10,12 +10,12 @@ import torch._dynamo.testing
 from helpers import first_tensor, hand_reference, max_diff, run_steps
 from reference_adacache import schedule
 from test_policy import record_trajectory
-from tiny_models import STDiTBlock, build
 from torch import nn
 
 import adacache_fx as ax
 from adacache_fx import presets
 from adacache_fx.export import OnnxRunner, read_metadata, to_onnx
+from adacache_fx.tools.fixtures import STDiTBlock, build
 
 
 class HostReadDiT(nn.Module):
