@@ -8,7 +8,8 @@ Each cached region is an ONNX ``If`` node (a TensorRT conditional), so a cached 
 stack in ONNX Runtime and TensorRT as in torch. Files are specialized to the example's shapes.
 """
 
-from .onnx import ExportInfo, OnnxRunner, StatefulRunner, read_metadata, to_onnx
+from .onnx import ExportInfo, read_metadata, to_onnx
+from .runner import OnnxRunner, StatefulRunner
 from .tensorrt import TensorRTRunner, build_tensorrt_engine
 
 __all__ = [

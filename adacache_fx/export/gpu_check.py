@@ -61,7 +61,7 @@ def generation(step_fn, call: dict, num_steps: int, device: torch.device) -> tup
 def _timed_row(name, step_fn, call, num_steps, device, computed, reference) -> Row:
     generation(step_fn, call, num_steps, device)  # warm-up: capture, engine builds, autotuning
     from ..module import CachedModel
-    from .onnx import StatefulRunner
+    from .runner import StatefulRunner
 
     if isinstance(step_fn, (CachedModel, StatefulRunner)):  # a new generation
         step_fn.reset()

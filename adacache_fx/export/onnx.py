@@ -4,7 +4,7 @@ The exported graph is the rewritten program of one call signature::
 
     (user tensors..., state.step, ..., state.cache_0_0) -> (out.0, ..., state_out.step, ...)
 
-like the KV cache of an LLM engine: the runner feeds the state in and keeps what comes out for the
+like the KV cache of an LLM engine: the runner (:mod:`.runner`) feeds the state in and keeps what comes out for the
 next step. Each cached region is an ONNX ``If`` node whose predicate is computed from the ``state.*``
 inputs, so ONNX Runtime runs only the branch taken. Non-tensor inputs (``return_dict=False``...) and
 static inputs (small tensors the model reads on the host, see :mod:`adacache_fx.capture`) are baked in
@@ -33,13 +33,12 @@ from torch import nn
 from ..api import cached_model
 from ..capture import named_leaves
 from ..config import AdaCacheConfig
-from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
+from ..state import dtype_name
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
 METADATA_KEY = "adacache_fx"
 FORMAT_VERSION = 2
 _TENSOR = object()  # marks where a tensor goes in the flat inputs of the export wrapper
-_PROGRAM = "program"  # the one signature key of an exported file in the runner's state store
 
 
 @dataclass(frozen=True)
@@ -79,11 +78,11 @@ def _encode_tree(spec: pytree.TreeSpec):
     )
 
 
-def _decode_tree(desc, leaves):
+def decode_tree(desc, leaves):
     """Rebuild the output structure from :func:`_encode_tree`'s description and an iterator of leaves."""
     if desc == "leaf":
         return next(leaves)
-    children = [_decode_tree(c, leaves) for c in desc["children"]]
+    children = [decode_tree(c, leaves) for c in desc["children"]]
     kind = desc["type"]
     if kind in ("tuple", "list"):
         return tuple(children) if kind == "tuple" else children
@@ -314,208 +313,3 @@ def read_metadata(path: str | Path) -> dict:
         if prop.key == METADATA_KEY:
             return json.loads(prop.value)
     raise ValueError(f"{path} was not written by adacache_fx.export.to_onnx (no {METADATA_KEY!r} metadata)")
-
-
-# -- running --------------------------------------------------------------------------------------------
-class StatefulRunner:
-    """Base of the runners: checks the call, keeps the state per cache context, rebuilds the outputs.
-
-    The state lives in a :class:`~adacache_fx.state.StateStore` with the exported layout. Each context
-    also has a spare set of the returned state tensors: the engine reads one set and writes the
-    other, then they swap, so no state is allocated or copied per step. Subclasses implement
-    :meth:`_execute`.
-    """
-
-    def __init__(self, metadata: dict, device: torch.device, num_steps: int | None = None):
-        if metadata.get("format") != FORMAT_VERSION:
-            raise ValueError(
-                f"unsupported adacache_fx export format {metadata.get('format')!r} (this version reads "
-                f"{FORMAT_VERSION}): export the model again"
-            )
-        self.metadata = metadata
-        self.device = torch.device(device)
-        self.layout = StateLayout.from_dict(metadata["state"])
-        self._store = StateStore(check_num_steps(num_steps) if num_steps is not None else metadata["num_steps"])
-        self._store.add_layout(_PROGRAM, self.layout, self.device)
-        self._spare: dict[str, dict[str, torch.Tensor]] = {}
-
-    def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
-        """Run the engine: read ``feeds`` and write into the preallocated ``outputs`` (by name)."""
-        raise NotImplementedError
-
-    # -- state ---------------------------------------------------------------------------------------
-    @property
-    def num_steps(self) -> int:
-        return self._store.num_steps
-
-    @property
-    def contexts(self) -> list[str]:
-        """The cache contexts that ran a call."""
-        return self._store.contexts
-
-    def state(self, context: str | None = None) -> dict[str, torch.Tensor]:
-        """The current state tensors of a cache context (default: the active one), by spec name."""
-        return dict(self._store.get(_PROGRAM, context))
-
-    def load_state(self, state: dict[str, torch.Tensor], context: str | None = None) -> None:
-        """Copy state tensors in (e.g. a :class:`~adacache_fx.CachedModel`'s ``state()``).
-
-        Raises ValueError naming the state tensor whose shape or dtype is not the exported one."""
-        unknown = sorted(set(state) - set(self.layout.names))
-        if unknown:
-            raise ValueError(f"unknown state tensors {unknown}; this model's state is {self.layout.names}")
-        for name, value in state.items():
-            spec = self.layout.spec(name)
-            expected = (spec.shape_for(self.num_steps), dtype_name(spec.dtype))
-            if not isinstance(value, torch.Tensor) or (tuple(value.shape), dtype_name(value.dtype)) != expected:
-                got = (tuple(value.shape), dtype_name(value.dtype)) if isinstance(value, torch.Tensor) else type(value).__name__
-                raise ValueError(f"state tensor {name!r}: expected shape {expected[0]} dtype {expected[1]}, got {got}")
-        current = self._store.get(_PROGRAM, context)
-        for name, value in state.items():
-            current[name].copy_(value)
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
-        previous = self._store.active
-        self._store.active = name
-        try:
-            yield
-        finally:
-            self._store.active = previous
-
-    def reset(self, num_steps: int | None = None) -> None:
-        """Start a new generation in every context; optionally change the number of steps N."""
-        if num_steps is not None and check_num_steps(num_steps) != self.num_steps:
-            self._spare.clear()
-        self._store.reset(num_steps)
-
-    def report(self, context: str | None = None) -> Report:
-        """Per-step records of the current generation, as :func:`adacache_fx.report` gives them."""
-        context = self._store.active if context is None else context
-        if context not in self._store.contexts:
-            raise RuntimeError(f"no generation has run in cache context {context!r} yet (contexts: {self.contexts})")
-        meta = self.metadata
-        return read_report(self._store.get(_PROGRAM, context), self.layout, context, meta["regions"],
-                           meta["metric_sites"])
-
-    # -- the call ------------------------------------------------------------------------------------
-    def _user_feeds(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        given = dict(named_leaves(args, kwargs))
-        expected = [item["name"] for item in self.metadata["inputs"]]
-        if set(given) != set(expected):
-            raise ValueError(
-                f"this model was exported for the inputs {expected}; got {list(given)} "
-                "(call it with the same arguments, positional or keyword, as the export example)"
-            )
-        feeds = {}
-        for item in self.metadata["inputs"]:
-            name, value = item["name"], given[item["name"]]
-            if item["kind"] == "constant":
-                if repr(value) != item["repr"]:
-                    raise ValueError(f"input {name!r}: exported with the constant {item['repr']} baked in, got {value!r}")
-                continue
-            if item["kind"] == "static":
-                got = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
-                if got != item["value"] or list(getattr(value, "shape", ())) != item["shape"]:
-                    raise ValueError(
-                        f"input {name!r}: this file was exported for the value {item['value']} (the model reads "
-                        f"it on the host, so it is baked into the graph), got {got}; export a file for that value"
-                    )
-                continue
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"input {name!r}: expected a tensor, got {type(value).__name__}")
-            if list(value.shape) != item["shape"] or dtype_name(value.dtype) != item["dtype"]:
-                raise ValueError(
-                    f"input {name!r}: expected shape {tuple(item['shape'])} dtype {item['dtype']}, "
-                    f"got shape {tuple(value.shape)} dtype {dtype_name(value.dtype)} (the export is shape-specialized)"
-                )
-            feeds[name] = value.to(self.device).contiguous()
-        return feeds
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        feeds = self._user_feeds(args, kwargs)
-        self._store.use(_PROGRAM)
-        current = self._store.get(_PROGRAM)
-        following = self._spare.get(self._store.active)
-        if following is None:  # a state never written back is shared by both sets
-            fresh = self.layout.allocate(self.num_steps, self.device)
-            following = {spec.name: fresh[spec.name] if spec.returned else current[spec.name] for spec in self.layout}
-        outputs = {
-            out["name"]: torch.empty(out["shape"], dtype=dtype_from_name(out["dtype"]), device=self.device)
-            for out in self.metadata["outputs"]
-        }
-        for spec in self.layout:
-            feeds[f"state.{spec.name}"] = current[spec.name]
-            if spec.returned:
-                outputs[f"state_out.{spec.name}"] = following[spec.name]
-        self._execute(feeds, outputs)
-        self._store.replace(_PROGRAM, following)
-        self._spare[self._store.active] = current
-        user = iter(outputs[out["name"]] for out in self.metadata["outputs"])
-        return _decode_tree(self.metadata["output_tree"], user)
-
-
-_GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
-class OnnxRunner(StatefulRunner):
-    """Run a file from :func:`to_onnx` with ONNX Runtime, keeping the AdaCache state between calls.
-
-    Called like the torch model (``runner(hidden_states=..., timestep=..., ..., return_dict=False)``)
-    with the example's shapes, it returns what the model returns, as torch tensors. Inputs and
-    outputs are bound by pointer (IO binding), so the state never leaves the device: CPU tensors
-    with ``CPUExecutionProvider`` (the default), CUDA tensors with ``CUDAExecutionProvider`` or
-    ``TensorrtExecutionProvider`` (``pip install adacache-fx[gpu]``).
-
-    Args:
-        path: the ``.onnx`` file.
-        providers: ONNX Runtime execution providers, names or ``(name, options)`` pairs.
-        num_steps: N of a generation (default: the export's); :meth:`reset` changes it.
-        session_options: an ``onnxruntime.SessionOptions`` (threads, profiling...).
-    """
-
-    def __init__(self, path: str | Path, providers=None, num_steps: int | None = None, session_options=None):
-        try:
-            import onnxruntime as ort
-        except ImportError as error:
-            raise RuntimeError("OnnxRunner needs onnxruntime: pip install adacache-fx[cpu] (or [gpu])") from error
-        providers = list(providers or ["CPUExecutionProvider"])
-        names = [p if isinstance(p, str) else p[0] for p in providers]
-        missing = [n for n in names if n not in ort.get_available_providers()]
-        if missing:
-            raise RuntimeError(
-                f"ONNX Runtime providers {missing} are not available (available: {ort.get_available_providers()}); "
-                "for CUDA/TensorRT install onnxruntime-gpu: pip install adacache-fx[gpu]"
-            )
-        if session_options is None:
-            session_options = ort.SessionOptions()
-            session_options.log_severity_level = 3  # errors only: not the exporter's unused-initializer notes
-        self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
-        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path} was not written by adacache_fx.export.to_onnx (no {METADATA_KEY!r} metadata)")
-        gpu = next((p for p, n in zip(providers, names) if n in _GPU_PROVIDERS), None)
-        if gpu is not None:
-            options = gpu[1] if not isinstance(gpu, str) else {}
-            device = torch.device("cuda", int(options.get("device_id", 0)))
-        else:
-            device = torch.device("cpu")
-        super().__init__(json.loads(raw), device, num_steps)
-        self._binding = self.session.io_binding()
-
-    def _execute(self, feeds, outputs):
-        import numpy as np
-
-        kind, index = self.device.type, self.device.index or 0
-        binding = self._binding
-        for bind, tensors in ((binding.bind_input, feeds), (binding.bind_output, outputs)):
-            for name, tensor in tensors.items():
-                if tensor.dtype == torch.bfloat16:
-                    raise ValueError(f"{name!r}: bfloat16 inputs and outputs cannot be bound; export in float16 or float32")
-                element = np.dtype(str(tensor.dtype).removeprefix("torch."))
-                bind(name, kind, index, element, tuple(tensor.shape), tensor.data_ptr())
-        if kind == "cuda":
-            torch.cuda.synchronize(self.device)  # inputs written by torch's stream; ORT syncs its own at the end
-        self.session.run_with_iobinding(binding)

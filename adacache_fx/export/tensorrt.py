@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from ..state import HISTORY_COLUMNS, dtype_name
-from .onnx import StatefulRunner, read_metadata
+from .onnx import read_metadata
 from .profiles import apply_tensorrt_profile
+from .runner import StatefulRunner
 
 _INSTALL = "install the GPU extras: pip install adacache-fx[gpu] (tensorrt, onnxruntime-gpu, torch-tensorrt)"
 #: Rows of ``state.history`` (the number of steps N) an engine accepts.

@@ -56,7 +56,7 @@ def cli_export(args: argparse.Namespace) -> int:
     """Export ``args.model`` transformed with AdaCache; prints one line per stage with its duration."""
     import adacache_fx as ax
 
-    from ..export.onnx import OnnxRunner, to_onnx
+    from ..export import OnnxRunner, to_onnx
 
     def line(stage: str, seconds: float) -> None:
         print(f"  {stage:<28s} {seconds:7.2f} s", flush=True)
