@@ -15,7 +15,8 @@ from torch import nn
 import adacache_fx as ax
 from adacache_fx import presets
 from adacache_fx.export import OnnxRunner, read_metadata, to_onnx
-from adacache_fx.tools.fixtures import STDiTBlock, build
+from adacache_fx.tools.fixtures import build
+from adacache_fx.tools.fixtures.stdit import STDiTBlock
 
 
 class HostReadDiT(nn.Module):
@@ -85,7 +86,7 @@ PATTERNS = {
 
 
 def build_host_read(pattern: str, dtype=torch.float32, **values):
-    """``(model, make_inputs)`` like ``tiny_models.build``; ``values`` overrides the inputs read on the host."""
+    """``(model, make_inputs)`` like ``adacache_fx.tools.fixtures.build``; ``values`` overrides the inputs read on the host."""
     torch.manual_seed(0)
     model = HostReadDiT(pattern).eval().to(dtype)
     names, first, _ = PATTERNS[pattern]
