@@ -21,6 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
 from .config import AdaCacheConfig
+from .parallel import context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
 
@@ -192,9 +193,10 @@ class CachedModel(nn.Module):
         return SignatureKey(signature(args, kwargs), param.dtype, str(param.device))
 
     def _capture(self, key, args, kwargs) -> Program:
+        group = context_parallel_group(self.model)  # None for one process
         captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch")
         try:
-            result = rewrite(captured.graph_module, self.adacache_config)
+            result = rewrite(captured.graph_module, self.adacache_config, group)
         except PassError as error:
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
         program = Program(captured, result)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..api import cached_model
 from ..config import AdaCacheConfig
+from ..passes.reduce_metric import collectives
 from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
 
 METADATA_KEY = "adacache_fx"
@@ -242,6 +243,12 @@ def to_onnx(
     with torch.no_grad():
         with stage("capture + rewrite"):
             program, _ = cached.prepare_call(args, kwargs)
+        if collectives(program.graph_module):
+            raise ValueError(
+                "ONNX export of a model under context parallelism is not supported: its graph holds "
+                "torch.distributed collectives (all-to-all, all-gather, the metric's all-reduce), which have "
+                "no ONNX op; export the model without enable_parallelism"
+            )
         named = named_leaves(args, kwargs)
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor)]
         device = tensors[0][1].device if tensors else torch.device("cpu")

@@ -1,0 +1,200 @@
+"""Context parallelism: a tiny Wan under diffusers' Ulysses plan (unmodified) on 2 gloo ranks on CPU.
+
+One spawn of 2 processes runs every scenario (a process start with torch and diffusers is the costly
+part); each rank saves what it saw and the tests compare it with one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import adacache_fx
+import adacache_fx.export
+from adacache_fx.parallel import ParallelError, context_parallel_group
+from adacache_fx.passes import PIPELINE
+
+pytest.importorskip("diffusers")
+import tiny_models  # noqa: E402
+
+WORLD = 2
+NUM_STEPS = 6
+NUM_LAYERS = 2
+ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
+TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
+
+
+@contextlib.contextmanager
+def cpu_device_count():
+    """Let ``enable_parallelism`` run on a CPU-only build.
+
+    diffusers picks the rank's device as ``rank % torch.accelerator.device_count()``, which is a
+    division by zero where no accelerator is compiled in: report one device around that call.
+    """
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def parallel_wan(**config):
+    from diffusers import ContextParallelConfig
+
+    model, make_inputs = tiny_models.build("wan", NUM_LAYERS)
+    with cpu_device_count():
+        model.enable_parallelism(config=ContextParallelConfig(**config))
+    return model, make_inputs
+
+
+def run(model, make_inputs, codebook, granularity="stack"):
+    """``(outputs, history, computed)`` of one generation of ``NUM_STEPS`` steps."""
+    cached = adacache_fx.transform(
+        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, granularity=granularity)
+    )
+    outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
+    report = adacache_fx.report(cached)
+    history = torch.tensor([[float("nan") if r.metric is None else r.metric] for r in report.steps]).flatten()
+    return outputs, history, [r.step for r in report.steps if r.computed], cached
+
+
+def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
+    """A codebook whose threshold lies between the reduced metric and the farthest rank's own one: the
+    reduced metric gives rate 3, that rank's own metric rate 1. Returns it and that rank."""
+    rank = max(range(len(rank_metrics)), key=lambda r: abs(rank_metrics[r] - global_metric))
+    threshold = (global_metric + rank_metrics[rank]) / 2
+    return ({threshold: 3, 1e9: 1} if global_metric < threshold else {threshold: 1, 1e9: 3}), rank
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {}
+        model, make_inputs = parallel_wan(ulysses_degree=WORLD)
+        # each rank's own metric: the reduction stage left out (every step computes, so no hang)
+        without = tuple(stage for stage in PIPELINE if stage.name != "reduce_metric")
+        with mock.patch("adacache_fx.passes.PIPELINE", without):
+            _, result["own_metric"], _, _ = run(model, make_inputs, ALWAYS)
+        _, result["reduced_metric"], _, _ = run(model, make_inputs, ALWAYS)
+        own = [None] * WORLD
+        dist.all_gather_object(own, float(result["own_metric"][1]))
+        codebook, _ = sensitive_codebook(float(result["reduced_metric"][1]), own)
+        result["codebook"] = codebook
+        outputs, history, computed, cached = run(model, make_inputs, codebook)
+        result.update(outputs=outputs, history=history, computed=computed)
+        gm = cached.program().graph_module
+        result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
+                                 for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
+        ring, _ = parallel_wan(ring_degree=WORLD)
+        try:
+            adacache_fx.transform(ring)(**make_inputs(0))
+        except ParallelError as error:
+            result["ring_error"] = str(error)
+        try:
+            adacache_fx.export.to_onnx(cached, make_inputs(0), os.path.join(out_dir, f"rank{rank}.onnx"))
+        except ValueError as error:
+            result["onnx_error"] = str(error)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the 2 ranks saved (a list indexed by rank)."""
+    out_dir = str(tmp_path_factory.mktemp("parallel"))
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(ranks):
+    """One process, same weights and inputs: the always-compute metric and the sensitive-codebook run."""
+    model, make_inputs = tiny_models.build("wan", NUM_LAYERS)
+    _, metric, _, _ = run(model, make_inputs, ALWAYS)
+    outputs, _, computed, _ = run(model, make_inputs, ranks[0]["codebook"])
+    return {"metric": metric, "outputs": outputs, "computed": computed}
+
+
+def test_reduced_metric_equals_single_process(ranks, single):
+    for result in ranks:
+        torch.testing.assert_close(result["reduced_metric"], single["metric"], rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_without_reduction_ranks_would_decide_differently(ranks, single):
+    own = [float(result["own_metric"][1]) for result in ranks]
+    assert abs(own[0] - own[1]) > 1e-3 * abs(own[0])  # each rank sees only its shard of the residual
+    codebook = ranks[0]["codebook"]
+    assert ranks[1]["codebook"] == codebook
+    _, rank = sensitive_codebook(float(single["metric"][1]), own)
+
+    def rate(c):
+        return next((r for t, r in codebook.items() if c < t), list(codebook.values())[-1])
+
+    assert rate(float(single["metric"][1])) == 3 and rate(own[rank]) == 1
+
+
+def test_ranks_decide_as_one_process(ranks, single):
+    assert single["computed"] == [1, 2, 5, 6]  # the codebook's rate 3 after step 2 skips steps 3 and 4
+    for result in ranks:
+        assert result["computed"] == single["computed"]
+        for got, want in zip(result["outputs"], single["outputs"]):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_one_all_reduce_per_step_added(ranks):
+    """Per step: the model's own output gather and the metric's all-reduce in the main graph; per
+    compute step the attention's all-to-alls (4 per attention: q, k, v, out)."""
+    for result in ranks:
+        assert result["collectives"]["main"] == {"all_gather_into_tensor": 1, "all_reduce": 1, "wait_tensor": 2}
+        assert result["collectives"]["compute"] == {"all_to_all_single": 8, "wait_tensor": 8}
+
+
+def test_onnx_export_of_a_parallel_model_is_refused(ranks):
+    for result in ranks:
+        assert "context parallelism is not supported" in result["onnx_error"]
+
+
+def test_ring_without_log_sum_exp_is_refused(ranks):
+    for result in ranks:
+        assert "ring_degree=2" in result["ring_error"] and "log-sum-exp" in result["ring_error"]
+
+
+def test_parallel_model_without_process_group_is_refused():
+    model = torch.nn.Linear(2, 2)
+    model._parallel_config = mock.Mock(context_parallel_config=mock.Mock(ring_degree=1))
+    assert not dist.is_initialized()
+    with pytest.raises(ParallelError, match="not initialized"):
+        context_parallel_group(model)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
