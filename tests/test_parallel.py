@@ -31,6 +31,9 @@ import tiny_models  # noqa: E402
 WORLD = 2
 NUM_STEPS = 6
 NUM_LAYERS = 2
+FAMILIES = ("flux", "wan")  # diffusers classes with a _cp_plan: Flux splits at the model's input, Wan at blocks.0
+GRANULARITIES = {"flux": ("stack",), "wan": ("block", "branch", "stack")}
+CASES = [(family, granularity) for family in FAMILIES for granularity in GRANULARITIES[family]]
 ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
 TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
 
@@ -49,10 +52,10 @@ def cpu_device_count():
         yield
 
 
-def parallel_wan(**config):
+def parallel_model(family: str, **config):
     from diffusers import ContextParallelConfig
 
-    model, make_inputs = tiny_models.build("wan", NUM_LAYERS)
+    model, make_inputs = tiny_models.build(family, NUM_LAYERS)
     with cpu_device_count():
         model.enable_parallelism(config=ContextParallelConfig(**config))
     return model, make_inputs
@@ -83,30 +86,39 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         result = {}
-        model, make_inputs = parallel_wan(ulysses_degree=WORLD)
-        # each rank's own metric: the reduction stage left out (every step computes, so no hang)
-        without = tuple(stage for stage in PIPELINE if stage.name != "reduce_metric")
-        with mock.patch("adacache_fx.passes.PIPELINE", without):
-            _, result["own_metric"], _, _ = run(model, make_inputs, ALWAYS)
-        _, result["reduced_metric"], _, _ = run(model, make_inputs, ALWAYS)
-        own = [None] * WORLD
-        dist.all_gather_object(own, float(result["own_metric"][1]))
-        codebook, _ = sensitive_codebook(float(result["reduced_metric"][1]), own)
-        result["codebook"] = codebook
-        outputs, history, computed, cached = run(model, make_inputs, codebook)
-        result.update(outputs=outputs, history=history, computed=computed)
-        gm = cached.program().graph_module
+        for family in FAMILIES:
+            model, make_inputs = parallel_model(family, ulysses_degree=WORLD)
+            # each rank's own metric: the reduction stage left out (every step computes, so no hang)
+            without = tuple(stage for stage in PIPELINE if stage.name != "reduce_metric")
+            with mock.patch("adacache_fx.passes.PIPELINE", without):
+                _, own, _, _ = run(model, make_inputs, ALWAYS)
+            _, reduced, _, _ = run(model, make_inputs, ALWAYS)
+            owns = [None] * WORLD
+            dist.all_gather_object(owns, float(own[1]))
+            codebook, _ = sensitive_codebook(float(reduced[1]), owns)
+            result[family] = {"own_metric": own, "reduced_metric": reduced, "codebook": codebook}
+            for granularity in GRANULARITIES[family]:
+                outputs, _, computed, cached = run(model, make_inputs, codebook, granularity)
+                result[family, granularity] = {"outputs": outputs, "computed": computed}
+        gm = cached.program().graph_module  # the last case: wan, stack granularity
         result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
                                  for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
-        ring, _ = parallel_wan(ring_degree=WORLD)
-        try:
-            adacache_fx.transform(ring)(**make_inputs(0))
-        except ParallelError as error:
-            result["ring_error"] = str(error)
+        errors = result["errors"] = {}
         try:
             adacache_fx.export.to_onnx(cached, make_inputs(0), os.path.join(out_dir, f"rank{rank}.onnx"))
         except ValueError as error:
-            result["onnx_error"] = str(error)
+            errors["onnx"] = str(error)
+        model, make_inputs = parallel_model("wan", ring_degree=WORLD)
+        try:
+            adacache_fx.transform(model)(**make_inputs(0))
+        except ParallelError as error:
+            errors["ring"] = str(error)
+        model, make_inputs = parallel_model("wan", ulysses_degree=WORLD)
+        moreg = adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, moreg=adacache_fx.MoRegConfig())
+        try:
+            adacache_fx.transform(model, moreg)(**make_inputs(0))
+        except adacache_fx.TransformError as error:
+            errors["moreg"] = str(error)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -137,55 +149,63 @@ def ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(ranks):
-    """One process, same weights and inputs: the always-compute metric and the sensitive-codebook run."""
-    model, make_inputs = tiny_models.build("wan", NUM_LAYERS)
-    _, metric, _, _ = run(model, make_inputs, ALWAYS)
-    outputs, _, computed, _ = run(model, make_inputs, ranks[0]["codebook"])
-    return {"metric": metric, "outputs": outputs, "computed": computed}
+    """One process, same weights and inputs: the always-compute metric and the sensitive-codebook runs."""
+    found = {}
+    for family in FAMILIES:
+        model, make_inputs = tiny_models.build(family, NUM_LAYERS)
+        _, found[family], _, _ = run(model, make_inputs, ALWAYS)
+        for granularity in GRANULARITIES[family]:
+            outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], granularity)
+            found[family, granularity] = {"outputs": outputs, "computed": computed}
+    return found
 
 
-def test_reduced_metric_equals_single_process(ranks, single):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_metric_equals_single_process(ranks, single, family):
     for result in ranks:
-        torch.testing.assert_close(result["reduced_metric"], single["metric"], rtol=1e-5, atol=0, equal_nan=True)
+        torch.testing.assert_close(result[family]["reduced_metric"], single[family], rtol=1e-5, atol=0, equal_nan=True)
 
 
-def test_without_reduction_ranks_would_decide_differently(ranks, single):
-    own = [float(result["own_metric"][1]) for result in ranks]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_reduction_ranks_would_decide_differently(ranks, single, family):
+    own = [float(result[family]["own_metric"][1]) for result in ranks]
     assert abs(own[0] - own[1]) > 1e-3 * abs(own[0])  # each rank sees only its shard of the residual
-    codebook = ranks[0]["codebook"]
-    assert ranks[1]["codebook"] == codebook
-    _, rank = sensitive_codebook(float(single["metric"][1]), own)
+    codebook = ranks[0][family]["codebook"]
+    assert ranks[1][family]["codebook"] == codebook
+    metric = float(single[family][1])
+    _, rank = sensitive_codebook(metric, own)
 
     def rate(c):
         return next((r for t, r in codebook.items() if c < t), list(codebook.values())[-1])
 
-    assert rate(float(single["metric"][1])) == 3 and rate(own[rank]) == 1
+    assert rate(metric) == 3 and rate(own[rank]) == 1
 
 
-def test_ranks_decide_as_one_process(ranks, single):
-    assert single["computed"] == [1, 2, 5, 6]  # the codebook's rate 3 after step 2 skips steps 3 and 4
+@pytest.mark.parametrize("family, granularity", CASES)
+def test_ranks_decide_as_one_process(ranks, single, family, granularity):
+    want = single[family, granularity]
+    assert want["computed"] == [1, 2, 5, 6]  # the codebook's rate 3 after step 2 skips steps 3 and 4
     for result in ranks:
-        assert result["computed"] == single["computed"]
-        for got, want in zip(result["outputs"], single["outputs"]):
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        got = result[family, granularity]
+        assert got["computed"] == want["computed"]
+        for out, ref in zip(got["outputs"], want["outputs"]):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
 def test_one_all_reduce_per_step_added(ranks):
-    """Per step: the model's own output gather and the metric's all-reduce in the main graph; per
-    compute step the attention's all-to-alls (4 per attention: q, k, v, out)."""
+    """Wan, 2 blocks, stack: per step the model's output gather and the metric's all-reduce in the main
+    graph; per compute step the model's all-to-alls (q, k, v and out of each self-attention)."""
     for result in ranks:
         assert result["collectives"]["main"] == {"all_gather_into_tensor": 1, "all_reduce": 1, "wait_tensor": 2}
         assert result["collectives"]["compute"] == {"all_to_all_single": 8, "wait_tensor": 8}
 
 
-def test_onnx_export_of_a_parallel_model_is_refused(ranks):
+def test_unsupported_setups_are_refused(ranks):
     for result in ranks:
-        assert "context parallelism is not supported" in result["onnx_error"]
-
-
-def test_ring_without_log_sum_exp_is_refused(ranks):
-    for result in ranks:
-        assert "ring_degree=2" in result["ring_error"] and "log-sum-exp" in result["ring_error"]
+        errors = result["errors"]
+        assert "context parallelism is not supported" in errors["onnx"]
+        assert "ring_degree=2" in errors["ring"] and "log-sum-exp" in errors["ring"]
+        assert "MoReg under context parallelism is not supported" in errors["moreg"]
 
 
 def test_parallel_model_without_process_group_is_refused():

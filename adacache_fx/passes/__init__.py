@@ -24,7 +24,7 @@ from .graph_utils import PassError
 from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
-from .reduce_metric import reduce_metric
+from .reduce_metric import NO_MOREG, group_name, reduce_metric
 
 __all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "check_rewrite", "rewrite"]
 
@@ -76,6 +76,8 @@ def _plan_metric(ctx: PassContext) -> str:
 def _frame_layout(ctx: PassContext) -> str:
     if ctx.config.moreg is None:
         return "no MoReg: skipped"
+    if group_name(ctx.graph_module, ctx.process_group) is not None:
+        raise PassError(NO_MOREG)
     site = ctx.sites[0]
     value = site.value if site.value is not None else site.stream.out
     ctx.frame_layout = moreg_layout(ctx.graph, ctx.config.moreg, value, site.block.path)
@@ -89,7 +91,7 @@ def _insert_cache(ctx: PassContext) -> str:
 
 
 def _reduce_metric(ctx: PassContext) -> str:
-    added = reduce_metric(ctx.graph_module, ctx.config, ctx.process_group)
+    added = reduce_metric(ctx.graph_module, ctx.process_group)
     return f"{added} all-reduce of the metric parts per step" if added else "no collectives: skipped"
 
 

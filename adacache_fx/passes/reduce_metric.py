@@ -13,7 +13,7 @@ float rounding, and every rank takes the same branch of every ``torch.cond`` wit
 
 Not covered: MoReg's motion parts compare frames ``i`` apart, and the frame pairs that straddle two
 ranks' shards are in neither rank's sum (an all-gather of the metric residual in the compute branch
-would be exact); the stage refuses MoReg under context parallelism.
+would be exact); the ``frame_layout`` stage refuses MoReg under context parallelism (:data:`NO_MOREG`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from .graph_utils import PassError
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
+
+NO_MOREG = (
+    "MoReg under context parallelism is not supported: the frame pairs straddling two ranks' shards "
+    "would be missing from the motion metric; use moreg=None"
+)
 
 
 def collectives(gm: fx.GraphModule) -> list[fx.Node]:
@@ -64,7 +69,7 @@ def group_name(gm: fx.GraphModule, group=None) -> str | None:
     return names[0] if names else None
 
 
-def reduce_metric(gm: fx.GraphModule, config, group=None) -> int:
+def reduce_metric(gm: fx.GraphModule, group=None) -> int:
     """Insert the all-reduce before ``adacache_update``; return how many collectives were added."""
     name = group_name(gm, group)
     if name is None:
@@ -73,11 +78,6 @@ def reduce_metric(gm: fx.GraphModule, config, group=None) -> int:
         raise PassError(
             "the model runs under context parallelism (collectives in its graph) but torch.distributed is "
             "not initialized: call torch.distributed.init_process_group() first (torchrun sets up the ranks)"
-        )
-    if config.moreg is not None:
-        raise PassError(
-            "MoReg under context parallelism is not supported: its frame pairs straddling two ranks' "
-            "shards would be missing from the motion metric; use moreg=None"
         )
     graph = gm.graph
     update = next(n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_update")
