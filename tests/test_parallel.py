@@ -72,6 +72,23 @@ def run(model, make_inputs, codebook, granularity="stack"):
     return outputs, history, [r.step for r in report.steps if r.computed], cached
 
 
+def run_cfg(model, make_inputs, codebook):
+    """Two generations (a reset between), each step calling the model in cache contexts ``cond`` and
+    ``uncond`` (zero text). Returns the computed steps per generation and context, and the outputs."""
+    cached = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook))
+    computed, outputs = [], []
+    for _ in range(2):
+        adacache_fx.reset(cached)
+        for step in range(NUM_STEPS):
+            inputs = make_inputs(step)
+            with cached.cache_context("cond"):
+                outputs.append(cached(**inputs)[0])
+            with cached.cache_context("uncond"):
+                outputs.append(cached(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"] * 0})[0])
+        computed.append({c: adacache_fx.report(cached, c).computed_steps for c in ("cond", "uncond")})
+    return computed, outputs
+
+
 def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
     """A codebook whose threshold lies between the reduced metric and the farthest rank's own one: the
     reduced metric gives rate 3, that rank's own metric rate 1. Returns it and that rank."""
@@ -101,6 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 outputs, _, computed, cached = run(model, make_inputs, codebook, granularity)
                 result[family, granularity] = {"outputs": outputs, "computed": computed}
         gm = cached.program().graph_module  # the last case: wan, stack granularity
+        result["cfg"] = run_cfg(model, make_inputs, codebook)
         result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
                                  for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
         errors = result["errors"] = {}
@@ -157,6 +175,7 @@ def single(ranks):
         for granularity in GRANULARITIES[family]:
             outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], granularity)
             found[family, granularity] = {"outputs": outputs, "computed": computed}
+    found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
     return found
 
 
@@ -189,6 +208,16 @@ def test_ranks_decide_as_one_process(ranks, single, family, granularity):
         got = result[family, granularity]
         assert got["computed"] == want["computed"]
         for out, ref in zip(got["outputs"], want["outputs"]):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_cache_contexts_and_reset_decide_as_one_process(ranks, single):
+    want_computed, want_outputs = single["cfg"]
+    assert want_computed[0] == want_computed[1]  # a reset starts the same generation again
+    for result in ranks:
+        computed, outputs = result["cfg"]
+        assert computed == want_computed
+        for out, ref in zip(outputs, want_outputs):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 
