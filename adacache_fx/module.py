@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
 from .config import AdaCacheConfig
-from .parallel import context_parallel_group
+from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
 
@@ -194,6 +194,8 @@ class CachedModel(nn.Module):
 
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
+        if group is not None:
+            check_same_call(group, key.call)
         captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch")
         try:
             result = rewrite(captured.graph_module, self.adacache_config, group)

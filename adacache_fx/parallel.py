@@ -58,3 +58,21 @@ def _attention_backend(model: nn.Module) -> str | None:
             backend, _ = _AttentionBackendRegistry.get_active_backend()
         return getattr(backend, "value", backend)
     return None
+
+
+def check_same_call(group, call_signature: tuple) -> None:
+    """Raise :class:`ParallelError` on every rank if the ranks call the model with different input
+    signatures (:func:`~adacache_fx.capture.signature`: shapes, dtypes, constants): their graphs, and the
+    collectives in them, would differ and the ranks would wait on each other until the process group's
+    timeout. One ``all_gather_object`` per new signature, at capture time (never during a generation)."""
+    calls = [None] * dist.get_world_size(group)
+    dist.all_gather_object(calls, call_signature, group=group)
+    for rank, call in enumerate(calls):
+        if call != calls[0]:
+            spec, leaves = calls[0]
+            other_spec, other_leaves = call
+            diff = [(a, b) for a, b in zip(leaves, other_leaves) if a != b] or [(spec, other_spec)]
+            raise ParallelError(
+                f"the ranks of the context-parallel group call the model with different inputs: rank 0 "
+                f"passes {diff[0][0]}, rank {rank} {diff[0][1]}; every rank must pass the same full inputs"
+            )

@@ -132,6 +132,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except ParallelError as error:
             errors["ring"] = str(error)
         model, make_inputs = parallel_model("wan", ulysses_degree=WORLD)
+        inputs = make_inputs(0)
+        if rank == 1:
+            inputs["hidden_states"] = torch.cat([inputs["hidden_states"]] * 2, dim=-1)
+        try:
+            adacache_fx.transform(model)(**inputs)
+        except ParallelError as error:
+            errors["shapes"] = str(error)
         moreg = adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, moreg=adacache_fx.MoRegConfig())
         try:
             adacache_fx.transform(model, moreg)(**make_inputs(0))
@@ -235,6 +242,7 @@ def test_unsupported_setups_are_refused(ranks):
         assert "context parallelism is not supported" in errors["onnx"]
         assert "ring_degree=2" in errors["ring"] and "log-sum-exp" in errors["ring"]
         assert "MoReg under context parallelism is not supported" in errors["moreg"]
+        assert "different inputs" in errors["shapes"] and "(1, 4, 2, 8, 16)" in errors["shapes"]
 
 
 def test_parallel_model_without_process_group_is_refused():
