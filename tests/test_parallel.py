@@ -32,8 +32,12 @@ WORLD = 2
 NUM_STEPS = 6
 NUM_LAYERS = 2
 FAMILIES = ("flux", "wan")  # diffusers classes with a _cp_plan: Flux splits at the model's input, Wan at blocks.0
-GRANULARITIES = {"flux": ("stack",), "wan": ("block", "branch", "stack")}
-CASES = [(family, granularity) for family in FAMILIES for granularity in GRANULARITIES[family]]
+VARIANTS = {  # config options of each case; wan's "stack" last (its graph's collectives are counted)
+    "flux": {"stack": {}},
+    "wan": {"block": {"granularity": "block"}, "branch": {"granularity": "branch"},
+            "forecast": {"extrapolation_order": 1}, "stack": {}},
+}
+CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS[family]] + [("wan", "transform first")]
 ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
 TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
 
@@ -61,11 +65,15 @@ def parallel_model(family: str, **config):
     return model, make_inputs
 
 
-def run(model, make_inputs, codebook, granularity="stack"):
-    """``(outputs, history, computed)`` of one generation of ``NUM_STEPS`` steps."""
+def run(model, make_inputs, codebook, enable_parallelism=None, **options):
+    """``(outputs, history, computed, cached)`` of one generation of ``NUM_STEPS`` steps;
+    ``enable_parallelism``: a ContextParallelConfig to enable after the transform."""
     cached = adacache_fx.transform(
-        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, granularity=granularity)
+        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options)
     )
+    if enable_parallelism is not None:
+        with cpu_device_count():
+            cached.enable_parallelism(config=enable_parallelism)
     outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
     report = adacache_fx.report(cached)
     history = torch.tensor([[float("nan") if r.metric is None else r.metric] for r in report.steps]).flatten()
@@ -114,10 +122,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             dist.all_gather_object(owns, float(own[1]))
             codebook, _ = sensitive_codebook(float(reduced[1]), owns)
             result[family] = {"own_metric": own, "reduced_metric": reduced, "codebook": codebook}
-            for granularity in GRANULARITIES[family]:
-                outputs, _, computed, cached = run(model, make_inputs, codebook, granularity)
-                result[family, granularity] = {"outputs": outputs, "computed": computed}
+            for variant, options in VARIANTS[family].items():
+                outputs, _, computed, cached = run(model, make_inputs, codebook, **options)
+                result[family, variant] = {"outputs": outputs, "computed": computed}
         gm = cached.program().graph_module  # the last case: wan, stack granularity
+        from diffusers import ContextParallelConfig
+
+        plain, _ = tiny_models.build("wan", NUM_LAYERS)
+        outputs, _, computed, _ = run(plain, make_inputs, codebook, ContextParallelConfig(ulysses_degree=WORLD))
+        result["wan", "transform first"] = {"outputs": outputs, "computed": computed}
         result["cfg"] = run_cfg(model, make_inputs, codebook)
         result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
                                  for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
@@ -179,9 +192,10 @@ def single(ranks):
     for family in FAMILIES:
         model, make_inputs = tiny_models.build(family, NUM_LAYERS)
         _, found[family], _, _ = run(model, make_inputs, ALWAYS)
-        for granularity in GRANULARITIES[family]:
-            outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], granularity)
-            found[family, granularity] = {"outputs": outputs, "computed": computed}
+        for variant, options in VARIANTS[family].items():
+            outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], **options)
+            found[family, variant] = {"outputs": outputs, "computed": computed}
+    found["wan", "transform first"] = found["wan", "stack"]
     found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
     return found
 
@@ -207,12 +221,12 @@ def test_without_reduction_ranks_would_decide_differently(ranks, single, family)
     assert rate(metric) == 3 and rate(own[rank]) == 1
 
 
-@pytest.mark.parametrize("family, granularity", CASES)
-def test_ranks_decide_as_one_process(ranks, single, family, granularity):
-    want = single[family, granularity]
+@pytest.mark.parametrize("family, variant", CASES)
+def test_ranks_decide_as_one_process(ranks, single, family, variant):
+    want = single[family, variant]
     assert want["computed"] == [1, 2, 5, 6]  # the codebook's rate 3 after step 2 skips steps 3 and 4
     for result in ranks:
-        got = result[family, granularity]
+        got = result[family, variant]
         assert got["computed"] == want["computed"]
         for out, ref in zip(got["outputs"], want["outputs"]):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
