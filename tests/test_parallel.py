@@ -259,6 +259,43 @@ def test_unsupported_setups_are_refused(ranks):
         assert "different inputs" in errors["shapes"] and "(1, 4, 2, 8, 16)" in errors["shapes"]
 
 
+class _SplitInFirstBlock(torch.nn.Module):
+    """A residual stack whose first block starts by taking the first half of the sequence, as the
+    rank's slice of a context-parallel split hook on ``blocks.0`` is recorded in that block's scope."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, split: bool):
+            super().__init__()
+            self.split, self.mlp = split, torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            if self.split:
+                x = x.chunk(2, dim=1)[0]
+            return x + self.mlp(x)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([self.Block(i == 0) for i in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_split_at_the_first_block_is_glue_before_it():
+    torch.manual_seed(0)
+    model = _SplitInFirstBlock().eval()
+    x = torch.randn(1, 6, 8)
+    config = adacache_fx.AdaCacheConfig(num_steps=3, compute_steps=(1,))
+    cached = adacache_fx.transform(model, config)
+    assert torch.equal(cached(x), model(x))  # step 1 computes
+    assert cached.program().rewrite.regions == ["blocks.0..blocks.2"]  # one region: the split stays outside
+    x2 = x + 0.1
+    residual = model(x) - x.chunk(2, dim=1)[0]
+    torch.testing.assert_close(cached(x2), x2.chunk(2, dim=1)[0] + residual)  # cached: this step's slice + residual
+
+
 def test_parallel_model_without_process_group_is_refused():
     model = torch.nn.Linear(2, 2)
     model._parallel_config = mock.Mock(context_parallel_config=mock.Mock(ring_degree=1))
