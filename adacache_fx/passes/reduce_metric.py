@@ -11,6 +11,10 @@ main graph (computed and cached steps alike, so every rank issues the same colle
 policy turns the parts into the next schedule. The metric then equals the single-process one up to
 float rounding, and every rank takes the same branch of every ``torch.cond`` without a host sync.
 
+A graph whose collectives come from tensor parallelism (the sequence whole on every rank, the metric
+residual replicated) is reduced too: every part is then multiplied by the group size, and the metric,
+a ratio of parts, does not change.
+
 Not covered: MoReg's motion parts compare frames ``i`` apart, and the frame pairs that straddle two
 ranks' shards are in neither rank's sum (an all-gather of the metric residual in the compute branch
 would be exact); the ``frame_layout`` stage refuses MoReg under context parallelism (:data:`NO_MOREG`).
