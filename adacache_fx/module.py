@@ -23,6 +23,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
 from .config import AdaCacheConfig
+from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
 
@@ -213,6 +214,9 @@ class CachedModel(nn.Module):
         return SignatureKey(call, param.dtype, str(param.device))
 
     def _capture(self, key, args, kwargs) -> Program:
+        group = context_parallel_group(self.model)  # None for one process
+        if group is not None:
+            check_same_call(group, key.call)
         captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
                            static_inputs=self._static_inputs, fold=self._fold_constants)
         self._fold_constants = captured.folded
@@ -221,7 +225,7 @@ class CachedModel(nn.Module):
             self._static_inputs += found
             key = self.signature_key(args, kwargs)
         try:
-            result = rewrite(captured.graph_module, self.adacache_config)
+            result = rewrite(captured.graph_module, self.adacache_config, group)
         except PassError as error:
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
         program = Program(captured, result)

@@ -33,6 +33,7 @@ from torch import nn
 from ..api import cached_model
 from ..capture import named_leaves
 from ..config import AdaCacheConfig
+from ..passes.reduce_metric import collectives
 from ..state import dtype_name
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
@@ -238,6 +239,12 @@ def to_onnx(
     with torch.no_grad():
         with stage("capture + rewrite"):
             program, _ = cached.prepare_call(args, kwargs)
+        if collectives(program.graph_module):
+            raise ValueError(
+                "ONNX export of a model under context parallelism is not supported: its graph holds "
+                "torch.distributed collectives (all-to-all, all-gather, the metric's all-reduce), which have "
+                "no ONNX op; export the model without enable_parallelism"
+            )
         named = named_leaves(args, kwargs)
         static = program.captured.static_inputs  # baked in: their placeholders are unused
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor) and name not in static]

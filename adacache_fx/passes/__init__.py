@@ -24,6 +24,7 @@ from .graph_utils import PassError
 from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
+from .reduce_metric import NO_MOREG, group_name, reduce_metric
 
 __all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "check_rewrite", "rewrite"]
 
@@ -44,6 +45,7 @@ class PassContext:
     frame_layout: tuple[int, int] | None = None
     layout: StateLayout | None = None
     branch_layouts: list[BranchLayout] = field(default_factory=list)
+    process_group: object = None  # the context-parallel group (ProcessGroup or name), None: from the graph
 
     @property
     def graph(self) -> fx.Graph:
@@ -74,6 +76,8 @@ def _plan_metric(ctx: PassContext) -> str:
 def _frame_layout(ctx: PassContext) -> str:
     if ctx.config.moreg is None:
         return "no MoReg: skipped"
+    if group_name(ctx.graph_module, ctx.process_group) is not None:
+        raise PassError(NO_MOREG)
     site = ctx.sites[0]
     value = site.value if site.value is not None else site.stream.out
     ctx.frame_layout = moreg_layout(ctx.graph, ctx.config.moreg, value, site.block.path)
@@ -84,6 +88,11 @@ def _insert_cache(ctx: PassContext) -> str:
     ctx.layout, ctx.branch_layouts = insert_cache(ctx.graph_module, ctx.regions, ctx.sites, ctx.config,
                                                   ctx.frame_layout)
     return f"{len(ctx.regions)} torch.cond, {len(ctx.layout)} state tensors"
+
+
+def _reduce_metric(ctx: PassContext) -> str:
+    added = reduce_metric(ctx.graph_module, ctx.process_group)
+    return f"{added} all-reduce of the metric parts per step" if added else "no collectives: skipped"
 
 
 def _layout_barriers(ctx: PassContext) -> str:
@@ -97,6 +106,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("plan_metric", _plan_metric),
     Stage("frame_layout", _frame_layout),
     Stage("insert_cache", _insert_cache),
+    Stage("reduce_metric", _reduce_metric),
     Stage("layout_barriers", _layout_barriers),
 )
 
@@ -145,9 +155,10 @@ def check_rewrite(ctx: PassContext) -> None:
         )
 
 
-def rewrite(gm: fx.GraphModule, config: AdaCacheConfig) -> RewriteResult:
-    """Run :data:`PIPELINE` over a captured graph module (in place) and return it with its state layout."""
-    ctx = PassContext(gm, config)
+def rewrite(gm: fx.GraphModule, config: AdaCacheConfig, process_group=None) -> RewriteResult:
+    """Run :data:`PIPELINE` over a captured graph module (in place) and return it with its state layout.
+    ``process_group``: the context-parallel group to reduce the metric over (default: the graph's)."""
+    ctx = PassContext(gm, config, process_group=process_group)
     ctx.num_user_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     ctx.num_user_outputs = len(gm.graph.output_node().args[0])
     for stage in PIPELINE:

@@ -5,7 +5,12 @@ container that is never called itself, i.e. a ``ModuleList``), taking the outerm
 that ``blocks.3.attn.to_out.0`` belongs to ``blocks.3``. Of all block lists, the ones closest to the
 model root form the stack (a list nested in an embedder, like a text refiner, does not); several
 lists at that depth (double- then single-stream blocks, interleaved spatial and temporal blocks) are
-merged in execution order. Rewrites nothing.
+merged in execution order.
+
+Entry glue: a block whose residual stream starts at a value it computes from outside values without
+any of its parameters (the split of a context-parallel plan whose hook sits on the first block, so
+the rank's slice of the sequence is recorded in that block's scope) gets those nodes taken out of it:
+they are glue before the block, and the slice is the stream that enters it. Rewrites nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .graph_utils import PassError
+from .graph_utils import PassError, live_outs, positions, residual_walk
 
 
 @dataclass
@@ -68,4 +73,32 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
             raise PassError(f"blocks {stack[index - 1][1]} and {path} interleave in the graph")
         nodes = [n for n in order[start : end + 1] if n.op == "call_function"]
         blocks.append(Block(index, path, nodes))
+    pos = positions(graph)
+    for block in blocks:
+        glue = entry_glue(block.nodes, pos)
+        block.nodes = [n for n in block.nodes if n not in glue]
     return blocks
+
+
+def entry_glue(nodes: list[fx.Node], pos: dict[fx.Node, int]) -> set[fx.Node]:
+    """The nodes of a block that only lay out, from outside values, the stream the block updates.
+
+    For each value leaving the block, walk its residual chain back; if the walk met a residual add and
+    stopped inside the block, the stop and its ancestors inside the block are glue when none of them
+    reads a parameter (a split, slice or cast of an incoming value, not the block's own computation).
+    """
+    inside = set(nodes)
+    glue: set[fx.Node] = set()
+    for out in live_outs(nodes):
+        stop, adds = residual_walk(out, inside, pos)
+        if stop not in inside or not adds:
+            continue
+        ancestors, stack = {stop}, [stop]
+        while stack:
+            for arg in stack.pop().all_input_nodes:
+                if arg in inside and arg not in ancestors:
+                    ancestors.add(arg)
+                    stack.append(arg)
+        if not any(arg.op == "get_attr" for node in ancestors for arg in node.all_input_nodes):
+            glue |= ancestors
+    return glue

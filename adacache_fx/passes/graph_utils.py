@@ -125,6 +125,12 @@ def residual_chain(out: fx.Node, inside: set[fx.Node], pos: dict[fx.Node, int]):
     ``(origin, adds)``: the value outside ``inside`` the walk reached (None if it stopped on another
     op) and the residual adds met, as ``(add_node, stream_operand, branch_operand)`` in execution order.
     """
+    stop, adds = residual_walk(out, inside, pos)
+    return (None if stop in inside else stop), adds
+
+
+def residual_walk(out: fx.Node, inside: set[fx.Node], pos: dict[fx.Node, int]):
+    """Like :func:`residual_chain`, but return the node the walk stopped on even when it is inside."""
     adds = []
     node = out
     while node in inside:
@@ -143,5 +149,5 @@ def residual_chain(out: fx.Node, inside: set[fx.Node], pos: dict[fx.Node, int]):
                     adds.append((node, b, a))
                     node = b
                     continue
-        return None, adds[::-1]
+        break
     return node, adds[::-1]

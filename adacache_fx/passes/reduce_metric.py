@@ -1,0 +1,100 @@
+"""reduce_metric: sum the metric parts over the context-parallel group, so every rank decides alike.
+
+Matches: a graph that runs under context parallelism, i.e. it (or one of its ``torch.cond`` branches)
+holds ``_c10d_functional`` collectives, or the caller names the process group. Each rank then holds a
+shard of the sequence, and the metric parts :meth:`~adacache_fx.policies.base.Policy.measure` returns
+are sums over that shard.
+
+Rewrites: the parts handed to ``adacache_update`` into
+``split(wait_tensor(all_reduce(cat(parts), "sum", group)))``: one functional all-reduce per step, in the
+main graph (computed and cached steps alike, so every rank issues the same collectives), before the
+policy turns the parts into the next schedule. The metric then equals the single-process one up to
+float rounding, and every rank takes the same branch of every ``torch.cond`` without a host sync.
+
+A graph whose collectives come from tensor parallelism (the sequence whole on every rank, the metric
+residual replicated) is reduced too: every part is then multiplied by the group size, and the metric,
+a ratio of parts, does not change.
+
+Not covered: MoReg's motion parts compare frames ``i`` apart, and the frame pairs that straddle two
+ranks' shards are in neither rank's sum (an all-gather of the metric residual in the compute branch
+would be exact); the ``frame_layout`` stage refuses MoReg under context parallelism (:data:`NO_MOREG`).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from .graph_utils import PassError
+
+aten = torch.ops.aten
+c10d = torch.ops._c10d_functional
+
+NO_MOREG = (
+    "MoReg under context parallelism is not supported: the frame pairs straddling two ranks' shards "
+    "would be missing from the motion metric; use moreg=None"
+)
+
+
+def collectives(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``_c10d_functional`` collective nodes (``wait_tensor`` aside) of ``gm`` and its submodules."""
+    found = []
+    for module in gm.modules():
+        if isinstance(module, fx.GraphModule):
+            found += [n for n in module.graph.nodes if n.op == "call_function" and _group_arg(n) is not None]
+    return found
+
+
+def _group_arg(node: fx.Node) -> str | None:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "_c10d_functional":
+        return None
+    names = [arg.name for arg in target._schema.arguments]
+    if "group_name" not in names:
+        return None
+    index = names.index("group_name")
+    return node.args[index] if index < len(node.args) else node.kwargs.get("group_name")
+
+
+def group_name(gm: fx.GraphModule, group=None) -> str | None:
+    """The name of the group to reduce over: ``group`` (a ProcessGroup or its name), else the one group
+    the graph's collectives use; None when the graph holds no collective (a single-process run)."""
+    if group is not None:
+        return group if isinstance(group, str) else group.group_name
+    names = sorted({_group_arg(n) for n in collectives(gm)})
+    if len(names) > 1:
+        raise PassError(
+            f"the graph's collectives use several process groups {names}; pass the context-parallel group "
+            "(diffusers models: it is read from the model's parallel config)"
+        )
+    return names[0] if names else None
+
+
+def reduce_metric(gm: fx.GraphModule, group=None) -> int:
+    """Insert the all-reduce before ``adacache_update``; return how many collectives were added."""
+    name = group_name(gm, group)
+    if name is None:
+        return 0
+    if not dist.is_available() or not dist.is_initialized():
+        raise PassError(
+            "the model runs under context parallelism (collectives in its graph) but torch.distributed is "
+            "not initialized: call torch.distributed.init_process_group() first (torchrun sets up the ranks)"
+        )
+    graph = gm.graph
+    update = next(n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_update")
+    s, compute, parts, *rest = update.args
+    with graph.inserting_before(update):
+        flat = graph.call_function(aten.cat.default, (list(parts),))
+        reduced = graph.call_function(c10d.all_reduce.default, (flat, "sum", name))
+        reduced = graph.call_function(c10d.wait_tensor.default, (reduced,))
+        sizes = [gm.adacache_policy.num_parts(j) for j in range(len(parts))]
+        split = graph.call_function(aten.split_with_sizes.default, (reduced, sizes))
+        parts = [graph.call_function(operator.getitem, (split, k)) for k in range(len(sizes))]
+    update.args = (s, compute, parts, *rest)
+    graph.lint()
+    gm.recompile()
+    return 1
+

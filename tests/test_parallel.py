@@ -1,0 +1,308 @@
+"""Context parallelism: a tiny Wan under diffusers' Ulysses plan (unmodified) on 2 gloo ranks on CPU.
+
+One spawn of 2 processes runs every scenario (a process start with torch and diffusers is the costly
+part); each rank saves what it saw and the tests compare it with one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import adacache_fx
+import adacache_fx.export
+from adacache_fx.parallel import ParallelError, context_parallel_group
+from adacache_fx.passes import PIPELINE
+
+pytest.importorskip("diffusers")
+import tiny_models  # noqa: E402
+
+WORLD = 2
+NUM_STEPS = 6
+NUM_LAYERS = 2
+FAMILIES = ("flux", "wan")  # diffusers classes with a _cp_plan: Flux splits at the model's input, Wan at blocks.0
+VARIANTS = {  # config options of each case; wan's "stack" last (its graph's collectives are counted)
+    "flux": {"stack": {}},
+    "wan": {"block": {"granularity": "block"}, "branch": {"granularity": "branch"},
+            "forecast": {"extrapolation_order": 1}, "stack": {}},
+}
+CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS[family]] + [("wan", "transform first")]
+ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
+TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
+
+
+@contextlib.contextmanager
+def cpu_device_count():
+    """Let ``enable_parallelism`` run on a CPU-only build.
+
+    diffusers picks the rank's device as ``rank % torch.accelerator.device_count()``, which is a
+    division by zero where no accelerator is compiled in: report one device around that call.
+    """
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def parallel_model(family: str, **config):
+    from diffusers import ContextParallelConfig
+
+    model, make_inputs = tiny_models.build(family, NUM_LAYERS)
+    with cpu_device_count():
+        model.enable_parallelism(config=ContextParallelConfig(**config))
+    return model, make_inputs
+
+
+def run(model, make_inputs, codebook, enable_parallelism=None, **options):
+    """``(outputs, history, computed, cached)`` of one generation of ``NUM_STEPS`` steps;
+    ``enable_parallelism``: a ContextParallelConfig to enable after the transform."""
+    cached = adacache_fx.transform(
+        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options)
+    )
+    if enable_parallelism is not None:
+        with cpu_device_count():
+            cached.enable_parallelism(config=enable_parallelism)
+    outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
+    report = adacache_fx.report(cached)
+    history = torch.tensor([[float("nan") if r.metric is None else r.metric] for r in report.steps]).flatten()
+    return outputs, history, [r.step for r in report.steps if r.computed], cached
+
+
+def run_cfg(model, make_inputs, codebook):
+    """Two generations (a reset between), each step calling the model in cache contexts ``cond`` and
+    ``uncond`` (zero text). Returns the computed steps per generation and context, and the outputs."""
+    cached = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook))
+    computed, outputs = [], []
+    for _ in range(2):
+        adacache_fx.reset(cached)
+        for step in range(NUM_STEPS):
+            inputs = make_inputs(step)
+            with cached.cache_context("cond"):
+                outputs.append(cached(**inputs)[0])
+            with cached.cache_context("uncond"):
+                outputs.append(cached(**{**inputs, "encoder_hidden_states": inputs["encoder_hidden_states"] * 0})[0])
+        computed.append({c: adacache_fx.report(cached, c).computed_steps for c in ("cond", "uncond")})
+    return computed, outputs
+
+
+def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
+    """A codebook whose threshold lies between the reduced metric and the farthest rank's own one: the
+    reduced metric gives rate 3, that rank's own metric rate 1. Returns it and that rank."""
+    rank = max(range(len(rank_metrics)), key=lambda r: abs(rank_metrics[r] - global_metric))
+    threshold = (global_metric + rank_metrics[rank]) / 2
+    return ({threshold: 3, 1e9: 1} if global_metric < threshold else {threshold: 1, 1e9: 3}), rank
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = {}
+        for family in FAMILIES:
+            model, make_inputs = parallel_model(family, ulysses_degree=WORLD)
+            # each rank's own metric: the reduction stage left out (every step computes, so no hang)
+            without = tuple(stage for stage in PIPELINE if stage.name != "reduce_metric")
+            with mock.patch("adacache_fx.passes.PIPELINE", without):
+                _, own, _, _ = run(model, make_inputs, ALWAYS)
+            _, reduced, _, _ = run(model, make_inputs, ALWAYS)
+            owns = [None] * WORLD
+            dist.all_gather_object(owns, float(own[1]))
+            codebook, _ = sensitive_codebook(float(reduced[1]), owns)
+            result[family] = {"own_metric": own, "reduced_metric": reduced, "codebook": codebook}
+            for variant, options in VARIANTS[family].items():
+                outputs, _, computed, cached = run(model, make_inputs, codebook, **options)
+                result[family, variant] = {"outputs": outputs, "computed": computed}
+        gm = cached.program().graph_module  # the last case: wan, stack granularity
+        from diffusers import ContextParallelConfig
+
+        plain, _ = tiny_models.build("wan", NUM_LAYERS)
+        outputs, _, computed, _ = run(plain, make_inputs, codebook, ContextParallelConfig(ulysses_degree=WORLD))
+        result["wan", "transform first"] = {"outputs": outputs, "computed": computed}
+        result["cfg"] = run_cfg(model, make_inputs, codebook)
+        result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
+                                 for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
+        errors = result["errors"] = {}
+        try:
+            adacache_fx.export.to_onnx(cached, make_inputs(0), os.path.join(out_dir, f"rank{rank}.onnx"))
+        except ValueError as error:
+            errors["onnx"] = str(error)
+        model, make_inputs = parallel_model("wan", ring_degree=WORLD)
+        try:
+            adacache_fx.transform(model)(**make_inputs(0))
+        except ParallelError as error:
+            errors["ring"] = str(error)
+        model, make_inputs = parallel_model("wan", ulysses_degree=WORLD)
+        inputs = make_inputs(0)
+        if rank == 1:
+            inputs["hidden_states"] = torch.cat([inputs["hidden_states"]] * 2, dim=-1)
+        try:
+            adacache_fx.transform(model)(**inputs)
+        except ParallelError as error:
+            errors["shapes"] = str(error)
+        moreg = adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, moreg=adacache_fx.MoRegConfig())
+        try:
+            adacache_fx.transform(model, moreg)(**make_inputs(0))
+        except adacache_fx.TransformError as error:
+            errors["moreg"] = str(error)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the 2 ranks saved (a list indexed by rank)."""
+    out_dir = str(tmp_path_factory.mktemp("parallel"))
+    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single(ranks):
+    """One process, same weights and inputs: the always-compute metric and the sensitive-codebook runs."""
+    found = {}
+    for family in FAMILIES:
+        model, make_inputs = tiny_models.build(family, NUM_LAYERS)
+        _, found[family], _, _ = run(model, make_inputs, ALWAYS)
+        for variant, options in VARIANTS[family].items():
+            outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], **options)
+            found[family, variant] = {"outputs": outputs, "computed": computed}
+    found["wan", "transform first"] = found["wan", "stack"]
+    found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
+    return found
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reduced_metric_equals_single_process(ranks, single, family):
+    for result in ranks:
+        torch.testing.assert_close(result[family]["reduced_metric"], single[family], rtol=1e-5, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_reduction_ranks_would_decide_differently(ranks, single, family):
+    own = [float(result[family]["own_metric"][1]) for result in ranks]
+    assert abs(own[0] - own[1]) > 1e-3 * abs(own[0])  # each rank sees only its shard of the residual
+    codebook = ranks[0][family]["codebook"]
+    assert ranks[1][family]["codebook"] == codebook
+    metric = float(single[family][1])
+    _, rank = sensitive_codebook(metric, own)
+
+    def rate(c):
+        return next((r for t, r in codebook.items() if c < t), list(codebook.values())[-1])
+
+    assert rate(metric) == 3 and rate(own[rank]) == 1
+
+
+@pytest.mark.parametrize("family, variant", CASES)
+def test_ranks_decide_as_one_process(ranks, single, family, variant):
+    want = single[family, variant]
+    assert want["computed"] == [1, 2, 5, 6]  # the codebook's rate 3 after step 2 skips steps 3 and 4
+    for result in ranks:
+        got = result[family, variant]
+        assert got["computed"] == want["computed"]
+        for out, ref in zip(got["outputs"], want["outputs"]):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_cache_contexts_and_reset_decide_as_one_process(ranks, single):
+    want_computed, want_outputs = single["cfg"]
+    assert want_computed[0] == want_computed[1]  # a reset starts the same generation again
+    for result in ranks:
+        computed, outputs = result["cfg"]
+        assert computed == want_computed
+        for out, ref in zip(outputs, want_outputs):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_one_all_reduce_per_step_added(ranks):
+    """Wan, 2 blocks, stack: per step the model's output gather and the metric's all-reduce in the main
+    graph; per compute step the model's all-to-alls (q, k, v and out of each self-attention)."""
+    for result in ranks:
+        assert result["collectives"]["main"] == {"all_gather_into_tensor": 1, "all_reduce": 1, "wait_tensor": 2}
+        assert result["collectives"]["compute"] == {"all_to_all_single": 8, "wait_tensor": 8}
+
+
+def test_unsupported_setups_are_refused(ranks):
+    for result in ranks:
+        errors = result["errors"]
+        assert "context parallelism is not supported" in errors["onnx"]
+        assert "ring_degree=2" in errors["ring"] and "log-sum-exp" in errors["ring"]
+        assert "MoReg under context parallelism is not supported" in errors["moreg"]
+        assert "different inputs" in errors["shapes"] and "(1, 4, 2, 8, 16)" in errors["shapes"]
+
+
+class _SplitInFirstBlock(torch.nn.Module):
+    """A residual stack whose first block starts by taking the first half of the sequence, as the
+    rank's slice of a context-parallel split hook on ``blocks.0`` is recorded in that block's scope."""
+
+    class Block(torch.nn.Module):
+        def __init__(self, split: bool):
+            super().__init__()
+            self.split, self.mlp = split, torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            if self.split:
+                x = x.chunk(2, dim=1)[0]
+            return x + self.mlp(x)
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([self.Block(i == 0) for i in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_split_at_the_first_block_is_glue_before_it():
+    torch.manual_seed(0)
+    model = _SplitInFirstBlock().eval()
+    x = torch.randn(1, 6, 8)
+    config = adacache_fx.AdaCacheConfig(num_steps=3, compute_steps=(1,))
+    cached = adacache_fx.transform(model, config)
+    assert torch.equal(cached(x), model(x))  # step 1 computes
+    assert cached.program().rewrite.regions == ["blocks.0..blocks.2"]  # one region: the split stays outside
+    x2 = x + 0.1
+    residual = model(x) - x.chunk(2, dim=1)[0]
+    torch.testing.assert_close(cached(x2), x2.chunk(2, dim=1)[0] + residual)  # cached: this step's slice + residual
+
+
+def test_parallel_model_without_process_group_is_refused():
+    model = torch.nn.Linear(2, 2)
+    model._parallel_config = mock.Mock(context_parallel_config=mock.Mock(ring_degree=1))
+    assert not dist.is_initialized()
+    with pytest.raises(ParallelError, match="not initialized"):
+        context_parallel_group(model)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-x", "-q"]))
