@@ -26,7 +26,7 @@ from adacache_fx.parallel import ParallelError, context_parallel_group
 from adacache_fx.passes import PIPELINE
 
 pytest.importorskip("diffusers")
-import tiny_models  # noqa: E402
+from adacache_fx.tools import fixtures  # noqa: E402
 
 WORLD = 2
 NUM_STEPS = 6
@@ -59,7 +59,7 @@ def cpu_device_count():
 def parallel_model(family: str, **config):
     from diffusers import ContextParallelConfig
 
-    model, make_inputs = tiny_models.build(family, NUM_LAYERS)
+    model, make_inputs = fixtures.build(family, NUM_LAYERS)
     with cpu_device_count():
         model.enable_parallelism(config=ContextParallelConfig(**config))
     return model, make_inputs
@@ -128,7 +128,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         gm = cached.program().graph_module  # the last case: wan, stack granularity
         from diffusers import ContextParallelConfig
 
-        plain, _ = tiny_models.build("wan", NUM_LAYERS)
+        plain, _ = fixtures.build("wan", NUM_LAYERS)
         outputs, _, computed, _ = run(plain, make_inputs, codebook, ContextParallelConfig(ulysses_degree=WORLD))
         result["wan", "transform first"] = {"outputs": outputs, "computed": computed}
         result["cfg"] = run_cfg(model, make_inputs, codebook)
@@ -190,7 +190,7 @@ def single(ranks):
     """One process, same weights and inputs: the always-compute metric and the sensitive-codebook runs."""
     found = {}
     for family in FAMILIES:
-        model, make_inputs = tiny_models.build(family, NUM_LAYERS)
+        model, make_inputs = fixtures.build(family, NUM_LAYERS)
         _, found[family], _, _ = run(model, make_inputs, ALWAYS)
         for variant, options in VARIANTS[family].items():
             outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], **options)
