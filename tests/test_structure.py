@@ -303,7 +303,7 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("api", "config", "testing", "calibrate"):  # (the package's `calibrate` is the function)
+    for name in ("api", "config", "testing", "calibrate", "integrations.diffusers"):  # (the package's `calibrate` is the function)
         module = importlib.import_module(f"adacache_fx.{name}")
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

@@ -105,6 +105,19 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     ``cache_context("cond")`` / ``("uncond")`` get a state (and decisions) per half; a batched call
     (``cache_context("cond_uncond")``) shares one. Fewer than 3 steps: every step computes, with a
     warning. Returns the transformed transformer.
+
+    >>> import torch, adacache_fx
+    >>> from adacache_fx.tools.fixtures import tiny_wan_pipeline  # a stock WanPipeline, tiny and random
+    >>> pipe = tiny_wan_pipeline()
+    >>> pipe.set_progress_bar_config(disable=True)
+    >>> cached = adacache_fx.enable(pipe)
+    >>> embeds = torch.randn(1, 8, 32)
+    >>> video = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=16, width=16, num_frames=5,
+    ...              num_inference_steps=12, output_type="pt").frames
+    >>> report = adacache_fx.report(cached, "cond")
+    >>> report.num_steps, report.num_computed < 12
+    (12, True)
+    >>> adacache_fx.disable(pipe)
     """
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
