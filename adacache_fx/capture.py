@@ -28,7 +28,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensor
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
 
@@ -36,11 +35,17 @@ logger = logging.getLogger("adacache_fx.capture")
 
 #: Inputs specialized automatically are scalars and vectors of at most this many elements.
 SMALL_NUMEL = 16
-#: What ``torch.export`` raises when Python code needs a value the trace does not have.
-DATA_DEPENDENT_ERRORS = (
-    GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound, DataDependentOutputException,
-    DynamicOutputShapeException,
-)
+
+
+def data_dependent_errors() -> tuple[type[BaseException], ...]:
+    """What ``torch.export`` raises when Python code needs a value the trace does not have (imported on
+    first use: ``symbolic_shapes`` loads sympy, which ``import adacache_fx`` should not)."""
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound
+
+    return (GuardOnDataDependentSymNode, PendingUnbackedSymbolNotFound, DataDependentOutputException,
+            DynamicOutputShapeException)
+
+
 _HOST_READS = frozenset({
     torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__, torch.Tensor.__int__,
     torch.Tensor.__float__, torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.__format__,
@@ -307,8 +312,9 @@ class _StaticEvaluation(TorchFunctionMode):
 
 
 def _data_dependent(error: BaseException | None) -> bool:
+    errors = data_dependent_errors()
     while error is not None:
-        if isinstance(error, DATA_DEPENDENT_ERRORS):
+        if isinstance(error, errors):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh / python -m adacache_fx.export.gpu_check: a clear message without a GPU, and
+"""scripts/gpu_check.sh / python -m adacache_fx.tools.gpu_check: a clear message without a GPU, and
 the whole check run on CPU against the stand-ins (tests/standins), so its first GPU run is not its first run."""
 
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from adacache_fx import backends
-from adacache_fx.export import gpu_check
 from adacache_fx.export import tensorrt as export_tensorrt
+from adacache_fx.tools import gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 

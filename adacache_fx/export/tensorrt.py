@@ -6,7 +6,7 @@ CUDA device, these raise a RuntimeError that says what is missing.
 
 Works with TensorRT 10.0 to 11.x (the build uses no API outside both; ``BuilderFlag.FP16`` only where
 it exists). Verified on CPU against stand-ins of both versions (tests/standins); awaiting a GPU run
-(tests/test_tensorrt_gpu.py, ``python -m adacache_fx.export.gpu_check``).
+(tests/test_tensorrt_gpu.py, ``python -m adacache_fx.tools.gpu_check``).
 """
 
 from __future__ import annotations

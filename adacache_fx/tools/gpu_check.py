@@ -1,4 +1,4 @@
-"""One-shot check of the TensorRT paths on a GPU: ``python -m adacache_fx.export.gpu_check``.
+"""One-shot check of the TensorRT paths on a GPU: ``python -m adacache_fx.tools.gpu_check``.
 
 Runs the same N-step generation (Euler loop, FAST_30 codebook) four ways: the model without caching,
 the AdaCache model in eager PyTorch, ``adacache_fx.compile(backend="tensorrt")`` (Torch-TensorRT
@@ -60,8 +60,8 @@ def generation(step_fn, call: dict, num_steps: int, device: torch.device) -> tup
 
 def _timed_row(name, step_fn, call, num_steps, device, computed, reference) -> Row:
     generation(step_fn, call, num_steps, device)  # warm-up: capture, engine builds, autotuning
+    from ..export.runner import StatefulRunner
     from ..module import CachedModel
-    from .runner import StatefulRunner
 
     if isinstance(step_fn, (CachedModel, StatefulRunner)):  # a new generation
         step_fn.reset()
@@ -80,9 +80,9 @@ def run(model_name: str, layers: int, num_steps: int, dtype: torch.dtype, device
     """The table's rows, and whether every check passed."""
     import adacache_fx as ax
 
-    from .cli import build_model
-    from .onnx import to_onnx
-    from .tensorrt import TensorRTRunner, build_tensorrt_engine
+    from ..export.onnx import to_onnx
+    from ..export.tensorrt import TensorRTRunner, build_tensorrt_engine
+    from .export_cli import build_model
 
     model, call = build_model(model_name, layers)
     model = model.to(device=device, dtype=dtype)
@@ -145,7 +145,7 @@ def format_table(rows: list[Row], baseline_ms: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m adacache_fx.export.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adacache_fx.tools.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="wan", help="a built-in tiny model (wan, cogvideox, latte) or reference")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=30)
