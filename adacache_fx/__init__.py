@@ -13,7 +13,7 @@ from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
 from .calibrate import calibrate
 from .capture import CaptureError
-from .config import AdaCacheConfig, MoRegConfig
+from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
 
 __version__ = "0.2.0"
@@ -32,6 +32,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaCacheConfig",
+    "CacheConfig",
     "CachedModel",
     "CaptureError",
     "MoRegConfig",

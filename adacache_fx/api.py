@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import AdaCacheConfig
+from .config import AdaCacheConfig, CacheConfig
 from .module import CachedModel
 from .policies import policy_class
 from .state import Report, StepRecord
@@ -12,8 +12,9 @@ from .state import Report, StepRecord
 __all__ = ["Report", "StepRecord", "cached_model", "report", "reset", "transform"]
 
 
-def transform(model: nn.Module, config: AdaCacheConfig | None = None) -> CachedModel:
-    """Return ``model`` wrapped so that its block stack is cached with AdaCache.
+def transform(model: nn.Module, config: CacheConfig | None = None) -> CachedModel:
+    """Return ``model`` wrapped so that its block stack is cached (with AdaCache unless ``config`` selects
+    another registered policy, see :mod:`adacache_fx.policies`).
 
     The model is captured lazily on its first call (like ``torch.compile``); the result can be
     called, compiled with ``torch.compile(..., fullgraph=True)`` or exported like the original.

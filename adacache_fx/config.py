@@ -78,15 +78,20 @@ class MoRegConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+#: Forecast orders a cached step can use (``CacheConfig.extrapolation_order``).
+FORECAST_ORDERS = (0, 1)
+
+
 @dataclass(frozen=True)
-class AdaCacheConfig:
-    """How :func:`adacache_fx.transform` caches a model.
+class CacheConfig:
+    """What every caching policy's config has: where the cache sits and what a cached step adds.
+
+    A policy's config subclasses this and adds its decision rule's parameters; ``transform`` picks the
+    policy registered for the config's type (see :mod:`adacache_fx.policies`).
 
     Args:
         num_steps: denoising steps N of a generation; may also be given later with
             :func:`adacache_fx.reset` or by :func:`adacache_fx.enable` from the pipeline call.
-        codebook: ordered map ``{threshold: rate}``; the new cache rate is the rate of the first
-            threshold with ``c < threshold``, else the last rate. Default: ``presets.FAST_30``.
         metric_block: index of the block (execution order, from 0) whose residual drives the
             decision; ``None`` is the middle block. A sequence averages several blocks.
         metric_branch: index of the residual branch inside that block (0: the first, usually
@@ -94,9 +99,6 @@ class AdaCacheConfig:
         granularity: ``"stack"`` (one cached region over the block stack, the default),
             ``"block"`` (every block its own region) or ``"branch"`` (every residual branch its own
             region, caching the branch output ``f`` as AdaCache does per branch).
-        moreg: optional :class:`MoRegConfig`.
-        compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
-            the cache. Replaces the adaptive policy; must contain step 1.
         warmup_steps: the first ``warmup_steps`` steps always compute (the metric is still measured on
             them, so the schedule after them follows it); early steps shape the video most.
         extrapolation_order: what a cached step adds. ``0`` (AdaCache): the residual of the last
@@ -111,46 +113,37 @@ class AdaCacheConfig:
     """
 
     num_steps: int | None = None
-    codebook: Mapping[float, int] = field(default_factory=_default_codebook)
     metric_block: int | Sequence[int] | None = None
     metric_branch: int = 0
     granularity: str = "stack"
-    moreg: MoRegConfig | None = None
-    compute_steps: Sequence[int] | None = None
     warmup_steps: int = 0
     extrapolation_order: int = 0
     static_inputs: Sequence[str] = ()
 
+    #: MoReg settings; only policies that regulate by motion set it (``AdaCacheConfig``).
+    moreg = None
+
     def __post_init__(self):
         if self.num_steps is not None:
             check_num_steps(self.num_steps)
-        object.__setattr__(self, "codebook", validate_codebook(self.codebook))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
-        if self.warmup_steps and self.compute_steps is not None:
-            raise ValueError("warmup_steps does not apply to a forced schedule: put those steps in compute_steps")
-        if self.extrapolation_order not in (0, 1):
-            raise ValueError(f"extrapolation_order must be 0 (reuse) or 1 (linear), got {self.extrapolation_order!r}")
+        if self.extrapolation_order not in FORECAST_ORDERS:
+            raise ValueError(f"extrapolation_order must be one of {FORECAST_ORDERS} "
+                             f"(0 reuse, 1 linear), got {self.extrapolation_order!r}")
         if self.metric_branch < 0:
             raise ValueError(f"metric_branch must be >= 0, got {self.metric_branch}")
-        if self.compute_steps is not None:
-            steps = tuple(sorted({int(s) for s in self.compute_steps}))
-            if not steps or steps[0] != 1:
-                raise ValueError("compute_steps must contain step 1: the first step has nothing cached")
-            object.__setattr__(self, "compute_steps", steps)
         if self.metric_block is not None and not isinstance(self.metric_block, int):
             object.__setattr__(self, "metric_block", tuple(int(b) for b in self.metric_block))
         if isinstance(self.static_inputs, str) or not all(isinstance(n, str) for n in self.static_inputs):
             raise TypeError(f"static_inputs must be a sequence of input names, got {self.static_inputs!r}")
         object.__setattr__(self, "static_inputs", tuple(self.static_inputs))
-        if self.moreg is not None and not isinstance(self.moreg, MoRegConfig):
-            raise TypeError(f"moreg must be a MoRegConfig or None, got {type(self.moreg).__name__}")
 
     def to_dict(self) -> dict:
         """A JSON-compatible dict (``json.dumps`` writes the ``inf`` of a catch-all threshold as
-        ``Infinity``) that :meth:`from_dict` turns back into an equal config.
+        ``Infinity``) that :meth:`from_dict` (or :func:`config_from_dict`) turns back into an equal config.
 
         >>> import adacache_fx
         >>> config = adacache_fx.AdaCacheConfig(num_steps=30, moreg=adacache_fx.MoRegConfig())
@@ -160,17 +153,17 @@ class AdaCacheConfig:
         data = {"type": type(self).__name__, "version": CONFIG_VERSION}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "codebook":
-                value = [[threshold, rate] for threshold, rate in value.items()]
-            elif f.name == "moreg" and value is not None:
+            if hasattr(value, "to_dict"):
                 value = value.to_dict()
+            elif isinstance(value, Mapping):
+                value = [[k, v] for k, v in value.items()]
             elif isinstance(value, tuple):
                 value = list(value)
             data[f.name] = value
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> AdaCacheConfig:
+    def from_dict(cls, data: Mapping) -> CacheConfig:
         """The config :meth:`to_dict` wrote (same type and version)."""
         data = dict(data)
         kind, version = data.pop("type", None), data.pop("version", None)
@@ -179,13 +172,14 @@ class AdaCacheConfig:
                 f"not a {cls.__name__} dict of version {CONFIG_VERSION}: type {kind!r}, version {version!r}"
             )
         _check_keys(cls, data)
-        if "codebook" in data:
-            data["codebook"] = {float(t): int(r) for t, r in data["codebook"]}
-        if data.get("moreg") is not None:
-            data["moreg"] = MoRegConfig.from_dict(data["moreg"])
         if isinstance(data.get("metric_block"), list):
             data["metric_block"] = tuple(data["metric_block"])
-        return cls(**data)
+        return cls(**cls._decode_fields(data))
+
+    @classmethod
+    def _decode_fields(cls, data: dict) -> dict:
+        """Subclasses turn their JSON field values back into Python ones here."""
+        return data
 
     @property
     def metric_blocks(self) -> tuple[int, ...] | None:
@@ -194,6 +188,61 @@ class AdaCacheConfig:
         if isinstance(self.metric_block, int):
             return (self.metric_block,)
         return tuple(int(b) for b in self.metric_block)
+
+
+@dataclass(frozen=True)
+class AdaCacheConfig(CacheConfig):
+    """AdaCache: the cache rate follows the change of a block's residual (the paper's rule).
+
+    Takes every :class:`CacheConfig` argument (``num_steps``, ``metric_block``, ``metric_branch``,
+    ``granularity``, ``warmup_steps``, ``extrapolation_order``, ``static_inputs``) and:
+
+    Args:
+        codebook: ordered map ``{threshold: rate}``; the new cache rate is the rate of the first
+            threshold with ``c < threshold``, else the last rate. Default: ``presets.FAST_30``.
+        moreg: optional :class:`MoRegConfig`.
+        compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
+            the cache. Replaces the adaptive policy; must contain step 1.
+    """
+
+    codebook: Mapping[float, int] = field(default_factory=_default_codebook)
+    moreg: MoRegConfig | None = None
+    compute_steps: Sequence[int] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "codebook", validate_codebook(self.codebook))
+        if self.warmup_steps and self.compute_steps is not None:
+            raise ValueError("warmup_steps does not apply to a forced schedule: put those steps in compute_steps")
+        if self.compute_steps is not None:
+            steps = tuple(sorted({int(s) for s in self.compute_steps}))
+            if not steps or steps[0] != 1:
+                raise ValueError("compute_steps must contain step 1: the first step has nothing cached")
+            object.__setattr__(self, "compute_steps", steps)
+        if self.moreg is not None and not isinstance(self.moreg, MoRegConfig):
+            raise TypeError(f"moreg must be a MoRegConfig or None, got {type(self.moreg).__name__}")
+
+    @classmethod
+    def _decode_fields(cls, data: dict) -> dict:
+        if "codebook" in data:
+            data["codebook"] = {float(t): int(r) for t, r in data["codebook"]}
+        if data.get("moreg") is not None:
+            data["moreg"] = MoRegConfig.from_dict(data["moreg"])
+        return data
+
+
+def config_from_dict(data: Mapping) -> CacheConfig:
+    """The config of any :class:`CacheConfig` subclass from the dict its ``to_dict`` wrote."""
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    kind = data.get("type")
+    for cls in (CacheConfig, *subclasses(CacheConfig)):
+        if cls.__name__ == kind:
+            return cls.from_dict(data)
+    raise ValueError(f"unknown config type {kind!r}")
 
 
 def _check_keys(cls, data: Mapping) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
-from .config import AdaCacheConfig
+from .config import CacheConfig
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
@@ -86,7 +86,7 @@ class CachedModel(nn.Module):
     # same way: it captures the model, and binds the state, outside the compiled region.
     _initialize_hook = None
 
-    def __init__(self, model: nn.Module, config: AdaCacheConfig):
+    def __init__(self, model: nn.Module, config: CacheConfig):
         super().__init__()
         self.model = model
         self.adacache_config = config

@@ -11,6 +11,7 @@ from reference_adacache import schedule
 
 import adacache_fx as ax
 from adacache_fx import presets
+from adacache_fx.config import config_from_dict
 from adacache_fx.passes import PIPELINE, PassError
 from adacache_fx.policies.adacache import StepEnd
 from adacache_fx.state import StateLayout, StateSpec, StateStore
@@ -43,6 +44,16 @@ def test_config_from_dict_refuses_unknown_fields_and_other_types():
         ax.AdaCacheConfig.from_dict({**data, "speed": 2})
     with pytest.raises(ValueError, match="not a AdaCacheConfig dict of version 1"):
         ax.AdaCacheConfig.from_dict({**data, "version": 99})
+
+    with pytest.raises(ValueError, match="unknown config type 'SpeedConfig'"):
+        config_from_dict({**data, "type": "SpeedConfig"})
+
+
+def test_config_from_dict_finds_the_subclass_named_in_the_dict():
+    config = ax.AdaCacheConfig(num_steps=12, warmup_steps=2)
+    assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(TypeError, match="with a registered policy\\), got CacheConfig"):
+        ax.transform(tiny_dit()[0], ax.CacheConfig())
 
 
 def test_config_round_trips_through_onnx_metadata(tmp_path):

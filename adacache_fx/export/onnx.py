@@ -32,7 +32,7 @@ from torch import nn
 
 from ..api import cached_model
 from ..capture import named_leaves
-from ..config import AdaCacheConfig
+from ..config import CacheConfig, config_from_dict
 from ..passes.reduce_metric import collectives
 from ..state import dtype_name
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
@@ -182,9 +182,9 @@ def _metadata(cached, program, named: list, user_outputs: list) -> dict:
     }
 
 
-def config_from_metadata(metadata: dict) -> AdaCacheConfig:
-    """The :class:`~adacache_fx.AdaCacheConfig` an exported file was made with."""
-    return AdaCacheConfig.from_dict(metadata["config"])
+def config_from_metadata(metadata: dict) -> CacheConfig:
+    """The config (an :class:`~adacache_fx.AdaCacheConfig` or another policy's) an exported file was made with."""
+    return config_from_dict(metadata["config"])
 
 
 def to_onnx(

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from ..config import AdaCacheConfig
+from ..config import CacheConfig
 from ..state import StateLayout
 from .branch_layout import BranchLayout
 from .find_blocks import Block, find_blocks
@@ -36,7 +36,7 @@ class PassContext:
     """What the stages share: the graph module being rewritten, the config, and what each stage found."""
 
     graph_module: fx.GraphModule
-    config: AdaCacheConfig
+    config: CacheConfig
     num_user_inputs: int = 0
     num_user_outputs: int = 0
     blocks: list[Block] = field(default_factory=list)
@@ -155,7 +155,7 @@ def check_rewrite(ctx: PassContext) -> None:
         )
 
 
-def rewrite(gm: fx.GraphModule, config: AdaCacheConfig, process_group=None) -> RewriteResult:
+def rewrite(gm: fx.GraphModule, config: CacheConfig, process_group=None) -> RewriteResult:
     """Run :data:`PIPELINE` over a captured graph module (in place) and return it with its state layout.
     ``process_group``: the context-parallel group to reduce the metric over (default: the graph's)."""
     ctx = PassContext(gm, config, process_group=process_group)
