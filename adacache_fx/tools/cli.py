@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _lazy("adacache_fx.tools.export_cli", "add_export_arguments")(export)
     export.set_defaults(func=_lazy("adacache_fx.tools.export_cli", "cli_export"))
 
+    motion = sub.add_parser("motion", help="computed steps per motion class (still, slow, fast) on the reference model")
+    _lazy("adacache_fx.tools.motion_classes", "add_motion_arguments")(motion)
+    motion.set_defaults(func=_lazy("adacache_fx.tools.motion_classes", "cli_motion"))
+
     peers = sub.add_parser("bench", help="AdaCache against the peers (diffusers cache hooks, cache-dit) on the reference model")
     _lazy("adacache_fx.tools.bench", "add_bench_arguments")(peers)
     peers.set_defaults(func=_lazy("adacache_fx.tools.bench", "cli_bench"))

@@ -1,0 +1,178 @@
+"""``adacache-fx motion``: does the AdaCache schedule follow the content?
+
+AdaCache computes more steps for videos with more motion (the paper's premise). On the reference model's
+fixed evaluation captions this tool generates every caption uncached and with each AdaCache variant, and
+reports per motion class (still, slow, fast): how much the uncached video moves, how often it passes its
+caption check, and the median number of computed steps of each variant.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import presets
+from ..config import AdaCacheConfig, MoRegConfig
+
+SPEED_CLASSES = ("still", "slow", "fast")
+#: Captions the calibrated variant's codebook is fitted on: drawn apart from the evaluation set.
+CALIBRATION_SEED, CALIBRATION_CAPTIONS = 7, 6
+
+
+def variants(steps: int, calibrated: dict[float, int] | None = None) -> dict[str, AdaCacheConfig]:
+    """The official fast codebook with and without MoReg, and (given) a codebook fitted to the model."""
+    configs = {
+        "fast": AdaCacheConfig(num_steps=steps, codebook=presets.FAST_30),
+        "fast+moreg": AdaCacheConfig(num_steps=steps, codebook=presets.FAST_30, moreg=MoRegConfig()),
+    }
+    if calibrated is not None:
+        configs["calibrated"] = AdaCacheConfig(num_steps=steps, codebook=calibrated)
+        configs["calibrated+moreg"] = AdaCacheConfig(num_steps=steps, codebook=calibrated, moreg=MoRegConfig())
+    return configs
+
+
+def calibration_captions() -> list[str]:
+    """Captions for ``calibrate``, none of them in the evaluation set."""
+    import numpy as np
+
+    from .reference import evaluation_captions, sample_caption
+
+    held_out = {c.text for c in evaluation_captions()}
+    rng, texts = np.random.default_rng(CALIBRATION_SEED), []
+    while len(texts) < CALIBRATION_CAPTIONS:
+        text = sample_caption(rng).text
+        if text not in held_out and text not in texts:
+            texts.append(text)
+    return texts
+
+
+@dataclass(frozen=True)
+class CaptionRun:
+    """One caption: its motion class, the uncached video's motion and check, computed steps per variant."""
+
+    caption: str
+    speed: str
+    motion: float  # mean |frame difference| of the uncached video, in [0, 1] pixel units
+    baseline_ok: bool
+    computed: dict[str, int]
+
+
+def frame_motion(frames: torch.Tensor) -> float:
+    """Mean absolute difference between consecutive frames of ``[T, C, H, W]``."""
+    return float((frames[1:] - frames[:-1]).abs().mean())
+
+
+def run_captions(pipe, captions, configs: dict, steps: int = 30, seed: int = 0, progress=print) -> list[CaptionRun]:
+    """Generate each caption (a :class:`~adacache_fx.tools.reference.Caption`) uncached and with each config."""
+    import adacache_fx as ax
+
+    from .reference import check_clip
+
+    baseline = pipe.transformer
+    cached = {v: ax.transform(baseline, config) for v, config in configs.items()}
+    runs = []
+    try:
+        for i, caption in enumerate(captions):
+            def generate(transformer, caption=caption):
+                pipe.transformer = transformer
+                return pipe(caption.text, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).frames[0]
+
+            video = generate(baseline)
+            computed = {}
+            for v in configs:
+                generate(cached[v])
+                computed[v] = ax.report(cached[v], "cond").num_computed
+            runs.append(CaptionRun(caption.text, caption.speed, frame_motion(video),
+                                   check_clip(video.permute(1, 0, 2, 3) * 2 - 1, caption).ok, computed))
+            progress(f"  [{i + 1}/{len(captions)}] {caption.text}: computed {computed}")
+    finally:
+        pipe.transformer = baseline
+    return runs
+
+
+def summarize(runs: list[CaptionRun]) -> dict[str, dict[str, float]]:
+    """Per motion class: ``n``, median ``motion``, ``ok`` fraction and the median computed steps per variant."""
+    table = {}
+    for speed in SPEED_CLASSES:
+        group = [r for r in runs if r.speed == speed]
+        if not group:
+            continue
+        row = {"n": len(group), "motion": statistics.median(r.motion for r in group),
+               "ok": sum(r.baseline_ok for r in group) / len(group)}
+        for v in group[0].computed:
+            row[v] = statistics.median(r.computed[v] for r in group)
+        table[speed] = row
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]], steps: int) -> str:
+    variants = [k for k in next(iter(table.values())) if k not in ("n", "motion", "ok")]
+    lines = ["| motion class | captions | uncached motion | uncached caption ok | "
+             + " | ".join(f"{v}: median computed / {steps}" for v in variants) + " |",
+             "|---" * (4 + len(variants)) + "|"]
+    for speed, row in table.items():
+        lines.append(f"| {speed} | {row['n']} | {row['motion']:.4f} | {row['ok']:.0%} | "
+                     + " | ".join(f"{row[v]:g}" for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def plot(path: Path, runs: list[CaptionRun], steps: int) -> None:
+    """Computed steps per caption against the uncached video's motion, one colour per motion class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(runs[0].computed)
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.4), squeeze=False, sharey=True)
+    colours = dict(zip(SPEED_CLASSES, ("tab:gray", "tab:blue", "tab:red")))
+    for ax, v in zip(axes[0], variants):
+        for speed in SPEED_CLASSES:
+            group = [r for r in runs if r.speed == speed]
+            ax.scatter([r.motion for r in group], [r.computed[v] for r in group], s=18, alpha=0.7,
+                       color=colours[speed], label=speed)
+        ax.set_title(v, fontsize=10)
+        ax.set_xlabel("uncached video motion (mean |frame diff|)")
+    axes[0, 0].set_ylabel(f"computed steps of {steps}")
+    axes[0, 0].legend(title="caption", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cli_motion(args) -> int:
+    from .reference import evaluation_captions
+    from .reference.pipeline import ReferencePipeline
+
+    torch.set_num_threads(args.threads)
+    pipe = ReferencePipeline.from_reference()
+    pipe.set_progress_bar_config(disable=True)
+    captions = evaluation_captions(repeats=args.repeats)
+    print(f"reference model, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seed {args.seed}")
+    import adacache_fx as ax
+
+    codebook = ax.calibrate(pipe, calibration_captions(), args.steps, target="fast")
+    print("calibrated codebook (target 'fast', on " f"{CALIBRATION_CAPTIONS} captions outside the evaluation set): "
+          + ", ".join(f"{t:.3g}: {r}" for t, r in codebook.items()))
+    runs = run_captions(pipe, captions, variants(args.steps, codebook), args.steps, args.seed)
+    table = format_table(summarize(runs), args.steps)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = f"adacache-fx motion --steps {args.steps} --repeats {args.repeats} --seed {args.seed}"
+    (out / "motion_classes.md").write_text(f"`{command}`\n\n{table}\n")
+    plot(out / "motion_classes.png", runs, args.steps)
+    print(f"\nwrote motion_classes.md and motion_classes.png to {out.resolve()}")
+    return 0
+
+
+def add_motion_arguments(parser) -> None:
+    parser.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="evaluation set size / 12 (default 4: 48 captions, 16 per motion class)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="adacache-fx-out", help="output folder")
+    parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
