@@ -1,4 +1,5 @@
-"""Context parallelism, continued: MoReg, and ``adacache_fx.enable`` on a pipeline, on 2 gloo ranks.
+"""Context parallelism, continued: MoReg, ring attention, and ``adacache_fx.enable`` on a pipeline, on 2
+gloo ranks.
 
 A tiny Wan under diffusers' Ulysses plan (unmodified); one spawn of 2 processes runs every scenario and
 each rank saves what it saw for the tests to compare with one process.
@@ -6,6 +7,11 @@ each rank saves what it saw for the tests to compare with one process.
 MoReg: 3 latent frames of 16 tokens, 24 tokens per rank, so rank 1 starts in the middle of frame 1 and
 most frame pairs straddle the two chunks. Stride 1 takes the 16 tokens before rank 1's chunk from rank
 0's tail; strides (1, 2) need 32, more than a chunk: all of rank 0's.
+
+Ring attention needs an attention returning the log-sum-exp. diffusers' ``_native_flash`` backend
+(``supports_context_parallel``) calls ``aten::_scaled_dot_product_flash_attention``, which has no CPU
+kernel; the ranks register one (:func:`cpu_flash_attention`, from torch's own CPU flash attention, which
+returns it) and run the Wan with ``ring_degree=2`` on that backend. Nothing in adacache_fx is specific to it.
 """
 
 from __future__ import annotations
@@ -70,6 +76,35 @@ def moreg_runs(model, make_inputs):
     return found
 
 
+def cpu_flash_attention():
+    """Give ``aten::_scaled_dot_product_flash_attention`` a CPU kernel (this process only): torch's
+    ``_scaled_dot_product_flash_attention_for_cpu``, which returns the output and its log-sum-exp."""
+    def flash(query, key, value, dropout_p=0.0, is_causal=False, return_debug_mask=False, *, scale=None):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                           scale=scale)
+        empty = query.new_empty(0)
+        seqs = torch.empty(0, dtype=torch.int64)
+        return out, lse, seqs, seqs, query.shape[2], key.shape[2], seqs, seqs, empty
+
+    library = torch.library.Library("aten", "IMPL")
+    library.impl("_scaled_dot_product_flash_attention", flash, "CPU")
+    return library  # the kernel lives as long as this
+
+
+def ring_run(make_inputs, codebook):
+    """The MoReg stride-1 run under ring attention (``ring_degree=2``, the ``_native_flash`` backend)."""
+    from diffusers import ContextParallelConfig
+
+    model, _ = fixtures.build("wan", 2)
+    model.set_attention_backend("_native_flash")
+    with cpu_device_count():
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=WORLD))
+    moreg = adacache_fx.MoRegConfig(strides=STRIDES["tail"])
+    _, metric, _, _ = run(model, make_inputs, ALWAYS, moreg=moreg)
+    outputs, _, computed, _ = run(model, make_inputs, codebook, moreg=moreg)
+    return {"metric": metric, "outputs": outputs, "computed": computed}
+
+
 def generate(pipe, parallel: bool):
     """One CFG generation of the tiny WanPipeline with caching: the frames and each context's computed steps."""
     if parallel:
@@ -91,6 +126,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model, make_inputs = parallel_model("wan", ulysses_degree=WORLD)
         result = {"moreg": moreg_runs(model, three_frames(make_inputs)),
                   "pipe": generate(fixtures.tiny_wan_pipeline(), parallel=True)}
+        kernel = cpu_flash_attention()  # noqa: F841 - registered while it lives
+        result["ring"] = ring_run(three_frames(make_inputs), result["moreg"]["tail"]["codebook"])
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -143,6 +180,18 @@ def test_moreg_ranks_decide_as_one_process(ranks, single, strides):
     for result in ranks:
         got = result["moreg"][strides]
         assert got["computed"] == want["computed"]
+        for out, ref in zip(got["outputs"], want["outputs"]):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_ring_attention_ranks_decide_as_one_process(ranks, single):
+    """Ring attention (``ring_degree=2``), MoReg stride 1, the sensitive codebook of the Ulysses run: the
+    metric, the computed steps and the outputs of one process (which runs the ``native`` attention)."""
+    want = single["tail"]
+    for result in ranks:
+        got = result["ring"]
+        torch.testing.assert_close(got["metric"], want["metric"], rtol=1e-5, atol=0, equal_nan=True)
+        assert got["computed"] == want["computed"] == [1, 2, 5, 6]
         for out, ref in zip(got["outputs"], want["outputs"]):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
