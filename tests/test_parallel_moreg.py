@@ -36,6 +36,8 @@ from parallel_helpers import (
 )
 
 import adacache_fx
+from adacache_fx.parallel import SequenceShard
+from adacache_fx.policies.adacache import MotionMagnitude
 
 pytest.importorskip("diffusers")
 from adacache_fx.tools import fixtures  # noqa: E402
@@ -150,6 +152,29 @@ def single(ranks):
         found[name] = {"metric": metric, "outputs": outputs, "computed": computed}
     found["pipe"] = generate(fixtures.tiny_wan_pipeline(), parallel=False)
     return found
+
+
+@pytest.mark.parametrize("world, frames, strides", [(2, 3, (1,)), (2, 3, (1, 2)), (4, 5, (1, 3)), (3, 4, (2, 1))])
+def test_sharded_motion_parts_add_up_to_one_process(world, frames, strides):
+    """No processes: the all-gather replaced by the chunks' tails. Chunks that start inside a frame,
+    halos of one chunk's tail and of several whole chunks."""
+    torch.manual_seed(0)
+    p = torch.randn(2, frames * 12, 8)
+    chunks = p.chunk(world, dim=1)
+
+    class Collectives:  # all_gather_into_tensor: every rank's tail, rank after rank along dim 0
+        @staticmethod
+        def all_gather_into_tensor(tail, group_size, group_name):
+            return torch.cat([c.reshape(2, -1)[:, c[0].numel() - tail.shape[1]:] for c in chunks])
+
+        @staticmethod
+        def wait_tensor(tensor):
+            return tensor
+
+    with mock.patch("adacache_fx.parallel.c10d", Collectives):
+        parts = sum(MotionMagnitude(2, frames, strides, SequenceShard("g", rank, world))(chunk)
+                    for rank, chunk in enumerate(chunks))
+    torch.testing.assert_close(parts, MotionMagnitude(2, frames, strides)(p), rtol=1e-6, atol=1e-4)
 
 
 @pytest.mark.parametrize("strides", STRIDES)
