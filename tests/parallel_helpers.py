@@ -63,6 +63,15 @@ def run(model, make_inputs, codebook, enable_parallelism=None, **options):
     return outputs, history, [r.step for r in report.steps if r.computed], cached
 
 
+def three_frames(make_inputs):
+    """MoReg's tests: the fixture's inputs with a third latent frame (the second, shifted: some motion)."""
+    def inputs(step):
+        kwargs = make_inputs(step)
+        h = kwargs["hidden_states"]
+        return {**kwargs, "hidden_states": torch.cat([h, h[:, :, 1:].roll(2, dims=-1)], dim=2)}
+    return inputs
+
+
 def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
     """A codebook whose threshold lies between the right metric and the farthest of ``rank_metrics``
     (a rank's own, or one missing some terms): the right metric gives rate 3, that one rate 1. Returns

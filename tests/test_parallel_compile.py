@@ -15,8 +15,7 @@ import sys
 import pytest
 import torch
 import torch._dynamo.testing
-from parallel_helpers import NUM_STEPS, WORLD, parallel_model, process_group, spawn
-from test_parallel_moreg import three_frames
+from parallel_helpers import NUM_STEPS, WORLD, parallel_model, process_group, spawn, three_frames
 
 import adacache_fx
 

@@ -33,6 +33,7 @@ from parallel_helpers import (
     run,
     sensitive_codebook,
     spawn,
+    three_frames,
 )
 
 import adacache_fx
@@ -45,15 +46,6 @@ from adacache_fx.tools import fixtures  # noqa: E402
 STRIDES = {"tail": (1,), "whole chunk": (1, 2)}
 TIMEOUT_S = 240
 PIPE_CALL = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 10, "output_type": "pt"}
-
-
-def three_frames(make_inputs):
-    """The fixture's inputs with a third latent frame (the second, shifted: some motion)."""
-    def inputs(step):
-        kwargs = make_inputs(step)
-        h = kwargs["hidden_states"]
-        return {**kwargs, "hidden_states": torch.cat([h, h[:, :, 1:].roll(2, dims=-1)], dim=2)}
-    return inputs
 
 
 def no_halo(x, shard, needed):
