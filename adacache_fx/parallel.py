@@ -8,8 +8,13 @@ the same decision. Nothing here imports diffusers unless the model carries a par
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 from torch import nn
+
+c10d = torch.ops._c10d_functional
 
 
 class ParallelError(RuntimeError):
@@ -76,3 +81,29 @@ def check_same_call(group, call_signature: tuple) -> None:
                 f"the ranks of the context-parallel group call the model with different inputs: rank 0 "
                 f"passes {diff[0][0]}, rank {rank} {diff[0][1]}; every rank must pass the same full inputs"
             )
+
+
+@dataclass(frozen=True)
+class SequenceShard:
+    """This rank's part of a sequence split over a context-parallel group: the ``rank``-th of ``world``
+    equal contiguous chunks, as diffusers splits (``tensor.chunk(world, dim)[rank]``) and gathers back
+    (in rank order). A tensor laid out ``[batch, sequence, ...]`` then holds, per batch row, a contiguous
+    run of the flattened row, starting ``rank`` runs in."""
+
+    group_name: str
+    rank: int
+    world: int
+
+
+def preceding(x: torch.Tensor, shard: SequenceShard, needed: int) -> torch.Tensor:
+    """The (up to) ``needed`` elements along dim 1 that precede this rank's chunk ``x`` of a sequence
+    split as ``shard`` says: ``[batch, min(needed, rank * x.shape[1])]``, in order, ending where ``x``
+    starts. One functional all-gather of every rank's last ``min(needed, x.shape[1])`` elements (traced
+    by torch.compile and export); every rank of the group must call it (all do: they take the same
+    branch)."""
+    batch, length = x.shape[0], min(needed, x.shape[1])
+    tail = x[:, x.shape[1] - length:].contiguous()
+    gathered = c10d.wait_tensor(c10d.all_gather_into_tensor(tail, shard.world, shard.group_name))
+    before = gathered.reshape(shard.world, batch, length)[: shard.rank].permute(1, 0, 2).reshape(batch, -1)
+    # tails shorter than a chunk are not contiguous: only the last one (needed long) directly precedes x
+    return before[:, before.shape[1] - min(needed, before.shape[1]):]

@@ -6,19 +6,26 @@ part); each rank saves what it saw and the tests compare it with one process.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
-import socket
 import sys
-import time
 from collections import Counter
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from parallel_helpers import (
+    ALWAYS,
+    NUM_LAYERS,
+    NUM_STEPS,
+    WORLD,
+    parallel_model,
+    process_group,
+    rate,
+    run,
+    sensitive_codebook,
+    spawn,
+)
 
 import adacache_fx
 import adacache_fx.export
@@ -28,9 +35,6 @@ from adacache_fx.passes import PIPELINE
 pytest.importorskip("diffusers")
 from adacache_fx.tools import fixtures  # noqa: E402
 
-WORLD = 2
-NUM_STEPS = 6
-NUM_LAYERS = 2
 FAMILIES = ("flux", "wan")  # diffusers classes with a _cp_plan: Flux splits at the model's input, Wan at blocks.0
 VARIANTS = {  # config options of each case; wan's "stack" last (its graph's collectives are counted)
     "flux": {"stack": {}},
@@ -38,46 +42,7 @@ VARIANTS = {  # config options of each case; wan's "stack" last (its graph's col
             "forecast": {"extrapolation_order": 1}, "stack": {}},
 }
 CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS[family]] + [("wan", "transform first")]
-ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
 TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
-
-
-@contextlib.contextmanager
-def cpu_device_count():
-    """Let ``enable_parallelism`` run on a CPU-only build.
-
-    diffusers picks the rank's device as ``rank % torch.accelerator.device_count()``, which is a
-    division by zero where no accelerator is compiled in: report one device around that call.
-    """
-    if torch.accelerator.device_count() > 0:
-        yield
-        return
-    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        yield
-
-
-def parallel_model(family: str, **config):
-    from diffusers import ContextParallelConfig
-
-    model, make_inputs = fixtures.build(family, NUM_LAYERS)
-    with cpu_device_count():
-        model.enable_parallelism(config=ContextParallelConfig(**config))
-    return model, make_inputs
-
-
-def run(model, make_inputs, codebook, enable_parallelism=None, **options):
-    """``(outputs, history, computed, cached)`` of one generation of ``NUM_STEPS`` steps;
-    ``enable_parallelism``: a ContextParallelConfig to enable after the transform."""
-    cached = adacache_fx.transform(
-        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options)
-    )
-    if enable_parallelism is not None:
-        with cpu_device_count():
-            cached.enable_parallelism(config=enable_parallelism)
-    outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
-    report = adacache_fx.report(cached)
-    history = torch.tensor([[float("nan") if r.metric is None else r.metric] for r in report.steps]).flatten()
-    return outputs, history, [r.step for r in report.steps if r.computed], cached
 
 
 def run_cfg(model, make_inputs, codebook):
@@ -97,19 +62,8 @@ def run_cfg(model, make_inputs, codebook):
     return computed, outputs
 
 
-def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
-    """A codebook whose threshold lies between the reduced metric and the farthest rank's own one: the
-    reduced metric gives rate 3, that rank's own metric rate 1. Returns it and that rank."""
-    rank = max(range(len(rank_metrics)), key=lambda r: abs(rank_metrics[r] - global_metric))
-    threshold = (global_metric + rank_metrics[rank]) / 2
-    return ({threshold: 3, 1e9: 1} if global_metric < threshold else {threshold: 1, 1e9: 3}), rank
-
-
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
+    with process_group(rank, port):
         result = {}
         for family in FAMILIES:
             model, make_inputs = parallel_model(family, ulysses_degree=WORLD)
@@ -152,37 +106,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             adacache_fx.transform(model)(**inputs)
         except ParallelError as error:
             errors["shapes"] = str(error)
-        moreg = adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, moreg=adacache_fx.MoRegConfig())
-        try:
-            adacache_fx.transform(model, moreg)(**make_inputs(0))
-        except adacache_fx.TransformError as error:
-            errors["moreg"] = str(error)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks saved (a list indexed by rank)."""
-    out_dir = str(tmp_path_factory.mktemp("parallel"))
-    context = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {WORLD} ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return spawn(_worker, str(tmp_path_factory.mktemp("parallel")), TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -214,11 +144,7 @@ def test_without_reduction_ranks_would_decide_differently(ranks, single, family)
     assert ranks[1][family]["codebook"] == codebook
     metric = float(single[family][1])
     _, rank = sensitive_codebook(metric, own)
-
-    def rate(c):
-        return next((r for t, r in codebook.items() if c < t), list(codebook.values())[-1])
-
-    assert rate(metric) == 3 and rate(own[rank]) == 1
+    assert rate(codebook, metric) == 3 and rate(codebook, own[rank]) == 1
 
 
 @pytest.mark.parametrize("family, variant", CASES)
@@ -255,7 +181,6 @@ def test_unsupported_setups_are_refused(ranks):
         errors = result["errors"]
         assert "context parallelism is not supported" in errors["onnx"]
         assert "ring_degree=2" in errors["ring"] and "log-sum-exp" in errors["ring"]
-        assert "MoReg under context parallelism is not supported" in errors["moreg"]
         assert "different inputs" in errors["shapes"] and "(1, 4, 2, 8, 16)" in errors["shapes"]
 
 

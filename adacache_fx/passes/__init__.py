@@ -13,9 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from ..config import CacheConfig
+from ..parallel import SequenceShard
 from ..state import StateLayout
 from .branch_layout import BranchLayout
 from .find_blocks import Block, find_blocks
@@ -24,7 +26,7 @@ from .graph_utils import PassError
 from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
-from .reduce_metric import NO_MOREG, group_name, reduce_metric
+from .reduce_metric import group_name, reduce_metric
 
 __all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "check_rewrite", "rewrite"]
 
@@ -43,6 +45,7 @@ class PassContext:
     regions: list[Region] = field(default_factory=list)
     sites: list[MetricSite] = field(default_factory=list)
     frame_layout: tuple[int, int] | None = None
+    shard: SequenceShard | None = None  # the metric residual's, under context parallelism (MoReg)
     layout: StateLayout | None = None
     branch_layouts: list[BranchLayout] = field(default_factory=list)
     process_group: object = None  # the context-parallel group (ProcessGroup or name), None: from the graph
@@ -76,17 +79,21 @@ def _plan_metric(ctx: PassContext) -> str:
 def _frame_layout(ctx: PassContext) -> str:
     if ctx.config.moreg is None:
         return "no MoReg: skipped"
-    if group_name(ctx.graph_module, ctx.process_group) is not None:
-        raise PassError(NO_MOREG)
+    name = group_name(ctx.graph_module, ctx.process_group)
+    group = dist.distributed_c10d._resolve_process_group(name) if name and dist.is_initialized() else None
+    world = 1 if group is None else dist.get_world_size(group)
     site = ctx.sites[0]
     value = site.value if site.value is not None else site.stream.out
-    ctx.frame_layout = moreg_layout(ctx.graph, ctx.config.moreg, value, site.block.path)
-    return f"metric residual laid out as (batch, frames) = {ctx.frame_layout}"
+    batch, frames, sharded = moreg_layout(ctx.graph, ctx.config.moreg, value, site.block.path, world)
+    ctx.frame_layout = (batch, frames)
+    if sharded:
+        ctx.shard = SequenceShard(name, dist.get_rank(group), world)
+    return f"metric residual laid out as (batch, frames) = {ctx.frame_layout}" + (f", {ctx.shard}" if sharded else "")
 
 
 def _insert_cache(ctx: PassContext) -> str:
     ctx.layout, ctx.branch_layouts = insert_cache(ctx.graph_module, ctx.regions, ctx.sites, ctx.config,
-                                                  ctx.frame_layout)
+                                                  ctx.frame_layout, ctx.shard)
     return f"{len(ctx.regions)} torch.cond, {len(ctx.layout)} state tensors"
 
 

@@ -4,6 +4,11 @@ Matches the first convolution that reads a graph input: a 3-D convolution over `
 gives ``T`` directly; a 2-D one over frames folded into the batch gives ``T = out_batch / B`` with
 ``B`` the batch of the input it reads; tokens per frame are the output's spatial size. Checks that the
 metric residual holds exactly ``B x T x tokens per frame`` tokens. Rewrites nothing.
+
+Under context parallelism over ``world`` ranks the metric residual may hold a rank's chunk of them
+(``1 / world``: the patch embedding runs before the split); it is then a shard, and MoReg adds the frame
+pairs that straddle two ranks' chunks (:class:`~adacache_fx.parallel.SequenceShard`). With
+``MoRegConfig(frames=T)`` (no token count to compare with) it is taken to be a shard.
 """
 
 from __future__ import annotations
@@ -56,8 +61,11 @@ def first_batch(graph: fx.Graph) -> int | None:
     return None
 
 
-def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str) -> tuple[int, int]:
-    """``(batch, frames)`` of the metric residual ``site_value`` for MoReg, or a PassError saying what to set."""
+def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str,
+                 world: int = 1) -> tuple[int, int, bool]:
+    """``(batch, frames, sharded)`` of the metric residual ``site_value`` for MoReg, or a PassError saying
+    what to set. ``world``: the ranks of the context-parallel group (1: one process); ``sharded``: the
+    residual holds one rank's chunk of the tokens."""
     value = fake(site_value)
     if moreg.frames is not None:
         batch, frames, per_frame = first_batch(graph), moreg.frames, None
@@ -77,13 +85,16 @@ def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str) ->
                 "is no motion to measure; use AdaCacheConfig(moreg=None)"
             )
     expected = None if per_frame is None else batch * frames * per_frame * value.shape[-1]
-    if frames < 2 or value.numel() % (batch * frames) or (expected is not None and value.numel() != expected):
+    sharded = world > 1 and value.numel() != expected
+    numel = value.numel() * (world if sharded else 1)
+    if frames < 2 or numel % (batch * frames) or (expected is not None and numel != expected):
         raise PassError(
-            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site_path}) as "
-            f"[batch={batch}, frames={frames}, tokens per frame={per_frame}, channels]: it holds other tokens "
-            "(e.g. text concatenated to the video) or no frames. Choose a metric_block whose stream holds "
-            "only video tokens, or set MoRegConfig(frames=T) to force the layout"
+            f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site_path}"
+            f"{f', a shard of {world} ranks' if world > 1 else ''}) as [batch={batch}, frames={frames}, tokens "
+            f"per frame={per_frame}, channels]: it holds other tokens (e.g. text concatenated to the video) or "
+            "no frames. Choose a metric_block whose stream holds only video tokens, or set "
+            "MoRegConfig(frames=T) to force the layout"
         )
     if max(moreg.strides) >= frames:
         raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
-    return batch, frames
+    return batch, frames, sharded

@@ -165,10 +165,12 @@ def insert_cache(
     sites: list[MetricSite],
     config,
     frame_layout: tuple[int, int] | None = None,
+    shard=None,
 ) -> tuple[StateLayout, list[BranchLayout]]:
-    """Rewrite ``gm`` in place; return its state layout and each region's branch layout."""
+    """Rewrite ``gm`` in place; return its state layout and each region's branch layout. ``shard``: the
+    metric residual's :class:`~adacache_fx.parallel.SequenceShard` under context parallelism (MoReg)."""
     graph = gm.graph
-    policy = make_policy(config, len(sites), frame_layout)
+    policy = make_policy(config, len(sites), frame_layout, shard)
     forecast = config.extrapolation_order == 1
     specs = _state_specs(policy, regions, sites, forecast)
     policy_names = [spec.name for spec in policy.state_specs()]

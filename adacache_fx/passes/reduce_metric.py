@@ -15,9 +15,10 @@ A graph whose collectives come from tensor parallelism (the sequence whole on ev
 residual replicated) is reduced too: every part is then multiplied by the group size, and the metric,
 a ratio of parts, does not change.
 
-Not covered: MoReg's motion parts compare frames ``i`` apart, and the frame pairs that straddle two
-ranks' shards are in neither rank's sum (an all-gather of the metric residual in the compute branch
-would be exact); the ``frame_layout`` stage refuses MoReg under context parallelism (:data:`NO_MOREG`).
+MoReg's motion parts compare frames ``i`` apart: each rank sums the pairs whose later element it holds,
+taking the earlier ones from the ranks before it with one functional all-gather of their last ``i``
+frames' worth of elements, in the compute branch (:class:`~adacache_fx.policies.adacache.MotionMagnitude`,
+laid out by the ``frame_layout`` stage); summed here, they are the single-process parts.
 """
 
 from __future__ import annotations
@@ -32,12 +33,6 @@ from .graph_utils import PassError
 
 aten = torch.ops.aten
 c10d = torch.ops._c10d_functional
-
-NO_MOREG = (
-    "MoReg under context parallelism is not supported: the frame pairs straddling two ranks' shards "
-    "would be missing from the motion metric; use moreg=None"
-)
-
 
 def collectives(gm: fx.GraphModule) -> list[fx.Node]:
     """The ``_c10d_functional`` collective nodes (``wait_tensor`` aside) of ``gm`` and its submodules."""

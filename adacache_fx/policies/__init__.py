@@ -20,7 +20,9 @@ _REGISTRY: dict[type, type[Policy]] = {}
 
 def register_policy(config_type: type):
     """Class decorator: ``config_type`` configs are decided by the decorated :class:`Policy`, built as
-    ``policy_class(config, num_sites, frame_layout)``."""
+    ``policy_class(config, num_sites, frame_layout)``, and under context parallelism with a frame layout
+    ``policy_class(config, num_sites, frame_layout, shard)`` (a :class:`~adacache_fx.parallel.SequenceShard`:
+    the metric residual is this rank's chunk of the frames)."""
 
     def register(policy_class: type[Policy]) -> type[Policy]:
         _REGISTRY[config_type] = policy_class
@@ -37,11 +39,11 @@ def policy_class(config) -> type[Policy] | None:
     return None
 
 
-def make_policy(config, num_sites: int, frame_layout: tuple[int, int] | None = None) -> Policy:
+def make_policy(config, num_sites: int, frame_layout: tuple[int, int] | None = None, shard=None) -> Policy:
     """The registered policy for ``config``'s type."""
     cls = policy_class(config)
     if cls is not None:
-        return cls(config, num_sites, frame_layout)
+        return cls(config, num_sites, frame_layout) if shard is None else cls(config, num_sites, frame_layout, shard)
     raise TypeError(f"no caching policy is registered for {type(config).__name__}; registered: "
                     f"{[t.__name__ for t in _REGISTRY]}")
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..parallel import SequenceShard, preceding
 from ..state import StateSpec
 from .base import Policy
 
@@ -77,18 +78,42 @@ class ResidualDistance(nn.Module):
 
 class MotionMagnitude(nn.Module):
     """Parts of the raw MoReg motion of a residual laid out as ``[batch, frames, ...]``: per stride ``i``,
-    ``(||p[:, i:] - p[:, :-i]||_1, ||p[:, i:]||_1 + ||p[:, :-i]||_1)``."""
+    ``(||p[:, i:] - p[:, :-i]||_1, ||p[:, i:]||_1 + ||p[:, :-i]||_1)``.
 
-    def __init__(self, batch: int, frames: int, strides: tuple[int, ...]):
+    Under context parallelism (``shard``) ``p`` is this rank's chunk of the sequence: each batch row a
+    contiguous run of the flattened ``[frames, ...]`` row. The parts are then this rank's share of the
+    sums (the pairs whose later element it holds; the earlier ones from the ranks before it come from
+    :func:`~adacache_fx.parallel.preceding`), so that summed over the ranks they are the whole ones."""
+
+    def __init__(self, batch: int, frames: int, strides: tuple[int, ...], shard: SequenceShard | None = None):
         super().__init__()
-        self.batch, self.frames, self.strides = batch, frames, tuple(strides)
+        self.batch, self.frames, self.strides, self.shard = batch, frames, tuple(strides), shard
 
     def forward(self, p):
+        if self.shard is not None:
+            return self._sharded(p.float().reshape(self.batch, -1))
         q = p.float().reshape(self.batch, self.frames, -1)
         parts = []
         for i in self.strides:
             later, earlier = q[:, i:], q[:, :-i]
             parts += [(later - earlier).abs().sum(), later.abs().sum() + earlier.abs().sum()]
+        return torch.stack(parts)
+
+    def _sharded(self, q):
+        n = q.shape[1]  # this rank's elements of each row, starting at `start` of `size`
+        size, start = n * self.shard.world, n * self.shard.rank
+        per_frame = size // self.frames
+        before = preceding(q, self.shard, max(self.strides) * per_frame)
+        h = before.shape[1]
+        extended = torch.cat([before, q], dim=1)  # row elements start - h .. start + n
+        parts = []
+        for i in self.strides:
+            d = i * per_frame  # element e of frame >= i pairs with e - d
+            j0 = min(max(d - h, 0), n)  # the first local element whose partner is here (all from frame i on)
+            later = q[:, j0:]
+            earlier = extended[:, h + j0 - d: h + n - d] if j0 < n else later
+            j1 = min(max(size - d - start, 0), n)  # local elements of frames < T - i
+            parts += [(later - earlier).abs().sum(), later.abs().sum() + q[:, :j1].abs().sum()]
         return torch.stack(parts)
 
 
@@ -143,7 +168,8 @@ class StepEnd(nn.Module):
 class AdaCachePolicy(Policy):
     """AdaCache (with optional MoReg and a forced schedule), as configured by an ``AdaCacheConfig``."""
 
-    def __init__(self, config, num_sites: int, frame_layout: tuple[int, int] | None = None):
+    def __init__(self, config, num_sites: int, frame_layout: tuple[int, int] | None = None,
+                 shard: SequenceShard | None = None):
         super().__init__()
         self.num_sites = num_sites
         self.begin_step = StepBegin(config.compute_steps, config.warmup_steps)
@@ -152,7 +178,7 @@ class AdaCachePolicy(Policy):
         self.motion = None
         if config.moreg is not None:
             batch, frames = frame_layout
-            self.motion = MotionMagnitude(batch, frames, config.moreg.strides)  # at metric site 0
+            self.motion = MotionMagnitude(batch, frames, config.moreg.strides, shard)  # at metric site 0
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("rate", (), torch.int64, 1), StateSpec("next_compute", (), torch.int64, 1),

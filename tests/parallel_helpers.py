@@ -1,0 +1,121 @@
+"""Shared by the context-parallelism tests: 2 gloo ranks on CPU spawned from pytest, a tiny model under
+diffusers' ``enable_parallelism``, one generation's schedule."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import adacache_fx
+from adacache_fx.tools import fixtures
+
+WORLD = 2
+NUM_STEPS = 6
+NUM_LAYERS = 2
+ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
+COLLECTIVE_TIMEOUT_S = 60  # the process group's: a collective that waits longer fails instead of hanging
+
+
+@contextlib.contextmanager
+def cpu_device_count():
+    """Let ``enable_parallelism`` run on a CPU-only build.
+
+    diffusers picks the rank's device as ``rank % torch.accelerator.device_count()``, which is a
+    division by zero where no accelerator is compiled in: report one device around that call.
+    """
+    if torch.accelerator.device_count() > 0:
+        yield
+        return
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        yield
+
+
+def parallel_model(family: str, **config):
+    from diffusers import ContextParallelConfig
+
+    model, make_inputs = fixtures.build(family, NUM_LAYERS)
+    with cpu_device_count():
+        model.enable_parallelism(config=ContextParallelConfig(**config))
+    return model, make_inputs
+
+
+def run(model, make_inputs, codebook, enable_parallelism=None, **options):
+    """``(outputs, history, computed, cached)`` of one generation of ``NUM_STEPS`` steps;
+    ``enable_parallelism``: a ContextParallelConfig to enable after the transform."""
+    cached = adacache_fx.transform(
+        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options)
+    )
+    if enable_parallelism is not None:
+        with cpu_device_count():
+            cached.enable_parallelism(config=enable_parallelism)
+    outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
+    report = adacache_fx.report(cached)
+    history = torch.tensor([[float("nan") if r.metric is None else r.metric] for r in report.steps]).flatten()
+    return outputs, history, [r.step for r in report.steps if r.computed], cached
+
+
+def three_frames(make_inputs):
+    """MoReg's tests: the fixture's inputs with a third latent frame (the second, shifted: some motion)."""
+    def inputs(step):
+        kwargs = make_inputs(step)
+        h = kwargs["hidden_states"]
+        return {**kwargs, "hidden_states": torch.cat([h, h[:, :, 1:].roll(2, dims=-1)], dim=2)}
+    return inputs
+
+
+def sensitive_codebook(global_metric: float, rank_metrics: list[float]) -> tuple[dict, int]:
+    """A codebook whose threshold lies between the right metric and the farthest of ``rank_metrics``
+    (a rank's own, or one missing some terms): the right metric gives rate 3, that one rate 1. Returns
+    it and the index of that metric."""
+    rank = max(range(len(rank_metrics)), key=lambda r: abs(rank_metrics[r] - global_metric))
+    threshold = (global_metric + rank_metrics[rank]) / 2
+    return ({threshold: 3, 1e9: 1} if global_metric < threshold else {threshold: 1, 1e9: 3}), rank
+
+
+def rate(codebook: dict, metric: float) -> int:
+    """The rate ``codebook`` gives ``metric``."""
+    return next((r for t, r in codebook.items() if metric < t), list(codebook.values())[-1])
+
+
+@contextlib.contextmanager
+def process_group(rank: int, port: int):
+    """This rank's gloo process group (every collective times out after ``COLLECTIVE_TIMEOUT_S``)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(worker, out_dir: str, timeout_s: float) -> list:
+    """Run ``worker(rank, port, out_dir)`` in ``WORLD`` spawned processes, each saving what it saw to
+    ``out_dir/rank{rank}.pt``; fail after ``timeout_s``. Returns what they saved, by rank."""
+    context = mp.start_processes(worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {WORLD} ranks did not finish within {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
