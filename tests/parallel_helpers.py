@@ -3,40 +3,22 @@ diffusers' ``enable_parallelism``, one generation's schedule."""
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
 import socket
 import time
-from unittest import mock
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import adacache_fx
 from adacache_fx.tools import fixtures
+from adacache_fx.tools.fixtures.parallel import COLLECTIVE_TIMEOUT_S, cpu_device_count, gloo_process_group
 
 WORLD = 2
 NUM_STEPS = 6
 NUM_LAYERS = 2
 ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
-COLLECTIVE_TIMEOUT_S = 60  # the process group's: a collective that waits longer fails instead of hanging
-
-
-@contextlib.contextmanager
-def cpu_device_count():
-    """Let ``enable_parallelism`` run on a CPU-only build.
-
-    diffusers picks the rank's device as ``rank % torch.accelerator.device_count()``, which is a
-    division by zero where no accelerator is compiled in: report one device around that call.
-    """
-    if torch.accelerator.device_count() > 0:
-        yield
-        return
-    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        yield
 
 
 def parallel_model(family: str, **config):
@@ -86,17 +68,9 @@ def rate(codebook: dict, metric: float) -> int:
     return next((r for t, r in codebook.items() if metric < t), list(codebook.values())[-1])
 
 
-@contextlib.contextmanager
 def process_group(rank: int, port: int):
     """This rank's gloo process group (every collective times out after ``COLLECTIVE_TIMEOUT_S``)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    return gloo_process_group(rank, WORLD, port, COLLECTIVE_TIMEOUT_S)
 
 
 def _free_port() -> int:

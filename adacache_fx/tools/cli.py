@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     _lazy("adacache_fx.tools.motion_classes", "add_motion_arguments")(motion)
     motion.set_defaults(func=_lazy("adacache_fx.tools.motion_classes", "cli_motion"))
 
+    par = sub.add_parser("parallel-bench", help="context parallelism: 1 process against N gloo ranks (computed steps, collectives, time)")
+    _lazy("adacache_fx.tools.parallel_bench", "add_parallel_bench_arguments")(par)
+    par.set_defaults(func=_lazy("adacache_fx.tools.parallel_bench", "cli_parallel_bench"))
+
     peers = sub.add_parser("bench", help="AdaCache against the peers (diffusers cache hooks, cache-dit) on the reference model")
     _lazy("adacache_fx.tools.bench", "add_bench_arguments")(peers)
     peers.set_defaults(func=_lazy("adacache_fx.tools.bench", "cli_bench"))
