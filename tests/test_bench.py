@@ -50,6 +50,7 @@ def test_quick_writes_csv_markdown_and_plot(quick):
     assert table[0]["psnr"] == "inf"
     markdown = (out / "bench.md").read_text()
     assert markdown.count("\n| ") == len(rows) + 1 and "## Targets" in markdown
+    assert "Held-out split: rows are measured on the evaluation captions" in markdown
     assert all(m in markdown for m in methods)
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 

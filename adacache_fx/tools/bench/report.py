@@ -162,6 +162,11 @@ between transformer calls (CPU: no allocator peak; `-` = not sampled); *graph br
 compiling the transformer with the method enabled (3 steps)."""
 
 
+_SPLIT = ("Held-out split: rows are measured on the evaluation captions (`bench.captions.EVAL_CAPTIONS`); every "
+          "calibration (adacache-fx codebooks and magnitude ratios, the peers' MagCache ratios) ran on "
+          "`bench.captions.CALIBRATION_CAPTIONS`, none of which is evaluated.")
+
+
 def write_outputs(rows: Sequence[Row], out: Path, captions, seeds, steps, description: str = "") -> None:
     """``bench.csv`` (one line per row, :data:`COLUMNS`), ``bench.md`` (table and targets), ``pareto.png``."""
     out = Path(out)
@@ -172,6 +177,6 @@ def write_outputs(rows: Sequence[Row], out: Path, captions, seeds, steps, descri
             writer.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
     header = (f"# adacache-fx bench\n\nReference model{f' ({description})' if description else ''}, {steps} "
               f"steps, CFG 3.0, {len(captions)} captions x {len(seeds)} seed(s), torch {torch.__version__}, "
-              f"{torch.get_num_threads()} thread(s).\n\n{_LEGEND}\n\n")
+              f"{torch.get_num_threads()} thread(s).\n\n{_SPLIT}\n\n{_LEGEND}\n\n")
     (out / "bench.md").write_text(header + format_table(rows) + "\n\n## Targets\n\n" + summarize_targets(rows) + "\n")
     plot_pareto(rows, out / "pareto.png")
