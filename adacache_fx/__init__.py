@@ -15,6 +15,7 @@ from .calibrate import calibrate
 from .capture import CaptureError
 from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
+from .policies.first_block import FirstBlockCacheConfig
 
 __version__ = "0.2.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "CacheConfig",
     "CachedModel",
     "CaptureError",
+    "FirstBlockCacheConfig",
     "MoRegConfig",
     "Report",
     "StepRecord",

@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ..config import CacheConfig
 from ..parallel import SequenceShard
+from ..policies import policy_class
 from ..state import StateLayout
 from .branch_layout import BranchLayout
 from .find_blocks import Block, find_blocks
@@ -26,11 +27,15 @@ from .graph_utils import PassError
 from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
+from .plan_signal import cached_blocks, plan_signal
 from .reduce_metric import group_name, reduce_metric
 
 __all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "check_rewrite", "rewrite"]
 
 logger = logging.getLogger("adacache_fx.passes")
+
+NO_EARLY_SIGNAL = ("an early signal (FirstBlockCache) under context parallelism is not supported yet: its "
+                   "metric parts are not all-reduced before the decision")
 
 
 @dataclass
@@ -66,13 +71,26 @@ def _find_blocks(ctx: PassContext) -> str:
     return f"{len(ctx.blocks)} blocks: {ctx.blocks[0].path} .. {ctx.blocks[-1].path}"
 
 
+def _early_signal(ctx: PassContext) -> str | None:
+    """The early signal the config's policy decides from (``Policy.early_signal``), or None."""
+    return getattr(policy_class(ctx.config), "early_signal", None)
+
+
 def _plan_regions(ctx: PassContext) -> str:
-    ctx.regions = plan_regions(ctx.graph, ctx.blocks, ctx.config.granularity)
+    blocks = cached_blocks(ctx.blocks, _early_signal(ctx))
+    ctx.regions = plan_regions(ctx.graph, blocks, ctx.config.granularity)
     return f"{len(ctx.regions)} regions ({ctx.config.granularity}): {[r.name for r in ctx.regions]}"
 
 
 def _plan_metric(ctx: PassContext) -> str:
-    ctx.sites = plan_metric(ctx.graph, ctx.blocks, ctx.regions, ctx.config.metric_blocks, ctx.config.metric_branch)
+    signal = _early_signal(ctx)
+    if signal is not None:
+        if group_name(ctx.graph_module, ctx.process_group) is not None:
+            raise PassError(NO_EARLY_SIGNAL)
+        ctx.sites = plan_signal(ctx.graph, ctx.blocks, signal)
+    else:
+        ctx.sites = plan_metric(ctx.graph, ctx.blocks, ctx.regions, ctx.config.metric_blocks,
+                                ctx.config.metric_branch)
     return f"metric at {_site_names(ctx)}"
 
 
@@ -120,7 +138,8 @@ PIPELINE: tuple[Stage, ...] = (
 
 def _site_names(ctx: PassContext) -> list[str]:
     branch = ctx.config.metric_branch
-    return [f"{s.block.path} branch {branch}" if s.value is not None else f"{s.block.path} (block)" for s in ctx.sites]
+    return [f"{s.block.path} branch {branch}" if s.value is not None
+            else f"{s.block.path} (block{', early signal' if s.region is None else ''})" for s in ctx.sites]
 
 
 @dataclass

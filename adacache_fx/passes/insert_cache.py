@@ -13,7 +13,9 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
   returned :class:`~adacache_fx.state.StateLayout`;
 * the decision rule is the :class:`~adacache_fx.policies.base.Policy` registered for the config's type;
 * each cond's operands and outputs follow one :class:`~.branch_layout.BranchLayout`;
-* on a cached step the region does not run at all.
+* on a cached step the region does not run at all;
+* a policy with an early signal (FirstBlockCache) decides after it: the signal sites (outside every
+  region) are measured in the main graph before ``decide`` (:mod:`.insert_signal`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..policies.forecast import FORECAST_STATE, ExtrapolationWeight
 from ..state import StateLayout, StateSpec
 from .branch_layout import BranchLayout
 from .graph_utils import fake, is_view
+from .insert_signal import insert_parts, remember
 from .plan_regions import MetricSite, Region
 
 aten = torch.ops.aten
@@ -184,13 +187,23 @@ def insert_cache(
     gm.add_submodule("adacache_policy", policy)
     for method in ("decide", "measure", "update"):
         gm.add_submodule(f"adacache_{method}", PolicyCall(policy, method))
-    with _after(graph, state[specs[-1].name]):
-        decide = graph.call_module(
-            "adacache_decide", (state["step"], state["num_steps"], {name: state[name] for name in policy_names})
-        )
+    decide_args = (state["step"], state["num_steps"], {name: state[name] for name in policy_names})
+    anchor = state[specs[-1].name]
+    early = [(j, site) for j, site in enumerate(sites) if site.region is None]  # the early signal's sites
+    if early:  # decide after the signal of this step (see insert_signal)
+        anchor, signal_ps, signal_parts = insert_parts(graph, early, state)
+        decide_args += (signal_parts,)
+    with _after(graph, anchor):
+        decide = graph.call_module("adacache_decide", decide_args)
     s, compute, decided = _getitems(graph, decide, range(3))
     policy_state = dict(zip(policy_names, _getitems(graph, decided, policy_names)))
     new_state: dict[str, fx.Node] = {"step": s}
+    parts: dict[int, fx.Node] = {}  # metric parts by site index
+    if early:
+        kept = remember(graph, decided, compute, signal_ps, [state[f"p_prev_{j}"] for j, _ in early],
+                        policy.remember_signal)
+        for (j, _), memory, part in zip(early, kept, signal_parts):
+            new_state[f"p_prev_{j}"], parts[j] = memory, part
     weight = []
     if forecast:
         gm.add_submodule("adacache_extrapolation", ExtrapolationWeight())
@@ -200,7 +213,6 @@ def insert_cache(
         weight = [w]
 
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond outputs
-    parts: dict[int, fx.Node] = {}  # metric parts by site index
     branch_layouts = []
 
     def follow(node: fx.Node) -> fx.Node:

@@ -50,8 +50,10 @@ def make_policy(config, num_sites: int, frame_layout: tuple[int, int] | None = N
 
 def _register_builtin() -> None:
     from ..config import AdaCacheConfig
+    from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy
 
     register_policy(AdaCacheConfig)(AdaCachePolicy)
+    register_policy(FirstBlockCacheConfig)(FirstBlockCachePolicy)
 
 
 _register_builtin()

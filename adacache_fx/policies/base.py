@@ -9,6 +9,15 @@ A policy is tensor code that runs inside the rewritten graph, in three places:
   (sums, not ratios: parts from shards of a sequence add up, so a distributed run can all-reduce them);
 * :meth:`Policy.update`, at the bottom: turn the parts into the next schedule and the step's history row.
 
+A policy that decides from a signal of the *current* step (FirstBlockCache, TeaCache) sets
+:attr:`Policy.early_signal` to where that signal is read (``"first_block"``: the residual ``out - inp``
+of the first block's latent stream). The rewrite then leaves the first block outside every cached region
+(it runs on every step), makes the signal metric site 0, calls :meth:`Policy.measure` on it in the main
+graph right after the first block (``p_prev`` is the signal kept from an earlier step, see
+:attr:`Policy.remember_signal`), and passes the parts to :meth:`Policy.decide` as ``signal`` (a list, one
+vector per signal site); :meth:`Policy.update` receives them again in ``parts``. A policy without an early
+signal is called as before (``decide`` without ``signal``).
+
 A policy keeps its own scalar state (declared by :meth:`Policy.state_specs`); the rewrite threads it
 through the graph as explicit state, so torch.compile and ONNX export need nothing policy-specific. A
 new policy is one module implementing this class plus one ``register_policy`` line (see
@@ -26,6 +35,13 @@ from ..state import StateSpec
 class Policy(nn.Module):
     """Base class of decision rules. ``state`` dicts map the names of :meth:`state_specs` to tensors."""
 
+    #: Where the early signal of the current step is read before :meth:`decide`, or None (decide from
+    #: earlier steps only). ``"first_block"``: the residual of the first block, which then runs uncached.
+    early_signal: str | None = None
+    #: When the kept signal ``p_prev`` is replaced by this step's: ``"compute"`` (on compute steps only,
+    #: as FirstBlockCache) or ``"every"`` step (as TeaCache).
+    remember_signal: str = "compute"
+
     def state_specs(self) -> tuple[StateSpec, ...]:
         """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""
         raise NotImplementedError
@@ -34,9 +50,12 @@ class Policy(nn.Module):
         """Length of the metric-parts vector :meth:`measure` returns for metric site ``site``."""
         raise NotImplementedError
 
-    def decide(self, step: torch.Tensor, num_steps: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def decide(self, step: torch.Tensor, num_steps: torch.Tensor, state: dict, signal: list | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(s, compute, state)``: the 1-based step being run, whether it computes, the updated state.
-        ``step`` is the last step done (0 after a reset; a step >= N means a new generation starts)."""
+        ``step`` is the last step done (0 after a reset; a step >= N means a new generation starts).
+        ``signal``: with an :attr:`early_signal`, this step's metric parts of the signal sites (their
+        ``p_prev`` is stale on the first step of a generation); otherwise not passed."""
         raise NotImplementedError
 
     def measure(self, site: int, p: torch.Tensor, p_prev: torch.Tensor) -> torch.Tensor:

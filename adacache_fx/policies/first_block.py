@@ -1,0 +1,99 @@
+"""FirstBlockCache's decision rule (ParaAttention; diffusers ``hooks/first_block_cache.py``) in the graph.
+
+Semantics, as diffusers' ``FirstBlockCacheConfig(threshold)`` implements it:
+
+* The first block always runs (it is left outside every cached region: :attr:`Policy.early_signal`
+  ``"first_block"``). Its residual ``r = out - inp`` on the latent stream (diffusers:
+  ``hidden_states`` output minus input) is the signal of the step.
+* Step 1 of a generation always computes (diffusers: no residual kept yet; its state is reset per
+  generation and kept per cache context, as here).
+* Every later step compares ``r`` with ``r_prev``, the first block's residual at the *last compute
+  step* (it is replaced on compute steps only, so changes accumulate against that step):
+  ``diff = mean|r - r_prev| / mean|r_prev|`` (here the equal ratio of sums, in float32). The step
+  computes the remaining blocks iff ``diff > threshold`` (a NaN ``diff`` compares false and reuses,
+  as diffusers' ``.item() > threshold`` does). There is no forced last step, and no cap on reuse.
+* A cached step adds to the first block's output the residual ``out_last - out_first`` of the remaining
+  blocks kept from the last compute step (with ``extrapolation_order=1``, extrapolated linearly).
+
+Granularity: FirstBlockCache defines one cached region over blocks 1..n-1 (``"stack"``). ``"block"``
+and ``"branch"`` cache the same residual per block or per residual branch of blocks 1..n-1, all with the
+same decision: the output equals the stack's up to float rounding (the per-block residuals telescope),
+for more cache memory. ``metric_block`` / ``metric_branch`` do not apply (the signal is the first
+block's residual) and are refused. ``warmup_steps`` forces steps 1..k to compute (diffusers has none).
+The history rows are ``(computed, diff, NaN, 1)``; ``diff`` is recorded on every step after the first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CacheConfig
+from ..state import StateSpec
+from .adacache import ResidualDistance, relative
+from .base import Policy
+
+
+@dataclass(frozen=True)
+class FirstBlockCacheConfig(CacheConfig):
+    """FirstBlockCache: the remaining blocks run when the first block's residual changed by more than
+    ``threshold`` (relative L1, against the last compute step); see :mod:`adacache_fx.policies.first_block`.
+
+    Takes the :class:`~adacache_fx.CacheConfig` arguments ``num_steps``, ``granularity``, ``warmup_steps``,
+    ``extrapolation_order``, ``static_inputs``, and:
+
+    Args:
+        threshold: the relative change above which a step computes (diffusers' default 0.05).
+
+    >>> FirstBlockCacheConfig(threshold=0.1, num_steps=30).threshold
+    0.1
+    """
+
+    threshold: float = 0.05
+
+    def __post_init__(self):
+        super().__post_init__()
+        threshold = float(self.threshold)
+        if math.isnan(threshold) or threshold < 0:
+            raise ValueError(f"FirstBlockCacheConfig.threshold must be >= 0, got {self.threshold!r}")
+        object.__setattr__(self, "threshold", threshold)
+        if self.metric_block is not None or self.metric_branch != 0:
+            raise ValueError("FirstBlockCacheConfig reads the first block's residual: metric_block and "
+                             "metric_branch do not apply")
+
+
+class FirstBlockCachePolicy(Policy):
+    """FirstBlockCache's rule on the early signal of the first block (see the module docstring)."""
+
+    early_signal = "first_block"
+    remember_signal = "compute"
+
+    def __init__(self, config: FirstBlockCacheConfig, num_sites: int, frame_layout=None):
+        super().__init__()
+        self.threshold = config.threshold
+        self.warmup_steps = config.warmup_steps
+        self.distance = ResidualDistance()
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return (StateSpec("diff", (), torch.float32, float("nan")),)  # this step's relative change
+
+    def num_parts(self, site: int) -> int:
+        return 2
+
+    def measure(self, site, p, p_prev):
+        return self.distance(p, p_prev)
+
+    def decide(self, step, num_steps, state, signal=None):
+        fresh = (step == 0) | (step >= num_steps)
+        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        diff = relative(signal[0])
+        compute = (s <= max(1, self.warmup_steps)) | (diff > self.threshold)
+        return s, compute, {"diff": diff}
+
+    def update(self, s, compute, parts, state, history):
+        diff = state["diff"]
+        nan = torch.full_like(diff, float("nan"))
+        row = torch.stack([compute.to(torch.float32), torch.where(s > 1, diff, nan), nan, torch.ones_like(diff)])
+        return state, history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
