@@ -12,6 +12,7 @@ from ... import presets
 from ...api import report, transform
 from ...calibrate import fit_codebook, max_speedup
 from ...config import AdaCacheConfig, MoRegConfig
+from ...policies.first_block import FirstBlockCacheConfig
 from .registry import Setting, register
 from .rows import BASELINE
 
@@ -115,3 +116,16 @@ def _compiled(bench, key, method, v):
         return _adacache(bench, key, f"{BASELINE} compiled", "inductor", None, compiled=True)
     config = AdaCacheConfig(num_steps=bench.steps, codebook=presets.FAST_30)
     return _adacache(bench, key, method, "fast thresholds x1, inductor fullgraph", config, compiled=True)
+
+
+@register("adacache-fbcache", "adacache-fx FirstBlockCache", full=(0.05, 0.1, 0.2, 0.3), quick=(0.1,))
+def _first_block_cache(bench, key, method, v):
+    """diffusers FirstBlockCache's rule (the ``fbcache`` peer's grid), decided inside the graph."""
+    return _adacache(bench, key, method, f"threshold {v:g}",
+                     FirstBlockCacheConfig(num_steps=bench.steps, threshold=v))
+
+
+@register("adacache-fbcache-compiled", "adacache-fx compiled", full=(0.1, 0.2), quick=(0.1,))
+def _first_block_cache_compiled(bench, key, method, v):
+    return _adacache(bench, key, method, f"FirstBlockCache threshold {v:g}, inductor fullgraph",
+                     FirstBlockCacheConfig(num_steps=bench.steps, threshold=v), compiled=True)
