@@ -11,10 +11,11 @@ reference model, CLI) are separate subpackages.
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
-from .calibrate import calibrate
+from .calibrate import calibrate, calibrate_magnitudes
 from .capture import CaptureError
 from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
+from .policies import MagCacheConfig
 from .policies.first_block import FirstBlockCacheConfig
 
 __version__ = "0.2.0"
@@ -37,11 +38,13 @@ __all__ = [
     "CachedModel",
     "CaptureError",
     "FirstBlockCacheConfig",
+    "MagCacheConfig",
     "MoRegConfig",
     "Report",
     "StepRecord",
     "TransformError",
     "calibrate",
+    "calibrate_magnitudes",
     "compile",
     "disable",
     "enable",

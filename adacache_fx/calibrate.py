@@ -27,6 +27,9 @@ both move the curve up, the early steps and long reuse runs being where the erro
 
 The quantiles pool the metric of steps 2..N-2 over all captions and CFG contexts (steps N-1 and N always
 compute). The codebooks are fitted without motion regularization: MoReg multiplies c by its motion factor.
+
+:func:`calibrate_magnitudes` measures the per-step magnitude ratios of MagCache
+(``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target.
 """
 
 from __future__ import annotations
@@ -82,6 +85,58 @@ def calibrate(
     return fit_codebook(trajectories, num_steps, target, warmup_steps, max_rate)
 
 
+def calibrate_magnitudes(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[float]:
+    """MagCache's per-step magnitude ratios of the model of ``pipe``, for ``MagCacheConfig(mag_ratios=...)``.
+
+    Runs uncached generations (one per caption, generator seeded ``seed + i``) with the block stack as one
+    cached region, and reads the stack's residual ``r_s`` (output of the last block minus input of the
+    first, of the region's first stream) after every step. Per generation and cache context: ``1.0`` at
+    step 1, then ``mean(||r_s|| / (||r_{s-1}|| + 1e-8))`` with the norms over the last dimension (one per
+    token), in float32: diffusers' ``MagCacheConfig(calibrate=True)`` formula. Returns the mean over
+    captions and contexts (CFG's cond and uncond share one list, as they do in diffusers' bench use).
+
+    >>> import adacache_fx
+    >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline
+    >>> ratios = adacache_fx.calibrate_magnitudes(ReferencePipeline.from_reference(), ["a large red circle"], 6)
+    >>> len(ratios), ratios[0]
+    (6, 1.0)
+    """
+    captions = _check_captions(captions)
+    check_num_steps(num_steps)
+    _check_pipe(pipe)
+    cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER, granularity="stack"))
+    norms: dict[str, list[torch.Tensor]] = {}
+
+    def record(model, args, kwargs, output):
+        regions = model.program().rewrite.regions
+        if len(regions) != 1:
+            raise ValueError(f"calibrate_magnitudes needs the block stack as one region; it is split into {regions}")
+        norms.setdefault(model.active_context, []).append(torch.linalg.norm(model.state()["cache_0_0"].float(), dim=-1))
+
+    handle = cached.register_forward_hook(record, with_kwargs=True)
+    runs = []
+    try:
+        for i, caption in enumerate(captions):
+            norms.clear()
+            pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
+            for seq in norms.values():
+                runs.append([1.0] + [float((now / (before + 1e-8)).mean()) for before, now in zip(seq, seq[1:])])
+    finally:
+        handle.remove()
+        disable(pipe)
+    if not runs:
+        raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
+    return np.mean(runs, axis=0).tolist()
+
+
+def _check_pipe(pipe) -> None:
+    if getattr(pipe, "transformer", None) is None or not callable(pipe):
+        raise TypeError(
+            f"calibrate needs a diffusers pipeline with a `transformer` (e.g. ReferencePipeline), "
+            f"got {type(pipe).__name__}"
+        )
+
+
 def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[list[float]]:
     """Run uncached generations and return the per-step metric trajectories.
 
@@ -90,11 +145,7 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0)
     """
     captions = _check_captions(captions)
     check_num_steps(num_steps)
-    if getattr(pipe, "transformer", None) is None or not callable(pipe):
-        raise TypeError(
-            f"calibrate needs a diffusers pipeline with a `transformer` (e.g. ReferencePipeline), "
-            f"got {type(pipe).__name__}"
-        )
+    _check_pipe(pipe)
     cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER))
     trajectories = []
     try:

@@ -79,7 +79,7 @@ class MoRegConfig:
 
 
 #: Forecast orders a cached step can use (``CacheConfig.extrapolation_order``).
-FORECAST_ORDERS = (0, 1)
+FORECAST_ORDERS = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,9 @@ class CacheConfig:
             compute step, unchanged. ``1``: that residual extrapolated linearly from the last two
             compute steps, ``r_last + (s - s_last) / (s_last - s_prev) * (r_last - r_prev)`` (the
             first-order forecast of TaylorSeer, here inside the graph); keeps a second residual per
-            cached tensor, so the cache memory doubles. The schedule is decided as with ``0``.
+            cached tensor, so the cache memory doubles. ``2``: TaylorSeer's second order over the last
+            three compute steps (see :mod:`adacache_fx.policies.forecast`); keeps three residuals per
+            cached tensor. The schedule is decided as with ``0``.
         static_inputs: names of small tensor inputs the model reads on the host (``height``, ``fps``;
             ``arg2`` for a positional one): their values are constants of each capture and part of its
             input signature, like shapes. Such inputs are also found automatically when the export
@@ -132,7 +134,7 @@ class CacheConfig:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.extrapolation_order not in FORECAST_ORDERS:
             raise ValueError(f"extrapolation_order must be one of {FORECAST_ORDERS} "
-                             f"(0 reuse, 1 linear), got {self.extrapolation_order!r}")
+                             f"(0 reuse, 1 linear, 2 quadratic), got {self.extrapolation_order!r}")
         if self.metric_branch < 0:
             raise ValueError(f"metric_branch must be >= 0, got {self.metric_branch}")
         if self.metric_block is not None and not isinstance(self.metric_block, int):

@@ -3,12 +3,14 @@
 ``torch.cond`` takes and returns flat tuples. Both branches of a region are built, and the outputs read,
 through one :class:`BranchLayout`, so no code counts positions by hand::
 
-    operands: inputs | caches | previous_caches | weight | site_memory
-    outputs:  streams | values | residuals | value_caches | previous_caches | site_memory | metric_parts
+    operands: inputs | caches | previous_caches | older_caches | weight | site_memory
+    outputs:  streams | values | residuals | value_caches | previous_caches | older_caches | site_memory
+              | metric_parts
 
 * ``inputs``: the region's live-ins; ``caches``: one per stream (its residual) and per value (the value);
-* ``previous_caches`` / ``weight``: the caches of the compute step before, and the forecast weight
-  ``w`` (only with a linear forecast);
+* ``previous_caches`` / ``weight``: the caches of the compute step before, and the forecast weights
+  (``w`` with a linear forecast, ``(u, v)`` with a quadratic one); ``older_caches``: the caches of the
+  compute step before that (quadratic forecast only);
 * ``streams`` / ``values``: the region's outputs; ``residuals``: ``out - inp`` of each stream;
 * ``value_caches``: the computed values kept apart from the (extrapolated) outputs, with a forecast;
 * ``site_memory``: the metric residual of each metric site in the region (the next ``p_prev``);
@@ -63,17 +65,25 @@ class BranchLayout:
     outputs: Groups
 
     @classmethod
-    def for_region(cls, num_inputs: int, num_streams: int, num_values: int, num_sites: int, forecast: bool):
+    def for_region(cls, num_inputs: int, num_streams: int, num_values: int, num_sites: int, order: int):
+        """``order``: the forecast order (0 reuse, 1 linear, 2 quadratic; a bool reads as 0 or 1)."""
+        order = int(order)
         caches = num_streams + num_values
-        kept = caches if forecast else 0
+        kept = caches if order >= 1 else 0
+        older = caches if order >= 2 else 0
         operands = Groups((("inputs", num_inputs), ("caches", caches), ("previous_caches", kept),
-                           ("weight", int(forecast)), ("site_memory", num_sites)))
+                           ("older_caches", older), ("weight", order), ("site_memory", num_sites)))
         outputs = Groups((("streams", num_streams), ("values", num_values), ("residuals", num_streams),
-                          ("value_caches", num_values if forecast else 0), ("previous_caches", kept),
-                          ("site_memory", num_sites), ("metric_parts", num_sites)))
+                          ("value_caches", num_values if order else 0), ("previous_caches", kept),
+                          ("older_caches", older), ("site_memory", num_sites), ("metric_parts", num_sites)))
         return cls(operands, outputs)
 
     @property
+    def order(self) -> int:
+        """The forecast order: the number of forecast weights the cached branch takes."""
+        return self.operands.size("weight")
+
+    @property
     def forecast(self) -> bool:
-        """Whether the cached branch forecasts (takes the previous caches and a weight)."""
-        return self.operands.size("weight") == 1
+        """Whether the cached branch forecasts (takes the previous caches and weights)."""
+        return self.order >= 1

@@ -6,7 +6,7 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
     step, policy state ──decide──▶ s, compute                       (top of the graph)
     region r:  outs = cond(compute, compute_branch_r, cached_branch_r, operands)
                compute: run the region; residuals out - inp; metric parts of its sites (policy.measure)
-               cached:  inp + cache (or cache + w (cache - cache_prev) with a linear forecast)
+               cached:  inp + cache (or its forecast, see :mod:`~adacache_fx.policies.forecast`)
     s, metric parts, policy state ──update──▶ next schedule, history  (bottom of the graph)
 
 * state tensors become placeholders ``adacache_<name>`` after the user inputs, in the order of the
@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..policies import PolicyCall, make_policy
-from ..policies.forecast import FORECAST_STATE, ExtrapolationWeight
+from ..policies.forecast import FORECAST_STATE, SECOND_ORDER_STATE, ExtrapolationWeight, TaylorWeights
 from ..state import StateLayout, StateSpec
 from .branch_layout import BranchLayout
 from .graph_utils import fake, is_view
@@ -64,13 +64,21 @@ def _zero_parts(graph: fx.Graph, like: fx.Node, count: int) -> fx.Node:
     return graph.call_function(aten.new_zeros.default, (like, [count]), {"dtype": torch.float32})
 
 
-def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, w: fx.Node | None, dtype) -> fx.Node:
-    """The value a cached step uses: ``cache``, or ``cache + w * (cache - prev)`` when extrapolating."""
+def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, older: fx.Node | None, weights: list[fx.Node],
+           dtype) -> fx.Node:
+    """The value a cached step uses: ``cache``; ``cache + w * (cache - prev)`` with a linear forecast;
+    ``cache + u * (cache - prev) + v * (prev - older)`` with a quadratic one."""
     if prev is None or not dtype.is_floating_point:
         return cache
-    w = graph.call_function(aten._to_copy.default, (w,), {"dtype": dtype})
-    delta = graph.call_function(aten.sub.Tensor, (cache, prev))
-    return graph.call_function(aten.add.Tensor, (cache, graph.call_function(aten.mul.Tensor, (delta, w))))
+
+    def term(a, b, weight):
+        weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": dtype})
+        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
+
+    value = graph.call_function(aten.add.Tensor, (cache, term(cache, prev, weights[0])))
+    if older is not None:
+        value = graph.call_function(aten.add.Tensor, (value, term(prev, older, weights[1])))
+    return value
 
 
 def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], layout: BranchLayout,
@@ -79,7 +87,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
 
     ``sites``: ``(index, site)`` of the metric sites inside the region, ``index`` numbering all sites.
     """
-    forecast = layout.forecast
+    forecast, order = layout.forecast, layout.order
     n_caches = len(region.streams) + len(region.values)
     compute, cached = fx.Graph(), fx.Graph()
 
@@ -87,7 +95,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         names = layout.operands.pack(
             inputs=[node.name for node in region.inputs], caches=[f"cache_{k}" for k in range(n_caches)],
             previous_caches=[f"cache_prev_{k}" for k in range(n_caches)] if forecast else [],
-            weight=["w"] if forecast else [], site_memory=[f"p_prev_{j}" for j, _ in sites],
+            older_caches=[f"cache_older_{k}" for k in range(n_caches)] if order >= 2 else [],
+            weight=["w", "v"][:order], site_memory=[f"p_prev_{j}" for j, _ in sites],
         )
         return layout.operands.unpack([graph.placeholder(name) for name in names])
 
@@ -117,6 +126,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         # a forecast value is not its own cache: keep the computed one apart
         value_caches=[compute.call_function(aten.clone.default, (v,)) for v in values] if forecast else [],
         previous_caches=[compute.call_function(aten.clone.default, (c,)) for c in ops["caches"]] if forecast else [],
+        older_caches=[compute.call_function(aten.clone.default, (c,)) for c in ops["previous_caches"]] if order >= 2
+        else [],
         site_memory=memory, metric_parts=parts,
     )))
 
@@ -124,9 +135,10 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     ops = placeholders(cached)
     stream_in = dict(zip(region.inputs, ops["inputs"]))
     previous = ops["previous_caches"] or [None] * n_caches
-    weight = ops["weight"][0] if forecast else None
+    older = ops["older_caches"] or [None] * n_caches
     dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
-    reused = [_reuse(cached, c, p, weight, dtype) for c, p, dtype in zip(ops["caches"], previous, dtypes)]
+    reused = [_reuse(cached, c, p, o, ops["weight"], dtype)
+              for c, p, o, dtype in zip(ops["caches"], previous, older, dtypes)]
     n = len(region.streams)
     like = ops["caches"][0]
     cached.output(tuple(layout.outputs.pack(
@@ -137,6 +149,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         residuals=[cached.call_function(aten.clone.default, (c,)) for c in ops["caches"][:n]],
         value_caches=[cached.call_function(aten.clone.default, (c,)) for c in ops["caches"][n:]] if forecast else [],
         previous_caches=[cached.call_function(aten.clone.default, (p,)) for p in ops["previous_caches"]],
+        older_caches=[cached.call_function(aten.clone.default, (p,)) for p in ops["older_caches"]],
         site_memory=[cached.call_function(aten.clone.default, (p,)) for p in ops["site_memory"]],
         metric_parts=[_zero_parts(cached, like, policy.num_parts(j)) for j, _ in sites],
     )))
@@ -146,19 +159,23 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     return compute_gm, cached_gm
 
 
-def _state_specs(policy, regions: list[Region], sites: list[MetricSite], forecast: bool) -> list[StateSpec]:
+def _state_specs(policy, regions: list[Region], sites: list[MetricSite], order: int) -> list[StateSpec]:
     specs = [*STEP_STATE, *policy.state_specs(), HISTORY_STATE]
     for j, site in enumerate(sites):
         value = fake(site.value if site.value is not None else site.stream.out)
         specs.append(StateSpec(f"p_prev_{j}", tuple(value.shape), value.dtype, 0.0, cache=True))
-    if forecast:
+    if order >= 1:
         specs += FORECAST_STATE
+    if order >= 2:
+        specs += SECOND_ORDER_STATE
     for r, region in enumerate(regions):
         for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
             value = fake(value)
             specs.append(StateSpec(f"cache_{r}_{k}", tuple(value.shape), value.dtype, 0.0, cache=True))
-            if forecast:
+            if order >= 1:
                 specs.append(StateSpec(f"cache_prev_{r}_{k}", tuple(value.shape), value.dtype, 0.0, cache=True))
+            if order >= 2:
+                specs.append(StateSpec(f"cache_older_{r}_{k}", tuple(value.shape), value.dtype, 0.0, cache=True))
     return specs
 
 
@@ -174,8 +191,9 @@ def insert_cache(
     metric residual's :class:`~adacache_fx.parallel.SequenceShard` under context parallelism (MoReg)."""
     graph = gm.graph
     policy = make_policy(config, len(sites), frame_layout, shard)
-    forecast = config.extrapolation_order == 1
-    specs = _state_specs(policy, regions, sites, forecast)
+    order = config.extrapolation_order
+    forecast = order >= 1
+    specs = _state_specs(policy, regions, sites, order)
     policy_names = [spec.name for spec in policy.state_specs()]
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -206,11 +224,13 @@ def insert_cache(
             new_state[f"p_prev_{j}"], parts[j] = memory, part
     weight = []
     if forecast:
-        gm.add_submodule("adacache_extrapolation", ExtrapolationWeight())
+        records = ["last_compute", "prev_compute", "older_compute"][: order + 1]
+        gm.add_submodule("adacache_extrapolation", ExtrapolationWeight() if order == 1 else TaylorWeights())
         with _after(graph, policy_state[policy_names[-1]] if policy_names else decided):
-            node = graph.call_module("adacache_extrapolation", (s, compute, state["last_compute"], state["prev_compute"]))
-        w, new_state["last_compute"], new_state["prev_compute"] = _getitems(graph, node, range(3))
-        weight = [w]
+            node = graph.call_module("adacache_extrapolation", (s, compute, *[state[name] for name in records]))
+        items = _getitems(graph, node, range(order + len(records)))
+        weight = items[:order]
+        new_state.update(zip(records, items[order:]))
 
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond outputs
     branch_layouts = []
@@ -229,7 +249,7 @@ def insert_cache(
                         for j, site in enumerate(sites) if site.region == r]
         n_caches = len(region.streams) + len(region.values)
         layout = BranchLayout.for_region(len(region.inputs), len(region.streams), len(region.values),
-                                         len(region_sites), forecast)
+                                         len(region_sites), order)
         branch_layouts.append(layout)
         compute_gm, cached_gm = _build_branches(gm, region, region_sites, layout, policy)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
@@ -237,6 +257,7 @@ def insert_cache(
         operands = layout.operands.pack(
             inputs=region.inputs, caches=[state[f"cache_{r}_{k}"] for k in range(n_caches)],
             previous_caches=[state[f"cache_prev_{r}_{k}"] for k in range(n_caches)] if forecast else [],
+            older_caches=[state[f"cache_older_{r}_{k}"] for k in range(n_caches)] if order >= 2 else [],
             weight=weight, site_memory=[state[f"p_prev_{j}"] for j, _ in region_sites],
         )
         with _after(graph, region.nodes[-1]):
@@ -256,6 +277,8 @@ def insert_cache(
             new_state[f"cache_{r}_{k}"] = new_caches[k]
             if forecast:
                 new_state[f"cache_prev_{r}_{k}"] = out["previous_caches"][k]
+            if order >= 2:
+                new_state[f"cache_older_{r}_{k}"] = out["older_caches"][k]
         for (j, _), memory, part in zip(region_sites, out["site_memory"], out["metric_parts"]):
             new_state[f"p_prev_{j}"] = memory
             parts[j] = part

@@ -58,4 +58,6 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["AdaCachePolicy", "Policy", "PolicyCall", "make_policy", "policy_class", "register_policy"]
+from .magcache import MagCacheConfig, MagCachePolicy  # noqa: E402  (registers itself: needs register_policy)
+
+__all__ = ["AdaCachePolicy", "MagCacheConfig", "MagCachePolicy", "Policy", "PolicyCall", "make_policy", "policy_class", "register_policy"]

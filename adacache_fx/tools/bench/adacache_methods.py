@@ -1,4 +1,5 @@
-"""adacache-fx's bench methods: codebooks (preset, scaled, calibrated), static schedules, compiled."""
+"""adacache-fx's bench methods: codebooks (preset, scaled, calibrated), static schedules, MagCache's rule
+(ratios from ``calibrate_magnitudes``), second-order forecasting, compiled."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from torch import nn
 
 from ... import presets
 from ...api import report, transform
-from ...calibrate import fit_codebook, max_speedup
+from ...calibrate import calibrate_magnitudes, fit_codebook, max_speedup
 from ...config import AdaCacheConfig, MoRegConfig
+from ...policies import MagCacheConfig
 from ...policies.first_block import FirstBlockCacheConfig
+from .captions import CALIBRATION_CAPTIONS
 from .registry import Setting, register
 from .rows import BASELINE
 
@@ -107,6 +110,46 @@ def _calibrated_warm(bench, key, method, v):
         lambda: AdaCacheConfig(
             num_steps=n, warmup_steps=warmup, extrapolation_order=1,
             codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE)))
+
+
+@register("adacache-calibrated-warm-taylor2", "adacache-fx calibrated+warm-up+order 2", full=(2.0, 2.5),
+          quick=(1.5,))
+def _calibrated_warm_taylor2(bench, key, method, v):
+    """As ``adacache-calibrated-warm``, with TaylorSeer's second-order forecast."""
+    n = bench.steps
+    warmup = round(n * WARM_FRACTION)
+    if v > max_speedup(n, warmup, WARM_MAX_RATE):
+        return None
+    return _adacache(
+        bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}, order 2",
+        lambda: AdaCacheConfig(
+            num_steps=n, warmup_steps=warmup, extrapolation_order=2,
+            codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE)))
+
+
+def magnitudes(bench) -> list[float]:
+    """MagCache's ratios from ``adacache_fx.calibrate_magnitudes`` on the held-out captions (once per bench)."""
+    if "adacache-mag" not in bench._cal:
+        captions = CALIBRATION_CAPTIONS[:1] if bench.quick else CALIBRATION_CAPTIONS
+        bench.progress(f"calibrating adacache-fx MagCache ratios on {len(captions)} held-out caption(s)")
+        bench._cal["adacache-mag"] = calibrate_magnitudes(bench.pipe, captions, bench.steps)
+    return bench._cal["adacache-mag"]
+
+
+def _magcache(bench, key, method, v, compiled=False):
+    n = bench.steps
+    label = f"threshold {v:g}, K 3, our calibration" + (", inductor fullgraph" if compiled else "")
+    return _adacache(bench, key, method, label,
+                     lambda: MagCacheConfig(num_steps=n, mag_ratios=magnitudes(bench), threshold=v, max_skip_steps=3),
+                     compiled=compiled)
+
+
+register("adacache-magcache", "adacache-fx MagCache rule", full=(0.06, 0.1, 0.2, 0.3), quick=(0.1,))(_magcache)
+
+
+@register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2,), quick=(0.2,))
+def _magcache_compiled(bench, key, method, v):
+    return _magcache(bench, key, method, v, compiled=True)
 
 
 @register("adacache-compiled", "adacache-fx compiled", full=("none", "fast"), quick=("none", "fast"))

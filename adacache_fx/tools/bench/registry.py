@@ -34,7 +34,8 @@ Maker = Callable[..., "Setting | None"]
 METHODS: dict[str, tuple[str, tuple, tuple]] = {}
 _MAKERS: dict[str, Maker] = {}
 #: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps four.
-QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "fbcache",
+QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "adacache-magcache", "adacache-fbcache",
+                 "fbcache",
                  "taylorseer", "fastercache", "dbcache")
 
 
