@@ -33,9 +33,13 @@ def parallel_model(family: str, **config):
 def run(model, make_inputs, codebook, enable_parallelism=None, **options):
     """``(outputs, history, computed, cached)`` of one generation of ``NUM_STEPS`` steps;
     ``enable_parallelism``: a ContextParallelConfig to enable after the transform."""
-    cached = adacache_fx.transform(
-        model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options)
-    )
+    return run_config(model, make_inputs, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook, **options),
+                      enable_parallelism)
+
+
+def run_config(model, make_inputs, config, enable_parallelism=None):
+    """:func:`run` with any policy's ``config`` (``num_steps`` should be ``NUM_STEPS``)."""
+    cached = adacache_fx.transform(model, config)
     if enable_parallelism is not None:
         with cpu_device_count():
             cached.enable_parallelism(config=enable_parallelism)

@@ -34,10 +34,6 @@ __all__ = ["PIPELINE", "PassContext", "PassError", "RewriteResult", "Stage", "ch
 
 logger = logging.getLogger("adacache_fx.passes")
 
-NO_EARLY_SIGNAL = ("an early signal (FirstBlockCache) under context parallelism is not supported yet: its "
-                   "metric parts are not all-reduced before the decision")
-
-
 @dataclass
 class PassContext:
     """What the stages share: the graph module being rewritten, the config, and what each stage found."""
@@ -84,9 +80,7 @@ def _plan_regions(ctx: PassContext) -> str:
 
 def _plan_metric(ctx: PassContext) -> str:
     signal = _early_signal(ctx)
-    if signal is not None:
-        if group_name(ctx.graph_module, ctx.process_group) is not None:
-            raise PassError(NO_EARLY_SIGNAL)
+    if signal is not None:  # under context parallelism its parts are reduced before decide (reduce_metric)
         ctx.sites = plan_signal(ctx.graph, ctx.blocks, signal)
     else:
         ctx.sites = plan_metric(ctx.graph, ctx.blocks, ctx.regions, ctx.config.metric_blocks,
@@ -117,7 +111,7 @@ def _insert_cache(ctx: PassContext) -> str:
 
 def _reduce_metric(ctx: PassContext) -> str:
     added = reduce_metric(ctx.graph_module, ctx.process_group)
-    return f"{added} all-reduce of the metric parts per step" if added else "no collectives: skipped"
+    return f"{added} all-reduce(s) of the metric parts per step" if added else "no collectives: skipped"
 
 
 def _layout_barriers(ctx: PassContext) -> str:

@@ -8,7 +8,10 @@ are sums over that shard.
 Rewrites: the parts handed to ``adacache_update`` into
 ``split(wait_tensor(all_reduce(cat(parts), "sum", group)))``: one functional all-reduce per step, in the
 main graph (computed and cached steps alike, so every rank issues the same collectives), before the
-policy turns the parts into the next schedule. The metric then equals the single-process one up to
+policy turns the parts into the next schedule. A policy with an early signal (FirstBlockCache) reads
+this step's signal parts in ``adacache_decide``: those are reduced the same way right before the
+decision (in the main graph, on every step), and ``adacache_update`` receives the reduced ones (never
+reduced twice). The metric then equals the single-process one up to
 float rounding, and every rank takes the same branch of every ``torch.cond`` without a host sync.
 
 A graph whose collectives come from tensor parallelism (the sequence whole on every rank, the metric
@@ -69,7 +72,11 @@ def group_name(gm: fx.GraphModule, group=None) -> str | None:
 
 
 def reduce_metric(gm: fx.GraphModule, group=None) -> int:
-    """Insert the all-reduce before ``adacache_update``; return how many collectives were added."""
+    """Insert the all-reduce(s) of the metric parts; return how many collectives were added per step.
+
+    An early signal's parts (the fourth argument of ``adacache_decide``) are reduced right before the
+    decision, and ``adacache_update`` receives the reduced ones; the parts of the metric sites inside
+    regions, if any, are reduced before ``adacache_update``. Each is one all-reduce in the main graph."""
     name = group_name(gm, group)
     if name is None:
         return 0
@@ -79,17 +86,41 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
             "not initialized: call torch.distributed.init_process_group() first (torchrun sets up the ranks)"
         )
     graph = gm.graph
-    update = next(n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_update")
+    policy = gm.adacache_policy
+    decide = _call(graph, "adacache_decide")
+    update = _call(graph, "adacache_update")
     s, compute, parts, *rest = update.args
-    with graph.inserting_before(update):
-        flat = graph.call_function(aten.cat.default, (list(parts),))
-        reduced = graph.call_function(c10d.all_reduce.default, (flat, "sum", name))
-        reduced = graph.call_function(c10d.wait_tensor.default, (reduced,))
-        sizes = [gm.adacache_policy.num_parts(j) for j in range(len(parts))]
-        split = graph.call_function(aten.split_with_sizes.default, (reduced, sizes))
-        parts = [graph.call_function(operator.getitem, (split, k)) for k in range(len(sizes))]
+    parts, added, todo = list(parts), 0, list(range(len(parts)))  # site j's parts, the sites left to reduce
+    if len(decide.args) > 3:  # an early signal: the decision reads this step's parts, reduce them first
+        step, num_steps, state, signal, *more = decide.args
+        sites = [parts.index(part) for part in signal]  # update receives the same nodes as site j's parts
+        with graph.inserting_before(decide):
+            reduced = _all_reduce(graph, list(signal), [policy.num_parts(j) for j in sites], name)
+        decide.args = (step, num_steps, state, reduced, *more)
+        for j, part in zip(sites, reduced):
+            parts[j] = part
+        todo = [j for j in todo if j not in sites]
+        added += 1
+    if todo:
+        with graph.inserting_before(update):
+            reduced = _all_reduce(graph, [parts[j] for j in todo], [policy.num_parts(j) for j in todo], name)
+        for j, part in zip(todo, reduced):
+            parts[j] = part
+        added += 1
     update.args = (s, compute, parts, *rest)
     graph.lint()
     gm.recompile()
-    return 1
+    return added
 
+
+def _call(graph: fx.Graph, target: str) -> fx.Node:
+    return next(n for n in graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _all_reduce(graph: fx.Graph, parts: list[fx.Node], sizes: list[int], name: str) -> list[fx.Node]:
+    """``split(wait_tensor(all_reduce(cat(parts), "sum", name)), sizes)``, at the insertion point."""
+    flat = graph.call_function(aten.cat.default, (parts,))
+    reduced = graph.call_function(c10d.all_reduce.default, (flat, "sum", name))
+    reduced = graph.call_function(c10d.wait_tensor.default, (reduced,))
+    split = graph.call_function(aten.split_with_sizes.default, (reduced, sizes))
+    return [graph.call_function(operator.getitem, (split, k)) for k in range(len(sizes))]
