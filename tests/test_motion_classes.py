@@ -26,6 +26,17 @@ def test_summarize_groups_by_motion_class_with_medians():
     assert lines[0].endswith("| fast: median computed / 30 |") and lines[2] == "| still | 3 | 0.0200 | 67% | 9 |"
 
 
+def test_direction_confusion_counts_measured_against_captioned_directions():
+    runs = [
+        mc.CaptionRun("a", "fast", 0.1, False, {}, "left", "right", 3.0, 0.5),
+        mc.CaptionRun("b", "slow", 0.1, True, {}, "left", "left", 1.0, 0.3),
+        mc.CaptionRun("c", "still", 0.0, True, {}, None, None, 0.1, 0.2),
+    ]
+    lines = mc.direction_confusion(runs).splitlines()
+    assert lines[2] == "| left | 1 | 1 | 0 | 0 | 0 | 2.00 | 0.40 |"  # rows without captions are left out
+    assert lines[3] == "| still / none | 0 | 0 | 0 | 0 | 1 | 0.10 | 0.20 |" and len(lines) == 4
+
+
 def test_calibration_captions_are_outside_the_evaluation_set():
     held_out = {c.text for c in evaluation_captions()}
     captions = mc.calibration_captions()

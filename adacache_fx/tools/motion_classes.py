@@ -58,6 +58,10 @@ class CaptionRun:
     motion: float  # mean |frame difference| of the uncached video, in [0, 1] pixel units
     baseline_ok: bool
     computed: dict[str, int]
+    direction: str | None = None  # captioned direction (None: still)
+    measured_direction: str | None = None  # of the uncached video by check_clip (None: still or missing)
+    speed_px: float = float("nan")  # fitted object speed of the uncached video, pixels per frame
+    jitter_px: float = float("nan")  # RMS residual of its constant-velocity fit
 
 
 def frame_motion(frames: torch.Tensor) -> float:
@@ -85,8 +89,9 @@ def run_captions(pipe, captions, configs: dict, steps: int = 30, seed: int = 0, 
             for v in configs:
                 generate(cached[v])
                 computed[v] = ax.report(cached[v], "cond").num_computed
-            runs.append(CaptionRun(caption.text, caption.speed, frame_motion(video),
-                                   check_clip(video.permute(1, 0, 2, 3) * 2 - 1, caption).ok, computed))
+            check = check_clip(video.permute(1, 0, 2, 3) * 2 - 1, caption)
+            runs.append(CaptionRun(caption.text, caption.speed, frame_motion(video), check.ok, computed,
+                                   caption.direction, check.direction, check.speed_px, check.jitter_px))
             progress(f"  [{i + 1}/{len(captions)}] {caption.text}: computed {computed}")
     finally:
         pipe.transformer = baseline
@@ -116,6 +121,23 @@ def format_table(table: dict[str, dict[str, float]], steps: int) -> str:
     for speed, row in table.items():
         lines.append(f"| {speed} | {row['n']} | {row['motion']:.4f} | {row['ok']:.0%} | "
                      + " | ".join(f"{row[v]:g}" for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def direction_confusion(runs: list[CaptionRun]) -> str:
+    """Markdown counts: captioned direction (rows) against the direction measured in the uncached video."""
+    names = ("left", "right", "up", "down", None)
+    label = {None: "still / none"}
+    lines = ["| captioned \\ measured | " + " | ".join(label.get(n, n) for n in names)
+             + " | median speed px/frame | median jitter px |", "|---" * (len(names) + 3) + "|"]
+    for wanted in names:
+        group = [r for r in runs if r.direction == wanted]
+        if not group:
+            continue
+        counts = [sum(r.measured_direction == n for r in group) for n in names]
+        lines.append(f"| {label.get(wanted, wanted)} | " + " | ".join(map(str, counts))
+                     + f" | {statistics.median(r.speed_px for r in group):.2f}"
+                     + f" | {statistics.median(r.jitter_px for r in group):.2f} |")
     return "\n".join(lines)
 
 
@@ -159,11 +181,13 @@ def cli_motion(args) -> int:
           + ", ".join(f"{t:.3g}: {r}" for t, r in codebook.items()))
     runs = run_captions(pipe, captions, variants(args.steps, codebook), args.steps, args.seed)
     table = format_table(summarize(runs), args.steps)
-    print(table)
+    confusion = direction_confusion(runs)
+    print(table + "\n\nDirection of the uncached videos (check_clip):\n\n" + confusion)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = f"adacache-fx motion --steps {args.steps} --repeats {args.repeats} --seed {args.seed}"
-    (out / "motion_classes.md").write_text(f"`{command}`\n\n{table}\n")
+    (out / "motion_classes.md").write_text(
+        f"`{command}`\n\n{table}\n\nDirection of the uncached videos (check_clip):\n\n{confusion}\n")
     plot(out / "motion_classes.png", runs, args.steps)
     print(f"\nwrote motion_classes.md and motion_classes.png to {out.resolve()}")
     return 0
