@@ -11,11 +11,11 @@ reference model, CLI) are separate subpackages.
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
-from .calibrate import calibrate, calibrate_magnitudes
+from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus
 from .capture import CaptureError
 from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
-from .policies import MagCacheConfig
+from .policies import AdaCachePlusConfig, MagCacheConfig
 from .policies.first_block import FirstBlockCacheConfig
 
 __version__ = "0.2.0"
@@ -34,6 +34,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaCacheConfig",
+    "AdaCachePlusConfig",
     "CacheConfig",
     "CachedModel",
     "CaptureError",
@@ -45,6 +46,7 @@ __all__ = [
     "TransformError",
     "calibrate",
     "calibrate_magnitudes",
+    "calibrate_plus",
     "compile",
     "disable",
     "enable",

@@ -28,6 +28,12 @@ both move the curve up, the early steps and long reuse runs being where the erro
 The quantiles pool the metric of steps 2..N-2 over all captions and CFG contexts (steps N-1 and N always
 compute). The codebooks are fitted without motion regularization: MoReg multiplies c by its motion factor.
 
+:func:`calibrate_plus` fits the threshold of AdaCache+ (:class:`~adacache_fx.AdaCachePlusConfig`) for a
+target speedup the same way: :func:`predict_computed_plus` replays its rule on the recorded trajectories
+(the measured change at a compute step ``s`` after ``l`` approximated as above,
+``(d_{l+1} + ... + d_s) / (s - l)``) and :func:`fit_plus_threshold` takes the smallest threshold of a
+geometric grid whose predicted computed steps are closest to ``N / target``.
+
 :func:`calibrate_magnitudes` measures the per-step magnitude ratios of MagCache
 (``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target.
 """
@@ -127,6 +133,78 @@ def calibrate_magnitudes(pipe, captions: Sequence[str], num_steps: int, seed: in
     if not runs:
         raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
     return np.mean(runs, axis=0).tolist()
+
+
+def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float, seed: int = 0, **rule):
+    """An :class:`~adacache_fx.AdaCachePlusConfig` (``num_steps`` and the other fields of ``rule``) whose
+    threshold is fitted for ``target``, a speedup in computed steps, on uncached generations of ``captions``.
+
+    >>> import adacache_fx
+    >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline
+    >>> pipe = ReferencePipeline.from_reference()
+    >>> config = adacache_fx.calibrate_plus(pipe, ["a large red circle moving right fast"], 10, target=1.5)
+    >>> config.threshold > 0
+    True
+    """
+    from .policies.adacache_plus import AdaCachePlusConfig
+
+    config = AdaCachePlusConfig(num_steps=num_steps, **rule)
+    trajectories = record_metrics(pipe, captions, num_steps, seed=seed)
+    return AdaCachePlusConfig(**{**rule, "num_steps": num_steps,
+                                 "threshold": fit_plus_threshold(trajectories, config, target)})
+
+
+def predict_computed_plus(trajectories: Sequence[Sequence[float]], config, num_steps: int | None = None) -> float:
+    """Mean number of computed steps of the AdaCache+ rule of ``config`` replayed on ``trajectories``
+    (see :func:`record_metrics`) with N = ``num_steps`` (default ``config.num_steps``)."""
+    n = num_steps or config.num_steps
+    counts = []
+    for d in trajectories:
+        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=0.0)
+        counts.append(len(plus_schedule(lambda s, last, d=d: d[last - 1: s - 1].sum() / (s - last), config, n)))
+    return float(np.mean(counts))
+
+
+def plus_schedule(change, config, num_steps: int) -> list[int]:
+    """The compute steps of the AdaCache+ rule (plain Python, float32 accumulation as in the graph), with
+    ``change(s, last)`` the measured per-step change at compute step ``s`` whose previous one is ``last``."""
+    f32 = np.float32
+    retention = config.retention_steps(num_steps)
+    c, acc, run, last, computed = f32(np.inf), f32(0.0), 0, 1, []
+    for s in range(1, num_steps + 1):
+        forced = s <= retention or s > num_steps - config.final_steps
+        new_acc = f32(acc + c)
+        if not forced and new_acc <= f32(config.threshold) and run + 1 <= config.max_skip_steps:
+            acc, run = new_acc, run + 1
+            continue
+        if s > 1:
+            c = f32(change(s, last))
+        acc, run, last = f32(0.0), 0, s
+        computed.append(s)
+    return computed
+
+
+def fit_plus_threshold(trajectories: Sequence[Sequence[float]], config, target: float) -> float:
+    """The AdaCache+ threshold whose replayed computed steps come closest to ``N / target`` (the
+    smallest such, i.e. the most conservative) for ``config`` (its ``num_steps`` and rule fields)."""
+    n = config.num_steps
+    if n is None:
+        raise ValueError("fit_plus_threshold needs config.num_steps")
+    most = len(plus_schedule(lambda s, last: 0.0, config.__class__(**{**_fields(config), "threshold": 1.0}), n))
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= n / most:
+        raise ValueError(f"target speedup must be a number in [1, {n / most:.2f}] for {n} steps with "
+                         f"this retention, final steps and K, got {target!r}")
+    wanted = n / float(target)
+    cls, fields_ = config.__class__, _fields(config)
+    best = min(_SCALES * 1e-2, key=lambda t: abs(
+        predict_computed_plus(trajectories, cls(**{**fields_, "threshold": float(t)}), n) - wanted))
+    return float(best)
+
+
+def _fields(config) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def _check_pipe(pipe) -> None:

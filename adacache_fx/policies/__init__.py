@@ -58,6 +58,7 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-from .magcache import MagCacheConfig, MagCachePolicy  # noqa: E402  (registers itself: needs register_policy)
+from .adacache_plus import AdaCachePlusConfig, AdaCachePlusPolicy  # noqa: E402  (registers itself: needs register_policy)
+from .magcache import MagCacheConfig, MagCachePolicy  # noqa: E402  (likewise)
 
-__all__ = ["AdaCachePolicy", "MagCacheConfig", "MagCachePolicy", "Policy", "PolicyCall", "make_policy", "policy_class", "register_policy"]
+__all__ = ["AdaCachePlusConfig", "AdaCachePlusPolicy", "AdaCachePolicy", "MagCacheConfig", "MagCachePolicy", "Policy", "PolicyCall", "make_policy", "policy_class", "register_policy"]

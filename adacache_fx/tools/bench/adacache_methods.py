@@ -11,9 +11,9 @@ from torch import nn
 
 from ... import presets
 from ...api import report, transform
-from ...calibrate import calibrate_magnitudes, fit_codebook, max_speedup
+from ...calibrate import calibrate_magnitudes, fit_codebook, fit_plus_threshold, max_speedup
 from ...config import AdaCacheConfig, MoRegConfig
-from ...policies import MagCacheConfig
+from ...policies import AdaCachePlusConfig, MagCacheConfig
 from ...policies.first_block import FirstBlockCacheConfig
 from .captions import CALIBRATION_CAPTIONS
 from .registry import Setting, register
@@ -172,3 +172,33 @@ def _first_block_cache(bench, key, method, v):
 def _first_block_cache_compiled(bench, key, method, v):
     return _adacache(bench, key, method, f"FirstBlockCache threshold {v:g}, inductor fullgraph",
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v), compiled=True)
+
+
+#: ``adacache-plus``: the first fifth of the steps computes, at most 3 cached steps in a row.
+PLUS_RULE = dict(max_skip_steps=3, retention_ratio=0.2, final_steps=0)
+
+
+def _plus(bench, key, method, v, order=0):
+    """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions."""
+    n = bench.steps
+    rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, **PLUS_RULE)
+    try:
+        fit_plus_threshold([[0.0] * (n - 1)], rule, v)  # the target is reachable with this rule
+    except ValueError:
+        return None
+    label = f"target {v:g}x steps, retention 0.2, K 3" + (f", order {order}" if order else "")
+
+    def config():
+        fields = {**PLUS_RULE, "num_steps": n, "extrapolation_order": order}
+        return AdaCachePlusConfig(**fields, threshold=fit_plus_threshold(bench.trajectories(), rule, v))
+
+    return _adacache(bench, key, method, label, config)
+
+
+register("adacache-plus", "adacache-fx AdaCache+", full=(2.0, 2.2, 2.5), quick=(1.5,))(_plus)
+
+
+@register("adacache-plus-linear", "adacache-fx AdaCache+ linear", full=(2.2, 2.5), quick=(1.5,))
+def _plus_linear(bench, key, method, v):
+    """As ``adacache-plus``, cached steps adding the linear forecast."""
+    return _plus(bench, key, method, v, order=1)

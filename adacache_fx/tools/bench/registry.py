@@ -35,6 +35,7 @@ METHODS: dict[str, tuple[str, tuple, tuple]] = {}
 _MAKERS: dict[str, Maker] = {}
 #: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps four.
 QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "adacache-magcache", "adacache-fbcache",
+                 "adacache-plus",
                  "fbcache",
                  "taylorseer", "fastercache", "dbcache")
 
