@@ -70,7 +70,9 @@ def frame_motion(frames: torch.Tensor) -> float:
 
 
 def run_captions(pipe, captions, configs: dict, steps: int = 30, seed: int = 0, progress=print) -> list[CaptionRun]:
-    """Generate each caption (a :class:`~adacache_fx.tools.reference.Caption`) uncached and with each config."""
+    """Generate each caption (a :class:`~adacache_fx.tools.reference.Caption`) uncached and with each config;
+    caption ``i`` starts from the noise of seed ``seed + i`` (one shared noise would give every video the
+    motion that noise leads to)."""
     import adacache_fx as ax
 
     from .reference import check_clip
@@ -80,9 +82,10 @@ def run_captions(pipe, captions, configs: dict, steps: int = 30, seed: int = 0, 
     runs = []
     try:
         for i, caption in enumerate(captions):
-            def generate(transformer, caption=caption):
+            def generate(transformer, caption=caption, noise_seed=seed + i):
                 pipe.transformer = transformer
-                return pipe(caption.text, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)).frames[0]
+                generator = torch.Generator().manual_seed(noise_seed)
+                return pipe(caption.text, num_inference_steps=steps, generator=generator).frames[0]
 
             video = generate(baseline)
             computed = {}
@@ -173,7 +176,8 @@ def cli_motion(args) -> int:
     pipe = ReferencePipeline.from_reference()
     pipe.set_progress_bar_config(disable=True)
     captions = evaluation_captions(repeats=args.repeats)
-    print(f"reference model, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seed {args.seed}")
+    print(f"reference model, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seeds "
+          f"{args.seed}..{args.seed + len(captions) - 1} (one per caption)")
     import adacache_fx as ax
 
     codebook = ax.calibrate(pipe, calibration_captions(), args.steps, target="fast")
