@@ -149,7 +149,8 @@ def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float,
     from .policies.adacache_plus import AdaCachePlusConfig
 
     config = AdaCachePlusConfig(num_steps=num_steps, **rule)
-    trajectories = record_metrics(pipe, captions, num_steps, seed=seed)
+    trajectories = record_metrics(pipe, captions, num_steps, seed=seed, metric_block=config.metric_block,
+                                  metric_branch=config.metric_branch)
     return AdaCachePlusConfig(**{**rule, "num_steps": num_steps,
                                  "threshold": fit_plus_threshold(trajectories, config, target)})
 
@@ -160,7 +161,7 @@ def predict_computed_plus(trajectories: Sequence[Sequence[float]], config, num_s
     n = num_steps or config.num_steps
     counts = []
     for d in trajectories:
-        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=0.0)
+        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=np.inf)  # the graph computes on a NaN change
         counts.append(len(plus_schedule(lambda s, last, d=d: d[last - 1: s - 1].sum() / (s - last), config, n)))
     return float(np.mean(counts))
 
@@ -215,16 +216,19 @@ def _check_pipe(pipe) -> None:
         )
 
 
-def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0) -> list[list[float]]:
+def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0, metric_block=None,
+                   metric_branch: int = 0) -> list[list[float]]:
     """Run uncached generations and return the per-step metric trajectories.
 
     One trajectory per caption and cache context: ``d[s]`` for steps ``s = 2..N`` (index ``s - 2``), the
-    relative L1 distance between the metric residuals of steps ``s - 1`` and ``s``.
+    relative L1 distance between the metric residuals of steps ``s - 1`` and ``s``, read where
+    ``metric_block`` / ``metric_branch`` say (as in :class:`~adacache_fx.CacheConfig`).
     """
     captions = _check_captions(captions)
     check_num_steps(num_steps)
     _check_pipe(pipe)
-    cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER))
+    cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER, metric_block=metric_block,
+                                         metric_branch=metric_branch))
     trajectories = []
     try:
         for i, caption in enumerate(captions):

@@ -40,7 +40,7 @@ def test_direction_confusion_counts_measured_against_captioned_directions():
 def test_calibration_captions_are_outside_the_evaluation_set():
     held_out = {c.text for c in evaluation_captions()}
     captions = mc.calibration_captions()
-    assert len(captions) == mc.CALIBRATION_CAPTIONS == len(set(captions))
+    assert len(captions) == mc.NUM_CALIBRATION_CAPTIONS == len(set(captions))
     assert not held_out & set(captions)
 
 

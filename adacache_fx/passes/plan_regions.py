@@ -39,7 +39,7 @@ class MetricSite:
     """Where the decision metric is read: a residual branch ``value`` (or ``out - inp``) of a block."""
 
     block: Block
-    region: int
+    region: int | None  # None: an early-signal site, outside every region
     value: fx.Node | None
     stream: Stream
 

@@ -13,7 +13,7 @@ Semantics, as diffusers' ``FirstBlockCacheConfig(threshold)`` implements it:
   computes the remaining blocks iff ``diff > threshold`` (a NaN ``diff`` compares false and reuses,
   as diffusers' ``.item() > threshold`` does). There is no forced last step, and no cap on reuse.
 * A cached step adds to the first block's output the residual ``out_last - out_first`` of the remaining
-  blocks kept from the last compute step (with ``extrapolation_order=1``, extrapolated linearly).
+  blocks kept from the last compute step (or its forecast with ``extrapolation_order`` 1 or 2).
 
 Granularity: FirstBlockCache defines one cached region over blocks 1..n-1 (``"stack"``). ``"block"``
 and ``"branch"`` cache the same residual per block or per residual branch of blocks 1..n-1, all with the

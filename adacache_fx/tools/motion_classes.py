@@ -19,7 +19,7 @@ from ..config import AdaCacheConfig, MoRegConfig
 
 SPEED_CLASSES = ("still", "slow", "fast")
 #: Captions the calibrated variant's codebook is fitted on: drawn apart from the evaluation set.
-CALIBRATION_SEED, CALIBRATION_CAPTIONS = 7, 6
+CALIBRATION_SEED, NUM_CALIBRATION_CAPTIONS = 7, 6
 
 
 def variants(steps: int, calibrated: dict[float, int] | None = None) -> dict[str, AdaCacheConfig]:
@@ -42,7 +42,7 @@ def calibration_captions() -> list[str]:
 
     held_out = {c.text for c in evaluation_captions()}
     rng, texts = np.random.default_rng(CALIBRATION_SEED), []
-    while len(texts) < CALIBRATION_CAPTIONS:
+    while len(texts) < NUM_CALIBRATION_CAPTIONS:
         text = sample_caption(rng).text
         if text not in held_out and text not in texts:
             texts.append(text)
@@ -181,7 +181,7 @@ def cli_motion(args) -> int:
     import adacache_fx as ax
 
     codebook = ax.calibrate(pipe, calibration_captions(), args.steps, target="fast")
-    print("calibrated codebook (target 'fast', on " f"{CALIBRATION_CAPTIONS} captions outside the evaluation set): "
+    print("calibrated codebook (target 'fast', on " f"{NUM_CALIBRATION_CAPTIONS} captions outside the evaluation set): "
           + ", ".join(f"{t:.3g}: {r}" for t, r in codebook.items()))
     runs = run_captions(pipe, captions, variants(args.steps, codebook), args.steps, args.seed)
     table = format_table(summarize(runs), args.steps)

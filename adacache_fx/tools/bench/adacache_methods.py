@@ -168,7 +168,7 @@ def _first_block_cache(bench, key, method, v):
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v))
 
 
-@register("adacache-fbcache-compiled", "adacache-fx compiled", full=(0.1, 0.2), quick=(0.1,))
+@register("adacache-fbcache-compiled", "adacache-fx FirstBlockCache rule compiled", full=(0.1, 0.2), quick=(0.1,))
 def _first_block_cache_compiled(bench, key, method, v):
     return _adacache(bench, key, method, f"FirstBlockCache threshold {v:g}, inductor fullgraph",
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v), compiled=True)

@@ -33,7 +33,7 @@ Maker = Callable[..., "Setting | None"]
 #: Method key -> (curve name, settings of the full run, settings of --quick), in registration order.
 METHODS: dict[str, tuple[str, tuple, tuple]] = {}
 _MAKERS: dict[str, Maker] = {}
-#: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps four.
+#: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps one per policy.
 QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "adacache-magcache", "adacache-fbcache",
                  "adacache-plus",
                  "fbcache",

@@ -45,7 +45,7 @@ def format_table(rows: Sequence[Row]) -> str:
 def best_curve(rows: Sequence[Row]) -> list[Row]:
     """The Pareto front of eager adacache-fx rows (speedup up, PSNR down): no other row is faster and better."""
     front: list[Row] = []
-    ada = [r for r in rows if r.method.startswith("adacache-fx") and r.method != "adacache-fx compiled"
+    ada = [r for r in rows if r.method.startswith("adacache-fx") and not r.method.endswith("compiled")
            and r.speedup is not None and r.psnr is not None]
     for r in sorted(ada, key=lambda r: (-r.speedup, -r.psnr)):  # fastest first
         if not front or r.psnr > front[-1].psnr:
