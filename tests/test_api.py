@@ -115,7 +115,7 @@ def test_missing_num_steps_is_a_clear_error(wan):
         ({"num_steps": 2}, ">= 3"),
         ({"granularity": "layer"}, "granularity"),
         ({"compute_steps": (2, 3)}, "step 1"),
-        ({"extrapolation_order": 2}, "extrapolation_order"),
+        ({"extrapolation_order": 3}, "extrapolation_order"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 2, "compute_steps": (1, 3)}, "forced schedule"),
     ],
