@@ -21,10 +21,10 @@ NUM_LAYERS = 2
 ALWAYS = {1e9: 1}  # every step computes; the metric is still measured and recorded
 
 
-def parallel_model(family: str, **config):
+def parallel_model(family: str, dtype: torch.dtype = torch.float32, **config):
     from diffusers import ContextParallelConfig
 
-    model, make_inputs = fixtures.build(family, NUM_LAYERS)
+    model, make_inputs = fixtures.build(family, NUM_LAYERS, dtype=dtype)
     with cpu_device_count():
         model.enable_parallelism(config=ContextParallelConfig(**config))
     return model, make_inputs

@@ -86,6 +86,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         outputs, _, computed, _ = run(plain, make_inputs, codebook, ContextParallelConfig(ulysses_degree=WORLD))
         result["wan", "transform first"] = {"outputs": outputs, "computed": computed}
         result["cfg"] = run_cfg(model, make_inputs, codebook)
+        model16, inputs16 = parallel_model("wan", dtype=torch.bfloat16, ulysses_degree=WORLD)
+        _, metric, _, _ = run(model16, inputs16, ALWAYS)
+        codebook16 = {2 * float(metric[1]): 3, 1e9: 1}  # the reduced metric: the same on both ranks
+        outputs, _, computed, _ = run(model16, inputs16, codebook16)
+        result["bf16"] = {"metric": metric, "codebook": codebook16, "outputs": outputs, "computed": computed}
         result["collectives"] = {name: Counter(str(n.target).split(".")[1] for n in graph.nodes if "c10d" in str(n.target))
                                  for name, graph in (("main", gm.graph), ("compute", gm.adacache_region0_compute.graph))}
         errors = result["errors"] = {}
@@ -128,6 +133,20 @@ def single(ranks):
     found["wan", "transform first"] = found["wan", "stack"]
     found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
     return found
+
+
+def test_bf16_ranks_decide_as_one_process(ranks):
+    model, make_inputs = fixtures.build("wan", NUM_LAYERS, dtype=torch.bfloat16)
+    _, metric, _, _ = run(model, make_inputs, ALWAYS)
+    assert ranks[0]["bf16"]["codebook"] == ranks[1]["bf16"]["codebook"]
+    outputs, _, computed, _ = run(model, make_inputs, ranks[0]["bf16"]["codebook"])
+    assert computed == [1, 2, 5, 6]
+    for result in ranks:
+        torch.testing.assert_close(result["bf16"]["metric"], metric, rtol=1e-2, atol=0, equal_nan=True)
+        assert result["bf16"]["computed"] == computed
+        for out, ref in zip(result["bf16"]["outputs"], outputs):
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
