@@ -106,7 +106,7 @@ def _fmt(counts: dict) -> str:
 
 def format_table(single: dict, ranks: list[dict], world: int) -> str:
     lines = [f"| codebook | steps computed (1 process / each of {world} ranks) | collectives every step | "
-             f"collectives per compute step (+) | 1 process ms | {world} ranks ms | ratio |",
+             f"collectives per compute step (+) | 1 process ms | {world} ranks ms | {world} ranks / 1 process |",
              "|---|---|---|---|---|---|---|"]
     for name in CODEBOOKS:
         one, many = single[name], [r[name] for r in ranks]
