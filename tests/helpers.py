@@ -90,3 +90,37 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, ex
         if compute:
             computed.append(s)
     return outputs
+
+
+def assert_compiled_and_exported(cached, make_inputs, num_steps, eager, expected, onnx_path, if_nodes=None):
+    """``cached`` (``eager``: its outputs, ``expected``: its computed steps) compiled with ``fullgraph=True``
+    gives one frame, no graph break, the same steps and outputs; exported to ONNX (``if_nodes`` ``If``
+    nodes, or at least one) and run by ``OnnxRunner``, the same steps and outputs within 1e-4."""
+    import torch._dynamo.testing
+
+    import adacache_fx as ax
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(cached, backend=counter, fullgraph=True)
+    ax.reset(cached)
+    outputs = run_steps(compiled, make_inputs, num_steps)
+    assert ax.report(cached).computed_steps == expected
+    assert counter.frame_count == 1 and dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    assert max_diff(outputs, eager) < 1e-5
+
+    import pytest
+
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from adacache_fx.export import OnnxRunner, to_onnx
+
+    ax.reset(cached)
+    to_onnx(cached, make_inputs(0), onnx_path)
+    found = sum(n.op_type == "If" for n in onnx.load(str(onnx_path)).graph.node)
+    assert found == if_nodes if if_nodes is not None else found > 0
+    runner = OnnxRunner(onnx_path)
+    exported = [runner(**make_inputs(s)) for s in range(num_steps)]
+    assert runner.report().computed_steps == expected
+    assert max_diff(exported, eager) < 1e-4

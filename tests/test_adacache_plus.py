@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import hand_reference, max_diff, run_steps
+from helpers import assert_compiled_and_exported, hand_reference, max_diff, run_steps
 
 import adacache_fx as ax
 from adacache_fx.calibrate import fit_plus_threshold, plus_schedule, predict_computed_plus
@@ -160,8 +160,6 @@ def test_cache_contexts_keep_their_own_state_and_reset_restarts():
 
 
 def test_compiled_fullgraph_and_onnx_schedules_equal_eager(tmp_path):
-    import torch._dynamo.testing
-
     model, make_inputs = tiny_dit()
     config = ax.AdaCachePlusConfig(num_steps=12, threshold=0.15, max_skip_steps=2, granularity="block",
                                    extrapolation_order=1)
@@ -170,27 +168,7 @@ def test_compiled_fullgraph_and_onnx_schedules_equal_eager(tmp_path):
     expected = ax.report(cached).computed_steps
     assert expected == reference_schedule(measured_change(residuals(model, make_inputs, 12)), 12, 0.15, 2)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(cached, backend=counter, fullgraph=True)
-    ax.reset(cached)
-    outputs = run_steps(compiled, make_inputs, 12)
-    assert ax.report(cached).computed_steps == expected
-    assert counter.frame_count == 1 and dict(torch._dynamo.utils.counters["graph_break"]) == {}
-    assert max_diff(outputs, eager) < 1e-5
-
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from adacache_fx.export import OnnxRunner, to_onnx
-
-    ax.reset(cached)
-    to_onnx(cached, make_inputs(0), tmp_path / "plus.onnx")
-    assert any(n.op_type == "If" for n in onnx.load(str(tmp_path / "plus.onnx")).graph.node)
-    runner = OnnxRunner(tmp_path / "plus.onnx")
-    exported = [runner(**make_inputs(s)) for s in range(12)]
-    assert runner.report().computed_steps == expected
-    assert max_diff(exported, eager) < 1e-4
+    assert_compiled_and_exported(cached, make_inputs, 12, eager, expected, tmp_path / "plus.onnx")
 
 
 def test_bf16_decides_in_float32():

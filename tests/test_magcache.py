@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import hand_reference, max_diff, run_steps
+from helpers import assert_compiled_and_exported, hand_reference, max_diff, run_steps
 
 import adacache_fx as ax
 from adacache_fx.policies import MagCachePolicy
@@ -249,8 +249,6 @@ def test_parity_with_diffusers_mag_cache():
 
 # -- (c) compiled, 0 graph breaks; ONNX with If nodes --------------------------------------------------
 def test_compiled_fullgraph_and_onnx_schedules_equal_eager(tmp_path):
-    import torch._dynamo.testing
-
     model, make_inputs = tiny_dit()
     config = ax.MagCacheConfig(num_steps=12, mag_ratios=RATIOS_12, threshold=0.1, granularity="block")
     cached = ax.transform(model, config)
@@ -258,27 +256,7 @@ def test_compiled_fullgraph_and_onnx_schedules_equal_eager(tmp_path):
     expected = ax.report(cached).computed_steps
     assert expected == reference_schedule(RATIOS_12, 12, 0.1, 3)
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(cached, backend=counter, fullgraph=True)
-    ax.reset(cached)
-    outputs = run_steps(compiled, make_inputs, 12)
-    assert ax.report(cached).computed_steps == expected
-    assert counter.frame_count == 1 and dict(torch._dynamo.utils.counters["graph_break"]) == {}
-    assert max_diff(outputs, eager) < 1e-5
-
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from adacache_fx.export import OnnxRunner, to_onnx
-
-    ax.reset(cached)
-    to_onnx(cached, make_inputs(0), tmp_path / "magcache.onnx")
-    assert sum(n.op_type == "If" for n in onnx.load(str(tmp_path / "magcache.onnx")).graph.node) == 4
-    runner = OnnxRunner(tmp_path / "magcache.onnx")
-    exported = [runner(**make_inputs(s)) for s in range(12)]
-    assert runner.report().computed_steps == expected
-    assert max_diff(exported, eager) < 1e-4
+    assert_compiled_and_exported(cached, make_inputs, 12, eager, expected, tmp_path / "magcache.onnx", if_nodes=4)
 
 
 # -- (d) bf16 ---------------------------------------------------------------------------------------

@@ -41,8 +41,7 @@ from ..state import StateSpec
 from . import register_policy
 from .adacache import ResidualDistance, relative
 from .base import Policy
-
-_TABULATED = 1024  # the largest N whose retention is tabulated
+from .retention import RetentionWindow
 
 
 @dataclass(frozen=True)
@@ -90,10 +89,9 @@ class AdaCachePlusPolicy(Policy):
     def __init__(self, config: AdaCachePlusConfig, num_sites: int, frame_layout=None, shard=None):
         super().__init__()
         self.threshold, self.max_skip, self.final_steps = config.threshold, config.max_skip_steps, config.final_steps
-        self.retention_ratio, self.warmup_steps = config.retention_ratio, config.warmup_steps
         self.distance = ResidualDistance()
-        retention = [config.retention_steps(n) for n in range(_TABULATED + 1)]
-        self.register_buffer("retention", torch.tensor(retention, dtype=torch.int64), persistent=False)
+        # max(1, int(retention_ratio * N + 0.5), warmup_steps), as config.retention_steps on the host
+        self.retention_steps = RetentionWindow(config.retention_ratio, max(1, config.warmup_steps))
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("plus_c", (), torch.float32, math.inf), StateSpec("plus_acc", (), torch.float32, 0.0),
@@ -101,13 +99,6 @@ class AdaCachePlusPolicy(Policy):
 
     def num_parts(self, site: int) -> int:
         return 2
-
-    def retention_steps(self, num_steps: torch.Tensor) -> torch.Tensor:
-        """``max(1, int(retention_ratio * N + 0.5), warmup_steps)``: exact from the table, float32 beyond."""
-        beyond = (num_steps.to(torch.float32) * self.retention_ratio + 0.5).floor().to(torch.int64)
-        beyond = beyond.clamp_min(max(1, self.warmup_steps))
-        tabulated = self.retention.index_select(0, num_steps.clamp(0, _TABULATED).reshape(1)).reshape(())
-        return torch.where(num_steps > _TABULATED, beyond, tabulated)
 
     def decide(self, step, num_steps, state):
         fresh = (step == 0) | (step >= num_steps)

@@ -36,8 +36,7 @@ from ..config import CacheConfig
 from ..state import StateSpec
 from . import register_policy
 from .base import Policy
-
-_TABULATED = 1024  # the largest N whose retention is tabulated
+from .retention import RetentionWindow
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,9 @@ class MagCachePolicy(Policy):
     def __init__(self, config: MagCacheConfig, num_sites: int, frame_layout=None):
         super().__init__()
         self.threshold, self.max_skip = config.threshold, config.max_skip_steps
-        self.retention_ratio, self.warmup_steps = config.retention_ratio, config.warmup_steps
+        self.warmup_steps = config.warmup_steps
         self.register_buffer("ratios", torch.tensor(config.mag_ratios, dtype=torch.float32), persistent=False)
-        retention = [int(config.retention_ratio * n + 0.5) for n in range(_TABULATED + 1)]
-        self.register_buffer("retention", torch.tensor(retention, dtype=torch.int64), persistent=False)
+        self.retention_steps = RetentionWindow(config.retention_ratio)  # int(retention_ratio * N + 0.5)
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("mag_ratio", (), torch.float32, 1.0), StateSpec("mag_err", (), torch.float32, 0.0),
@@ -96,12 +94,6 @@ class MagCachePolicy(Policy):
 
     def num_parts(self, site: int) -> int:
         return 1
-
-    def retention_steps(self, num_steps: torch.Tensor) -> torch.Tensor:
-        """``int(retention_ratio * N + 0.5)``: exact from the table, float32 beyond it."""
-        beyond = (num_steps.to(torch.float32) * self.retention_ratio + 0.5).floor().to(torch.int64)
-        tabulated = self.retention.index_select(0, num_steps.clamp(0, _TABULATED).reshape(1)).reshape(())
-        return torch.where(num_steps > _TABULATED, beyond, tabulated)
 
     def ratio_at(self, i: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
         """``ratios`` resampled to N, at 0-based step ``i`` (nearest neighbour, as diffusers)."""

@@ -99,32 +99,28 @@ def _calibrated(bench, key, method, v):
                      lambda: AdaCacheConfig(num_steps=n, codebook=fit_codebook(bench.trajectories(), n, v)))
 
 
-@register("adacache-calibrated-warm", "adacache-fx calibrated+warm-up+linear", full=(2.0, 2.25, 2.5), quick=(1.5,))
-def _calibrated_warm(bench, key, method, v):
+def _warm(bench, key, method, v, order: int, suffix: str = ""):
     n = bench.steps
     warmup = round(n * WARM_FRACTION)
     if v > max_speedup(n, warmup, WARM_MAX_RATE):
         return None
     return _adacache(
-        bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}",
+        bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}{suffix}",
         lambda: AdaCacheConfig(
-            num_steps=n, warmup_steps=warmup, extrapolation_order=1,
+            num_steps=n, warmup_steps=warmup, extrapolation_order=order,
             codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE)))
+
+
+@register("adacache-calibrated-warm", "adacache-fx calibrated+warm-up+linear", full=(2.0, 2.25, 2.5), quick=(1.5,))
+def _calibrated_warm(bench, key, method, v):
+    return _warm(bench, key, method, v, order=1)
 
 
 @register("adacache-calibrated-warm-taylor2", "adacache-fx calibrated+warm-up+order 2", full=(2.0, 2.5),
           quick=(1.5,))
 def _calibrated_warm_taylor2(bench, key, method, v):
     """As ``adacache-calibrated-warm``, with TaylorSeer's second-order forecast."""
-    n = bench.steps
-    warmup = round(n * WARM_FRACTION)
-    if v > max_speedup(n, warmup, WARM_MAX_RATE):
-        return None
-    return _adacache(
-        bench, key, method, f"target {v:g}x steps, warm-up {warmup}, rate <= {WARM_MAX_RATE}, order 2",
-        lambda: AdaCacheConfig(
-            num_steps=n, warmup_steps=warmup, extrapolation_order=2,
-            codebook=fit_codebook(bench.trajectories(), n, v, warmup, WARM_MAX_RATE)))
+    return _warm(bench, key, method, v, order=2, suffix=", order 2")
 
 
 def magnitudes(bench) -> list[float]:
