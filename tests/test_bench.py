@@ -113,26 +113,36 @@ def test_summary_compares_peers_with_the_best_adacache_curve():
         Row("no caching", "-", 30, 30, 1.0, 1.0, math.inf),
         Row("adacache-fx fast", "x1", 30, 12, 2.2, 1.0, 31.0),
         Row("adacache-fx calibrated", "3x", 30, 9, 2.9, 1.0, 24.0),
+        Row("adacache-fx MagCache rule", "0.2", 30, 12, 2.0, 1.0, 40.0),  # a peer's rule: not the family
         Row("peer", "a", 30, 15, 1.8, 1.0, 33.0),
         Row("peer", "b", 30, 10, 2.5, 1.0, 20.0),
         Row("peer", "c", 30, 8, 3.5, 1.0, 18.0),
         Row("peer", "broken", 30, note="cannot run"),
+        Row("adacache-fx fast compiled", "x1", 30, 12, 1.5, 1.0, 31.0, compiled=True),
+        Row("peer compiled", "a", 30, None, 1.4, 1.0, 35.0, compiled=True),
     ]
     assert [(r.method, r.setting) for r in bench.best_curve(rows)] == [
+        ("adacache-fx MagCache rule", "0.2"), ("adacache-fx fast", "x1"), ("adacache-fx calibrated", "3x")]
+    assert [(r.method, r.setting) for r in bench.best_curve(rows, family_only=True)] == [
         ("adacache-fx fast", "x1"), ("adacache-fx calibrated", "3x")]
+    assert [r.method for r in bench.best_curve(rows, compiled=True)] == ["adacache-fx fast compiled"]
     text = summarize_targets(rows)
     assert "**met**" in text and "best PSNR: adacache-fx fast [x1] 2.20x" in text
-    # below the curve's slowest point: that point; between points: linear (31 + (24 - 31) * 0.3 / 0.7 = 28)
-    assert "peer [a] 1.80x / 33.00 dB: adacache-fx's best curve there: 31.00 dB (adacache-fx fast [x1] 2.20x)" in text
-    assert "**lower by 2.00 dB**" in text
-    assert "peer [b] 2.50x / 20.00 dB: adacache-fx's best curve there: 28.00 dB (between" in text
-    assert "peer [c] 3.50x / 18.00 dB: adacache-fx reaches no such speedup" in text
+    # below the family curve's slowest point: that point; between points: linear (31 + (24 - 31) * 0.3 / 0.7 = 28)
+    assert ("peer [a] 1.80x / 33.00 dB: best curve 40.00 dB (adacache-fx MagCache rule [0.2] 2.00x): equal or "
+            "higher; AdaCache family 31.00 dB (adacache-fx fast [x1] 2.20x): **lower by 2.00 dB**.") in text
+    assert "peer [b] 2.50x / 20.00 dB: best curve 28.00 dB (between" in text
+    assert "AdaCache family 28.00 dB (between adacache-fx fast [x1] 2.20x and" in text
+    assert "peer [c] 3.50x / 18.00 dB: best curve: reaches no such speedup" in text
+    # compiled peers are compared with the compiled adacache-fx rows only
+    assert "peer compiled [a] 1.40x / 35.00 dB: best curve 31.00 dB (adacache-fx fast compiled [x1] 1.50x): **lower by 4.00 dB**" in text
     assert "broken" not in text and "no caching" not in text
 
 
 def test_rows_round_trip_through_the_csv(tmp_path):
     rows = [Row("no caching", "-", 30, 30.0, 1.0, 2.5, math.inf, 1.0, 0.5, 0.0, 0),
-            Row("peer", "x", 30, note="cannot run")]
+            Row("peer", "x", 30, note="cannot run"),
+            Row("peer compiled", "x", 30, None, 1.5, 1.0, 30.0, compiled=True)]
     bench.write_outputs(rows, tmp_path, ["a"], [0], 30)
     assert bench.load_rows(tmp_path / "bench.csv") == rows
 

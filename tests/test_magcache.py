@@ -49,13 +49,13 @@ def reference_schedule(ratios, num_steps, threshold, max_skip, retention_ratio=0
 
 def policy_schedule(config, num_steps, generations=1):
     """The policy's decisions, its tensor code called directly (no model)."""
-    policy = MagCachePolicy(config, 1)
+    policy = MagCachePolicy(config, 0)
     state = {spec.name: torch.full(spec.shape, spec.fill, dtype=spec.dtype) for spec in policy.state_specs()}
     step, n, history = torch.tensor(0), torch.tensor(num_steps), torch.full((num_steps, 4), math.nan)
     computed = []
     for _ in range(num_steps * generations):
         s, compute, state = policy.decide(step, n, state)
-        state, history = policy.update(s, compute, [policy.measure(0, torch.ones(3), torch.ones(3))], state, history)
+        state, history = policy.update(s, compute, [], state, history)  # no metric site
         step = s
         computed += [int(s)] if bool(compute) else []
     return computed
@@ -132,6 +132,11 @@ def test_model_schedule_and_outputs_equal_the_references(granularity):
     assert [r.rate for r in report.steps[2:6]] == [1, 2, 3, 4]
     # the cached steps add the residual of the last compute step, as the hand-written reference does
     assert max_diff(got, hand_reference(model, make_inputs, 12, expected_steps, granularity)) < 1e-5
+    # the rule reads no metric: no metric site, no kept metric residual (only the cached residuals)
+    assert report.metric_sites == [] and not any(n.startswith("p_prev") for n in cached.program().layout.names)
+    never = ax.transform(model, ax.AdaCacheConfig(num_steps=12, granularity=granularity))
+    run_steps(never, make_inputs, 1)
+    assert report.cache_bytes < ax.report(never).cache_bytes
 
 
 def test_cache_contexts_keep_their_own_accumulators_and_reset_restarts():

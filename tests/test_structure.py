@@ -176,8 +176,57 @@ def test_each_stage_logs_what_it_matched(caplog):
         run(cached, make_inputs, 1)
     messages = [r.getMessage() for r in caplog.records if r.name == "adacache_fx.passes"]
     assert [m.split(":")[0] for m in messages] == [stage.name for stage in PIPELINE]
-    assert "4 blocks: blocks.0 .. blocks.3" in messages[0]
-    assert "1 torch.cond" in messages[4]
+    by_stage = dict(m.split(": ", 1) for m in messages)
+    assert by_stage["find_blocks"] == "4 blocks: blocks.0 .. blocks.3"
+    assert by_stage["insert_cache"].startswith("1 torch.cond")
+
+
+class _NoOps(torch.nn.Module):
+    """Casts to the dtype a tensor has, eval dropout, contiguous of a contiguous tensor; and a real cast."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        h = self.dropout(self.linear(x.to(x.dtype)).contiguous()).type_as(x)
+        return h.to(torch.float64).sum(-1), h.transpose(0, 1).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_drop_identities_erases_only_the_no_ops_and_keeps_the_values(dtype):
+    from adacache_fx.capture import capture
+    from adacache_fx.passes.drop_identities import drop_identities
+
+    model = _NoOps().to(dtype).eval()
+    x = torch.randn(3, 8, dtype=dtype)
+    gm = capture(model, (x,), {}).graph_module
+    # export keeps: 2 _assert_tensor_metadata, x.to(x.dtype), dropout, type_as; the float64 cast; the
+    # transpose's contiguous (the linear's contiguous is gone already)
+    assert drop_identities(gm) == 5
+    aten = torch.ops.aten
+    after = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert after == [aten.linear.default, aten.to.dtype, aten.sum.dim_IntList, aten.transpose.int, aten.contiguous.default]
+    with torch.no_grad():
+        for got, want in zip(gm(x), model(x)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_drop_identities_shortens_the_compute_branch_of_a_dit():
+    from adacache_fx.capture import capture
+
+    model, make_inputs = tiny_dit()
+    no_ops = (torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten.dropout.default)
+    captured = capture(model, (), make_inputs(0)).graph_module
+    assert sum(1 for n in captured.graph.nodes if n.target in no_ops) > 0
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=5, codebook=presets.NEVER))
+    got = run(cached, make_inputs, 3)
+    want = run(model, make_inputs, 3)
+    assert max((g - w).abs().max().item() for g, w in zip(got, want)) < 1e-5
+    compute = cached.program().graph_module.adacache_region0_compute
+    targets = [n.target for n in compute.graph.nodes if n.op == "call_function"]
+    assert len(targets) > 0 and not set(targets) & set(no_ops)
 
 
 def test_a_failing_stage_is_named():

@@ -21,6 +21,7 @@ from ..parallel import SequenceShard
 from ..policies import policy_class
 from ..state import StateLayout
 from .branch_layout import BranchLayout
+from .drop_identities import drop_identities
 from .find_blocks import Block, find_blocks
 from .frame_layout import moreg_layout
 from .graph_utils import PassError
@@ -62,6 +63,10 @@ class Stage:
     run: Callable[[PassContext], str]
 
 
+def _drop_identities(ctx: PassContext) -> str:
+    return f"{drop_identities(ctx.graph_module)} no-op nodes dropped"
+
+
 def _find_blocks(ctx: PassContext) -> str:
     ctx.blocks = find_blocks(ctx.graph)
     return f"{len(ctx.blocks)} blocks: {ctx.blocks[0].path} .. {ctx.blocks[-1].path}"
@@ -79,6 +84,9 @@ def _plan_regions(ctx: PassContext) -> str:
 
 
 def _plan_metric(ctx: PassContext) -> str:
+    if not policy_class(ctx.config).uses_metric:
+        ctx.sites = []
+        return "no metric: the policy reads none"
     signal = _early_signal(ctx)
     if signal is not None:  # under context parallelism its parts are reduced before decide (reduce_metric)
         ctx.sites = plan_signal(ctx.graph, ctx.blocks, signal)
@@ -120,6 +128,7 @@ def _layout_barriers(ctx: PassContext) -> str:
 
 #: The stages, in order. Layout barriers stay last: they pin the operands of the final cond nodes.
 PIPELINE: tuple[Stage, ...] = (
+    Stage("drop_identities", _drop_identities),
     Stage("find_blocks", _find_blocks),
     Stage("plan_regions", _plan_regions),
     Stage("plan_metric", _plan_metric),

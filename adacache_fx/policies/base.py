@@ -41,6 +41,9 @@ class Policy(nn.Module):
     #: When the kept signal ``p_prev`` is replaced by this step's: ``"compute"`` (on compute steps only,
     #: as FirstBlockCache) or ``"every"`` step (as TeaCache).
     remember_signal: str = "compute"
+    #: Whether :meth:`decide` / :meth:`update` read the metric residual. False (MagCache, whose rule
+    #: reads calibrated ratios only): the rewrite plans no metric site, so nothing is measured or kept.
+    uses_metric: bool = True
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""

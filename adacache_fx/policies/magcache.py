@@ -19,7 +19,8 @@ The rule is diffusers' ``hooks/mag_cache.py`` (``MagCacheHeadHook``), step for s
 
 Each cache context (the ``"cond"`` / ``"uncond"`` calls of CFG) keeps its own accumulators and step index,
 as diffusers' per-context hook state does, and indexes the same ratios by its own step. The decision
-needs no measurement: the metric parts are one zero per site. History rows are
+needs no measurement (``uses_metric = False``): the rewrite plans no metric site, so no residual is
+measured or kept for it. History rows are
 ``(computed, err, ratio, steps)``: the accumulators after this step's accumulation, before a reset
 (``(0, 1, 0)`` during the retention).
 """
@@ -81,6 +82,8 @@ class MagCacheConfig(CacheConfig):
 class MagCachePolicy(Policy):
     """MagCache's rule (module doc), as configured by a :class:`MagCacheConfig`."""
 
+    uses_metric = False  # the rule reads the calibrated ratios only
+
     def __init__(self, config: MagCacheConfig, num_sites: int, frame_layout=None):
         super().__init__()
         self.threshold, self.max_skip = config.threshold, config.max_skip_steps
@@ -93,7 +96,7 @@ class MagCachePolicy(Policy):
                 StateSpec("mag_steps", (), torch.int64, 0))
 
     def num_parts(self, site: int) -> int:
-        return 1
+        raise AssertionError("MagCache plans no metric site")
 
     def ratio_at(self, i: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
         """``ratios`` resampled to N, at 0-based step ``i`` (nearest neighbour, as diffusers)."""
@@ -122,7 +125,7 @@ class MagCachePolicy(Policy):
         return s, ~skip, state
 
     def measure(self, site, p, p_prev):
-        return torch.zeros(1, dtype=torch.float32, device=p.device)
+        raise AssertionError("MagCache plans no metric site")
 
     def update(self, s, compute, parts, state, history):
         ratio, err, steps = state["mag_ratio"], state["mag_err"], state["mag_steps"]

@@ -174,7 +174,7 @@ def _first_block_cache_compiled(bench, key, method, v):
 PLUS_RULE = dict(max_skip_steps=3, retention_ratio=0.2, final_steps=0)
 
 
-def _plus(bench, key, method, v, order=0):
+def _plus(bench, key, method, v, order=0, compiled=False):
     """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions."""
     n = bench.steps
     rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, **PLUS_RULE)
@@ -183,12 +183,13 @@ def _plus(bench, key, method, v, order=0):
     except ValueError:
         return None
     label = f"target {v:g}x steps, retention 0.2, K 3" + (f", order {order}" if order else "")
+    label += ", inductor fullgraph" if compiled else ""
 
     def config():
         fields = {**PLUS_RULE, "num_steps": n, "extrapolation_order": order}
         return AdaCachePlusConfig(**fields, threshold=fit_plus_threshold(bench.trajectories(), rule, v))
 
-    return _adacache(bench, key, method, label, config)
+    return _adacache(bench, key, method, label, config, compiled=compiled)
 
 
 register("adacache-plus", "adacache-fx AdaCache+", full=(2.0, 2.2, 2.5), quick=(1.5,))(_plus)
@@ -198,3 +199,8 @@ register("adacache-plus", "adacache-fx AdaCache+", full=(2.0, 2.2, 2.5), quick=(
 def _plus_linear(bench, key, method, v):
     """As ``adacache-plus``, cached steps adding the linear forecast."""
     return _plus(bench, key, method, v, order=1)
+
+
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ compiled", full=(2.2, 2.5), quick=(1.5,))
+def _plus_compiled(bench, key, method, v):
+    return _plus(bench, key, method, v, compiled=True)

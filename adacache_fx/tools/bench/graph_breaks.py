@@ -31,8 +31,7 @@ def add_graph_breaks(bench, settings, failed, rows) -> None:
     """One count per method (its first setting that ran); every row of the method gets it."""
     counted: dict[str, tuple[int, int] | str] = {}
     for i, s in enumerate(settings):
-        if s.compiled:
-            rows[i].graph_breaks = None if i in failed else 0  # ran with fullgraph=True
+        if s.compiled:  # counted while it compiled (harness warm-up)
             continue
         if i in failed or s.method in counted:
             continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from .graph_breaks import add_graph_breaks
 from .memory import held_storages, sample_held
 from .registry import METHODS, QUICK_METHODS, Setting, settings_of
 from .report import write_outputs
-from .rows import BASELINE, Row
+from .rows import BASELINE, COMPILED_BASELINE, Row
 
 
 class Bench:
@@ -153,8 +154,8 @@ def run_bench(
             bench.pipe.transformer = bench.base
             progress(f"  {s.method} [{s.setting}] cannot run: {failed[i]}")
             return None
-        if computed is None:
-            computed = (bench.calls - calls_before) / bench.calls_per_step
+        if computed is None:  # counted by the probe; a compiled peer is not probed (see the module doc)
+            computed = (bench.calls - calls_before) / bench.calls_per_step if s.probe else math.nan
         return video, seconds, computed
 
     # uncached call count per step (CFG contexts), then one untimed run per setting: capture / compile,
@@ -162,7 +163,13 @@ def run_bench(
     with bench.probes():
         bench.generate(captions[0], seeds[0])
     bench.calls_per_step = bench.calls / steps
-    # compiled settings last: enabling the hooks of the peers once changes module attributes Dynamo guards on
+    # compiled settings last: enabling the hooks of the peers once changes module attributes Dynamo guards on.
+    # Every compiled peer setting recompiles the transformer's forward (other hooks): room for all of them.
+    compiled_count = sum(s.compiled for s in settings)
+    limits = torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit
+    torch._dynamo.config.recompile_limit = max(limits[0], 8 * compiled_count)
+    torch._dynamo.config.accumulated_recompile_limit = max(limits[1], 64 * compiled_count)
+    breaks: dict[int, int] = {}  # graph breaks of each compiled setting, counted while it compiles
     for i in sorted(range(len(settings)), key=lambda i: settings[i].compiled):
         s = settings[i]
         if i in failed:
@@ -170,8 +177,11 @@ def run_bench(
         progress(f"warm-up: {s.method} [{s.setting}]")
         memory: list[int] = []
         warm_steps = steps if s.compiled else min(3, steps)  # compiled graphs specialise on N
+        before = sum(torch._dynamo.utils.counters["graph_break"].values())
         if attempt(i, CALIBRATION_CAPTIONS[0], 0, warm_steps, memory) is not None and memory:
             held[i] = max(memory)
+        if s.compiled:
+            breaks[i] = int(sum(torch._dynamo.utils.counters["graph_break"].values()) - before)
 
     results: dict[int, list[tuple]] = {i: [] for i in range(len(settings))}
     items = [(c, s) for s in seeds for c in captions]
@@ -186,7 +196,10 @@ def run_bench(
                 if got is not None:
                     results[i].append(got)
 
+    torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit = limits
     rows = _aggregate(settings, results, failed, held, items, steps)
+    for i, count in breaks.items():
+        rows[i].graph_breaks = None if i in failed else count
     recompiles = sum(torch._dynamo.utils.counters["recompiles"].values()) - recompiles
     for row, s in zip(rows, settings):
         if s.compiled and recompiles:  # a recompilation inside a timed run would distort its time
@@ -202,17 +215,25 @@ def _aggregate(settings, results, failed, held, items, steps) -> list[Row]:
     from ..reference import check_clip, parse_caption
 
     base = results[0]
+    compiled_base = next((results[i] for i, s in enumerate(settings)
+                          if s.method == COMPILED_BASELINE and i not in failed and len(results[i]) == len(items)), None)
     rows = []
     for i, s in enumerate(settings):
-        row = Row(s.method, s.setting, steps, note=s.note)
+        row = Row(s.method, s.setting, steps, note=s.note, compiled=s.compiled)
         if i in failed or len(results[i]) != len(items):
             row.note = failed.get(i, "did not run on every caption")  # replaces the caveat
             rows.append(row)
             continue
         videos, seconds, computed = zip(*results[i])
         checks = [check_clip(v.permute(1, 0, 2, 3) * 2 - 1, parse_caption(c)).ok for v, (c, _) in zip(videos, items)]
-        row.computed = float(np.mean(computed))
-        row.speedup = float(np.median([b[1] / t for b, t in zip(base, seconds)]))
+        row.computed = None if any(math.isnan(c) for c in computed) else float(np.mean(computed))
+        timing_base = compiled_base if s.compiled and compiled_base is not None else base
+        if s.compiled and compiled_base is None:
+            row.note = (row.note + "; " if row.note else "") + f"speedup vs eager: no '{COMPILED_BASELINE}' row ran"
+        row.speedup = float(np.median([b[1] / t for b, t in zip(timing_base, seconds)]))
+        if s.method == COMPILED_BASELINE:
+            eager = float(np.median([b[1] / t for b, t in zip(base, seconds)]))
+            row.note = (row.note + "; " if row.note else "") + f"{eager:.2f}x the speed of the uncached eager model"
         row.time_s = float(np.median(seconds))
         row.psnr = psnr(torch.stack(videos), torch.stack([b[0] for b in base]))  # pooled MSE
         row.ssim = float(np.mean([ssim(v, b[0]) for v, b in zip(videos, base)]))

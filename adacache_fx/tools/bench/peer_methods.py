@@ -12,7 +12,11 @@ import torch
 from .registry import Setting, register
 
 
-def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="") -> Setting:
+def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", compiled=False) -> Setting:
+    """A diffusers cache hook on the uncached transformer; ``compiled``: the hooked transformer under
+    ``torch.compile`` (inductor, graph breaks allowed: the hooks decide in Python), its own compiled module."""
+    holder: dict[str, torch.nn.Module] = {}
+
     def enable():
         try:
             bench.base.enable_cache(make_config())
@@ -20,14 +24,20 @@ def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="") 
             with contextlib.suppress(Exception):
                 bench.base.disable_cache()
             raise
+        if compiled:
+            bench.pipe.transformer = holder.setdefault("model", torch.compile(bench.base))
 
         def finish():
+            bench.pipe.transformer = bench.base
             bench.pipe.maybe_free_model_hooks()  # resets the hooks' state, as diffusers pipelines do per call
             bench.base.disable_cache()
 
         return finish
 
-    return Setting(key, method, setting, enable, hint=hint, note=note)
+    if compiled:
+        setting = f"{setting}, inductor"
+        note = "; ".join(x for x in (note, "computed steps: see its eager row (blocks are not probed compiled)") if x)
+    return Setting(key, method, setting, enable, hint=hint, note=note, compiled=compiled, probe=not compiled)
 
 
 def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool) -> Setting:
@@ -59,10 +69,11 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool) 
 
 
 @register("fbcache", "diffusers FirstBlockCache", full=(0.05, 0.1, 0.2, 0.3), quick=(0.1,))
-def _fbcache(bench, key, method, v):
+def _fbcache(bench, key, method, v, compiled=False):
     from diffusers.hooks import FirstBlockCacheConfig
 
-    return _diffusers_hook(bench, key, method, f"threshold {v:g}", lambda: FirstBlockCacheConfig(threshold=v))
+    return _diffusers_hook(bench, key, method, f"threshold {v:g}", lambda: FirstBlockCacheConfig(threshold=v),
+                           compiled=compiled)
 
 
 @register("pab", "diffusers PAB", full=(2,), quick=(2,))
@@ -79,7 +90,7 @@ def _pab(bench, key, method, v):
 
 
 @register("taylorseer", "diffusers TaylorSeer", full=(2, 4), quick=(3,))
-def _taylorseer(bench, key, method, v):
+def _taylorseer(bench, key, method, v, compiled=False):
     from diffusers.hooks import TaylorSeerCacheConfig
 
     # The default identifiers ("^blocks.*attn", fullmatch) match no Wan module (attn1/attn2): name the blocks.
@@ -87,18 +98,27 @@ def _taylorseer(bench, key, method, v):
         bench, key, method, f"interval {v}, order 1, blocks",
         lambda: TaylorSeerCacheConfig(cache_interval=v, max_order=1, taylor_factors_dtype=torch.float32,
                                       cache_identifiers=[r"blocks\.\d+"]),
-        note="block outputs predicted (its default identifiers match no Wan module: a no-op)")
+        note="block outputs predicted (its default identifiers match no Wan module: a no-op)", compiled=compiled)
 
 
 @register("magcache", "diffusers MagCache", full=(0.06, 0.2), quick=(0.1,))
-def _magcache(bench, key, method, v):
+def _magcache(bench, key, method, v, compiled=False):
     from diffusers.hooks import MagCacheConfig
 
     return _diffusers_hook(
         bench, key, method, f"threshold {v:g}, K 3, own calibration",
         lambda: MagCacheConfig(threshold=v, max_skip_steps=3, num_inference_steps=bench.steps,
                                mag_ratios=bench.mag_ratios()),
-        note="ratios from its own calibration mode, on the held-out captions")
+        note="ratios from its own calibration mode, on the held-out captions", compiled=compiled)
+
+
+# The peers under torch.compile, at the settings nearest the 2.2-2.5x targets.
+register("fbcache-compiled", "diffusers FirstBlockCache compiled", full=(0.1,), quick=(0.1,))(
+    lambda bench, key, method, v: _fbcache(bench, key, method, v, compiled=True))
+register("taylorseer-compiled", "diffusers TaylorSeer compiled", full=(4,), quick=(3,))(
+    lambda bench, key, method, v: _taylorseer(bench, key, method, v, compiled=True))
+register("magcache-compiled", "diffusers MagCache compiled", full=(0.2,), quick=(0.1,))(
+    lambda bench, key, method, v: _magcache(bench, key, method, v, compiled=True))
 
 
 @register("fastercache", "diffusers FasterCache", full=("default",), quick=("default",))

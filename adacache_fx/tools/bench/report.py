@@ -18,6 +18,8 @@ PLOT_CAP = 60.0
 #: The adacache-fx curves the targets (>= 2x at >= 25 dB) are checked on.
 ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated",
                           "adacache-fx calibrated+warm-up+linear")
+#: adacache-fx curves that run a peer's rule in the graph: not in the AdaCache-family comparison.
+PEER_RULE_CURVES = ("adacache-fx MagCache rule", "adacache-fx FirstBlockCache")
 
 
 def _fmt(value, digits=2) -> str:
@@ -42,11 +44,16 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def best_curve(rows: Sequence[Row]) -> list[Row]:
-    """The Pareto front of eager adacache-fx rows (speedup up, PSNR down): no other row is faster and better."""
+def _family(row: Row) -> bool:
+    return not any(row.method.startswith(curve) for curve in PEER_RULE_CURVES)
+
+
+def best_curve(rows: Sequence[Row], compiled: bool = False, family_only: bool = False) -> list[Row]:
+    """The Pareto front of adacache-fx rows (speedup up, PSNR down) run eagerly, or compiled: no other row
+    is faster and better. ``family_only``: without the curves that run a peer's rule (:data:`PEER_RULE_CURVES`)."""
     front: list[Row] = []
-    ada = [r for r in rows if r.method.startswith("adacache-fx") and not r.method.endswith("compiled")
-           and r.speedup is not None and r.psnr is not None]
+    ada = [r for r in rows if r.method.startswith("adacache-fx") and r.compiled == compiled
+           and (_family(r) or not family_only) and r.speedup is not None and r.psnr is not None]
     for r in sorted(ada, key=lambda r: (-r.speedup, -r.psnr)):  # fastest first
         if not front or r.psnr > front[-1].psnr:
             front.append(r)
@@ -87,25 +94,33 @@ def summarize_targets(rows: Sequence[Row]) -> str:
                      + (f"{fastest_ok.method} [{fastest_ok.setting}] {fastest_ok.speedup:.2f}x" if fastest_ok else "none")
                      + "; best PSNR at >= 2x: "
                      + (f"{best_2x.method} [{best_2x.setting}] {_fmt(best_2x.psnr)} dB" if best_2x else "none") + ".")
-    front = best_curve(ran)
-    for r in ran:
-        if r.method.startswith("adacache-fx"):
+    for compiled in (False, True):
+        peers = [r for r in ran if not r.method.startswith("adacache-fx") and r.compiled == compiled]
+        if not peers:
             continue
-        head = f"- {r.method} [{r.setting}] {r.speedup:.2f}x / {_fmt(r.psnr)} dB: "
-        at = _curve_at(front, r.speedup)
-        if at is None:
-            top = max((a.speedup for a in front), default=float("nan"))
-            lines.append(head + f"adacache-fx reaches no such speedup (its fastest: {top:.2f}x).")
-            continue
-        value, where = at
-        if value >= r.psnr:
-            verdict = "equal or higher"
-        elif math.isinf(r.psnr):
-            verdict = "**lower** (the peer's videos are identical to the uncached ones)"
-        else:
-            verdict = f"**lower by {r.psnr - value:.2f} dB**"
-        lines.append(head + f"adacache-fx's best curve there: {_fmt(value)} dB ({where}): {verdict}.")
+        lines.append(f"\n{'Compiled (inductor; speedups vs the uncached model compiled)' if compiled else 'Eager'}: "
+                     "at each peer's point, adacache-fx's best curve / its best AdaCache-family curve "
+                     f"(without {', '.join(PEER_RULE_CURVES)}):\n")
+        fronts = {"best curve": best_curve(ran, compiled), "AdaCache family": best_curve(ran, compiled, True)}
+        for r in peers:
+            verdicts = [_verdict(name, front, r) for name, front in fronts.items()]
+            lines.append(f"- {r.method} [{r.setting}] {r.speedup:.2f}x / {_fmt(r.psnr)} dB: " + "; ".join(verdicts) + ".")
     return "\n".join(lines)
+
+
+def _verdict(name: str, front: list[Row], peer: Row) -> str:
+    at = _curve_at(front, peer.speedup)
+    if at is None:
+        top = max((a.speedup for a in front), default=float("nan"))
+        return f"{name}: reaches no such speedup (its fastest: {top:.2f}x)"
+    value, where = at
+    if value >= peer.psnr:
+        verdict = "equal or higher"
+    elif math.isinf(peer.psnr):
+        verdict = "**lower** (the peer's videos are identical to the uncached ones)"
+    else:
+        verdict = f"**lower by {peer.psnr - value:.2f} dB**"
+    return f"{name} {_fmt(value)} dB ({where}): {verdict}"
 
 
 def load_rows(path: Path | str) -> list[Row]:
@@ -118,6 +133,8 @@ def load_rows(path: Path | str) -> list[Row]:
             for k, v in record.items():
                 if k in ("method", "setting", "note"):
                     values[k] = v
+                elif k == "compiled":
+                    values[k] = v == "True"
                 elif v == "":
                     values[k] = None
                 else:
@@ -127,27 +144,32 @@ def load_rows(path: Path | str) -> list[Row]:
 
 
 def plot_pareto(rows: Sequence[Row], path: Path) -> None:
-    """Speedup vs PSNR, one curve per method (identical videos drawn at ``PLOT_CAP`` dB)."""
+    """Speedup vs PSNR, one curve per method (identical videos drawn at ``PLOT_CAP`` dB); with compiled rows,
+    the eager and the compiled comparison side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(11, 6))
-    methods = list(dict.fromkeys(r.method for r in rows))
-    colours = plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))
-    for method, colour in zip(methods, colours):
-        points = sorted((r.speedup, min(r.psnr, PLOT_CAP)) for r in rows
-                        if r.method == method and r.speedup is not None and r.psnr is not None)
-        if points:
-            style = "o-" if method.startswith("adacache-fx") else "s--"
-            ax.plot(*zip(*points), style, label=method, ms=5, color=colour)
-    ax.axhline(25, color="gray", lw=0.8, ls=":")
-    ax.axvline(2, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("wall-clock speedup vs no caching (median)")
-    ax.set_ylabel(f"PSNR vs uncached video, dB (identical drawn at {PLOT_CAP:g})")
-    ax.set_title("Caching methods on the reference Wan model")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    modes = [False, True] if any(r.compiled for r in rows) else [False]
+    fig, axes = plt.subplots(1, len(modes), figsize=(8 * len(modes) + 3, 6), squeeze=False, sharey=True)
+    methods = list(dict.fromkeys(r.method.removesuffix(" compiled") for r in rows))
+    colours = dict(zip(methods, plt.cm.tab20(np.linspace(0, 1, max(len(methods), 2)))))
+    for ax, compiled in zip(axes[0], modes):
+        for method in dict.fromkeys(r.method for r in rows if r.compiled == compiled):
+            points = sorted((r.speedup, min(r.psnr, PLOT_CAP)) for r in rows if r.method == method
+                            and r.compiled == compiled and r.speedup is not None and r.psnr is not None)
+            if points:
+                style = "o-" if method.startswith("adacache-fx") else "s--"
+                ax.plot(*zip(*points), style, label=method, ms=5, color=colours[method.removesuffix(" compiled")])
+        ax.axhline(25, color="gray", lw=0.8, ls=":")
+        ax.axvline(2, color="gray", lw=0.8, ls=":")
+        ax.set_xlabel("wall-clock speedup vs no caching compiled (median)" if compiled
+                      else "wall-clock speedup vs no caching (median)")
+        ax.set_title("torch.compile (inductor)" if compiled else "eager")
+        ax.legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel(f"PSNR vs uncached video, dB (identical drawn at {PLOT_CAP:g})")
+    fig.suptitle("Caching methods on the reference Wan model")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -159,7 +181,10 @@ median over videos of uncached / method wall-clock time, all settings run round-
 *PSNR* = of the mean squared error over all videos against the uncached videos (same caption and seed); *SSIM*
 = mean; *caption ok* = fraction passing `check_clip`; *cache MiB* = the largest tensor memory the method holds
 between transformer calls (CPU: no allocator peak; `-` = not sampled); *graph breaks* = Dynamo graph breaks
-compiling the transformer with the method enabled (3 steps)."""
+compiling the transformer with the method enabled (eager rows: `backend="eager"`, 3 steps; compiled rows:
+counted while the row's own inductor compilation ran, N steps; adacache-fx's use `fullgraph=True`). Compiled
+rows: *speedup* is against the uncached transformer compiled the same way (`no caching compiled`, same run);
+the peers' *computed* is in their eager rows (the block probe is not used under compile)."""
 
 
 _SPLIT = ("Held-out split: rows are measured on the evaluation captions (`bench.captions.EVAL_CAPTIONS`); every "

@@ -6,6 +6,8 @@ from dataclasses import dataclass, fields
 
 #: The uncached row every metric is relative to.
 BASELINE = "no caching"
+#: The uncached transformer under ``torch.compile``: the compiled rows' speedups are relative to it.
+COMPILED_BASELINE = f"{BASELINE} compiled"
 
 
 @dataclass
@@ -24,6 +26,7 @@ class Row:
     cache_mib: float | None = None
     graph_breaks: int | None = None
     note: str = ""
+    compiled: bool = False  # the transformer ran under torch.compile (inductor); speedup vs it compiled uncached
 
 
 COLUMNS = tuple(f.name for f in fields(Row))
