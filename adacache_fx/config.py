@@ -108,6 +108,14 @@ class CacheConfig:
             cached tensor, so the cache memory doubles. ``2``: TaylorSeer's second order over the last
             three compute steps (see :mod:`adacache_fx.policies.forecast`); keeps three residuals per
             cached tensor. The schedule is decided as with ``0``.
+        forecast_gain: how much of the forecast's change a cached step adds (``extrapolation_order``
+            >= 1): ``1.0`` the whole forecast (TaylorSeer's); a float in ``[0, 1]`` a fixed share
+            (``0.5``: half-way between reuse and the forecast); ``"fit"``: fitted to this video on every
+            compute step ``s``: the least-squares gain ``clamp(<r_s - r_l, f_s - r_l> / ||f_s - r_l||^2,
+            0, 1)`` with which the forecast ``f_s`` from the earlier compute steps would have best
+            predicted this step's residual ``r_s`` (``r_l``: the last compute step's), sums over every
+            cached tensor in float32; the cached steps up to the next compute step use it (1.0 until a
+            first fit).
         static_inputs: names of small tensor inputs the model reads on the host (``height``, ``fps``;
             ``arg2`` for a positional one): their values are constants of each capture and part of its
             input signature, like shapes. Such inputs are also found automatically when the export
@@ -120,6 +128,7 @@ class CacheConfig:
     granularity: str = "stack"
     warmup_steps: int = 0
     extrapolation_order: int = 0
+    forecast_gain: float | str = 1.0
     static_inputs: Sequence[str] = ()
 
     #: MoReg settings; only policies that regulate by motion set it (``AdaCacheConfig``).
@@ -135,6 +144,13 @@ class CacheConfig:
         if self.extrapolation_order not in FORECAST_ORDERS:
             raise ValueError(f"extrapolation_order must be one of {FORECAST_ORDERS} "
                              f"(0 reuse, 1 linear, 2 quadratic), got {self.extrapolation_order!r}")
+        gain = self.forecast_gain
+        if gain != "fit":
+            if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 <= gain <= 1:
+                raise ValueError(f"forecast_gain must be a number in [0, 1] or 'fit', got {gain!r}")
+            object.__setattr__(self, "forecast_gain", float(gain))
+        if self.extrapolation_order == 0 and self.forecast_gain != 1.0:
+            raise ValueError("forecast_gain needs a forecast: set extrapolation_order to 1 or 2")
         if self.metric_branch < 0:
             raise ValueError(f"metric_branch must be >= 0, got {self.metric_branch}")
         if self.metric_block is not None and not isinstance(self.metric_block, int):

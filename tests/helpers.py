@@ -37,22 +37,32 @@ def stream_inputs(args, kwargs, outputs):
 
 
 @torch.no_grad()
-def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, extrapolate=False):
+def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, extrapolate=False, gain=1.0):
     """Run the original model; on cached steps replace block outputs with input + cached residual
-    (``extrapolate``: the residual extrapolated linearly from the last two computed ones)."""
+    (``extrapolate``: the residual extrapolated linearly from the last two computed ones, its change times
+    ``gain``; ``gain="fit"``: refitted on every compute step, sums in float32, as ``CacheConfig.forecast_gain``)."""
     blocks = list(block_list(model))
     residual, previous = {}, {}  # block index (or "stack") -> list of residual tensors
     computed = []  # steps computed so far
     stack_in = {}
     outputs = []
+    fit = {"gain": 1.0 if gain == "fit" else gain, "dot": 0.0, "norm": 0.0}
+
+    def weight(s):
+        return (s - computed[-1]) / (computed[-1] - computed[-2]) if len(computed) >= 2 else 0.0
 
     def reuse(key, s):
         if not extrapolate or key not in previous:
             return residual[key]
-        w = (s - computed[-1]) / (computed[-1] - computed[-2])
+        w = weight(s) * fit["gain"]
         return [r + w * (r - p) for r, p in zip(residual[key], previous[key])]
 
-    def store(key, value):
+    def store(key, value, s):
+        if gain == "fit" and key in previous:  # the forecast of this step from the earlier compute steps
+            for new, r, p in zip(value, residual[key], previous[key]):
+                step = (r.float() + weight(s) * (r.float() - p.float())) - r.float()
+                fit["dot"] += ((new.float() - r.float()) * step).sum()
+                fit["norm"] += (step * step).sum()
         if key in residual:
             previous[key] = residual[key]
         residual[key] = value
@@ -63,7 +73,7 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, ex
             ins = stream_inputs(args, kwargs, outs)
             if granularity in ("block", "branch"):  # per-branch residuals sum to the block residual
                 if compute:
-                    store(i, [o - x for o, x in zip(outs, ins)])
+                    store(i, [o - x for o, x in zip(outs, ins)], s)
                     return output
                 new = [x + r for x, r in zip(ins, reuse(i, s))]
             else:
@@ -71,7 +81,7 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, ex
                     stack_in["x"] = ins
                 if compute:
                     if i == len(blocks) - 1:
-                        store("stack", [o - x for o, x in zip(outs, stack_in["x"])])
+                        store("stack", [o - x for o, x in zip(outs, stack_in["x"])], s)
                     return output
                 last = i == len(blocks) - 1
                 new = [x + r for x, r in zip(stack_in["x"], reuse("stack", s))] if last else ins
@@ -89,6 +99,9 @@ def hand_reference(model, make_inputs, num_steps, compute_steps, granularity, ex
                 h.remove()
         if compute:
             computed.append(s)
+            if fit["norm"] > 0:
+                fit["gain"] = float((fit["dot"] / fit["norm"]).clamp(0.0, 1.0))
+            fit["dot"] = fit["norm"] = 0.0
     return outputs
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from helpers import block_list, first_tensor, max_diff, run_steps, stream_inputs, tensors
+from helpers import assert_compiled_and_exported, block_list, first_tensor, max_diff, run_steps, stream_inputs, tensors
 
 import adacache_fx as ax
 from adacache_fx.policies.forecast import TaylorWeights
@@ -137,3 +137,38 @@ def test_second_order_compiled_and_onnx(tmp_path):
     runner = OnnxRunner(tmp_path / "order2.onnx")
     assert max_diff([runner(**make_inputs(s)) for s in range(N)], eager) < 1e-4
     assert runner.report().computed_steps == list(COMPUTE_STEPS)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fitted_gain_compiled_and_onnx(tmp_path, order):
+    model, make_inputs = tiny_dit()
+    config = ax.AdaCacheConfig(num_steps=N, compute_steps=COMPUTE_STEPS, extrapolation_order=order,
+                               forecast_gain="fit", granularity="block")
+    cached = ax.transform(model, config)
+    eager = run_steps(cached, make_inputs, N)
+    gain = float(cached.current_state()["forecast_gain"])
+    assert 0.0 < gain < 1.0  # fitted, not clamped
+    full = run_steps(ax.transform(model, ax.AdaCacheConfig(num_steps=N, compute_steps=COMPUTE_STEPS,
+                                                            extrapolation_order=order, granularity="block")),
+                     make_inputs, N)
+    assert float((eager[N - 2] - full[N - 2]).abs().max()) > 1e-6  # step 11 adds less than the whole forecast
+    assert_compiled_and_exported(cached, make_inputs, N, eager, list(COMPUTE_STEPS), tmp_path / "fit.onnx")
+    assert float(cached.current_state()["forecast_gain"]) == pytest.approx(gain, abs=1e-6)
+
+
+def test_fitted_gain_in_bf16_is_fitted_in_float32():
+    model, make_inputs = tiny_dit()
+    model = model.to(torch.bfloat16)
+
+    def inputs(s):
+        return {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in make_inputs(s).items()}
+
+    config = ax.AdaCacheConfig(num_steps=N, compute_steps=COMPUTE_STEPS, extrapolation_order=1, forecast_gain="fit")
+    cached = ax.transform(model, config)
+    out = run_steps(cached, inputs, N)
+    fp32 = ax.transform(tiny_dit()[0], config)
+    reference_gain = (run_steps(fp32, make_inputs, N), float(fp32.current_state()["forecast_gain"]))[1]
+    gain = cached.current_state()["forecast_gain"]
+    assert gain.dtype == torch.float32 and out[-1].dtype == torch.bfloat16
+    assert float(gain) == pytest.approx(reference_gain, abs=0.05) and 0.0 < float(gain) < 1.0

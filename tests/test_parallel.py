@@ -39,7 +39,8 @@ FAMILIES = ("flux", "wan")  # diffusers classes with a _cp_plan: Flux splits at 
 VARIANTS = {  # config options of each case; wan's "stack" last (its graph's collectives are counted)
     "flux": {"stack": {}},
     "wan": {"block": {"granularity": "block"}, "branch": {"granularity": "branch"},
-            "forecast": {"extrapolation_order": 1}, "stack": {}},
+            "forecast": {"extrapolation_order": 1}, "fitted gain": {"extrapolation_order": 1, "forecast_gain": "fit"},
+            "stack": {}},
 }
 CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS[family]] + [("wan", "transform first")]
 TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s
@@ -62,6 +63,12 @@ def run_cfg(model, make_inputs, codebook):
     return computed, outputs
 
 
+def _gain(cached) -> float | None:
+    """The fitted forecast gain after the generation (``forecast_gain="fit"``), else None."""
+    state = cached.current_state()
+    return float(state["forecast_gain"]) if "forecast_gain" in state else None
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     with process_group(rank, port):
         result = {}
@@ -78,7 +85,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             result[family] = {"own_metric": own, "reduced_metric": reduced, "codebook": codebook}
             for variant, options in VARIANTS[family].items():
                 outputs, _, computed, cached = run(model, make_inputs, codebook, **options)
-                result[family, variant] = {"outputs": outputs, "computed": computed}
+                result[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached)}
         gm = cached.program().graph_module  # the last case: wan, stack granularity
         from diffusers import ContextParallelConfig
 
@@ -128,9 +135,10 @@ def single(ranks):
         model, make_inputs = fixtures.build(family, NUM_LAYERS)
         _, found[family], _, _ = run(model, make_inputs, ALWAYS)
         for variant, options in VARIANTS[family].items():
-            outputs, _, computed, _ = run(model, make_inputs, ranks[0][family]["codebook"], **options)
-            found[family, variant] = {"outputs": outputs, "computed": computed}
+            outputs, _, computed, cached = run(model, make_inputs, ranks[0][family]["codebook"], **options)
+            found[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached)}
     found["wan", "transform first"] = found["wan", "stack"]
+    assert 0.0 <= found["wan", "fitted gain"]["gain"] < 1.0  # refitted (from 1.0) on steps 5 and 6
     found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
     return found
 
@@ -173,6 +181,8 @@ def test_ranks_decide_as_one_process(ranks, single, family, variant):
     for result in ranks:
         got = result[family, variant]
         assert got["computed"] == want["computed"]
+        if want.get("gain") is not None:  # the fitted gain's sums are all-reduced
+            assert got["gain"] == pytest.approx(want["gain"], abs=1e-5)
         for out, ref in zip(got["outputs"], want["outputs"]):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 

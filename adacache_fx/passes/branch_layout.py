@@ -3,9 +3,9 @@
 ``torch.cond`` takes and returns flat tuples. Both branches of a region are built, and the outputs read,
 through one :class:`BranchLayout`, so no code counts positions by hand::
 
-    operands: inputs | caches | previous_caches | older_caches | weight | site_memory
+    operands: inputs | caches | previous_caches | older_caches | weight | fit_weight | site_memory
     outputs:  streams | values | residuals | value_caches | previous_caches | older_caches | site_memory
-              | metric_parts
+              | metric_parts | gain_parts
 
 * ``inputs``: the region's live-ins; ``caches``: one per stream (its residual) and per value (the value);
 * ``previous_caches`` / ``weight``: the caches of the compute step before, and the forecast weights
@@ -14,7 +14,9 @@ through one :class:`BranchLayout`, so no code counts positions by hand::
 * ``streams`` / ``values``: the region's outputs; ``residuals``: ``out - inp`` of each stream;
 * ``value_caches``: the computed values kept apart from the (extrapolated) outputs, with a forecast;
 * ``site_memory``: the metric residual of each metric site in the region (the next ``p_prev``);
-* ``metric_parts``: each site's 1-D metric parts from the policy (zeros on a cached step).
+* ``metric_parts``: each site's 1-D metric parts from the policy (zeros on a cached step);
+* ``fit_weight`` / ``gain_parts`` (``forecast_gain="fit"`` only): the forecast weights before the gain,
+  and the two sums the gain is fitted from (``[<r - c, f - c>, ||f - c||^2]``; zeros on a cached step).
 """
 
 from __future__ import annotations
@@ -65,23 +67,33 @@ class BranchLayout:
     outputs: Groups
 
     @classmethod
-    def for_region(cls, num_inputs: int, num_streams: int, num_values: int, num_sites: int, order: int):
-        """``order``: the forecast order (0 reuse, 1 linear, 2 quadratic; a bool reads as 0 or 1)."""
+    def for_region(cls, num_inputs: int, num_streams: int, num_values: int, num_sites: int, order: int,
+                   fit_gain: bool = False):
+        """``order``: the forecast order (0 reuse, 1 linear, 2 quadratic; a bool reads as 0 or 1);
+        ``fit_gain``: the forecast gain is fitted online (``forecast_gain="fit"``)."""
         order = int(order)
+        fit = order >= 1 and fit_gain
         caches = num_streams + num_values
         kept = caches if order >= 1 else 0
         older = caches if order >= 2 else 0
         operands = Groups((("inputs", num_inputs), ("caches", caches), ("previous_caches", kept),
-                           ("older_caches", older), ("weight", order), ("site_memory", num_sites)))
+                           ("older_caches", older), ("weight", order), ("fit_weight", order if fit else 0),
+                           ("site_memory", num_sites)))
         outputs = Groups((("streams", num_streams), ("values", num_values), ("residuals", num_streams),
                           ("value_caches", num_values if order else 0), ("previous_caches", kept),
-                          ("older_caches", older), ("site_memory", num_sites), ("metric_parts", num_sites)))
+                          ("older_caches", older), ("site_memory", num_sites), ("metric_parts", num_sites),
+                          ("gain_parts", 1 if fit else 0)))
         return cls(operands, outputs)
 
     @property
     def order(self) -> int:
         """The forecast order: the number of forecast weights the cached branch takes."""
         return self.operands.size("weight")
+
+    @property
+    def fit_gain(self) -> bool:
+        """Whether the compute branch measures the sums the forecast gain is fitted from."""
+        return self.outputs.size("gain_parts") == 1
 
     @property
     def forecast(self) -> bool:

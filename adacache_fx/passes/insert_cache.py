@@ -27,7 +27,14 @@ import torch
 import torch.fx as fx
 
 from ..policies import PolicyCall, make_policy
-from ..policies.forecast import FORECAST_STATE, SECOND_ORDER_STATE, ExtrapolationWeight, TaylorWeights
+from ..policies.forecast import (
+    FORECAST_STATE,
+    GAIN_STATE,
+    SECOND_ORDER_STATE,
+    ExtrapolationWeight,
+    ForecastGain,
+    TaylorWeights,
+)
 from ..state import StateLayout, StateSpec
 from .branch_layout import BranchLayout
 from .graph_utils import fake, is_view
@@ -81,6 +88,25 @@ def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, older: fx.Node
     return value
 
 
+def _gain_parts(graph: fx.Graph, new: list[fx.Node], caches: list[fx.Node], forecasts: list[fx.Node]) -> fx.Node:
+    """``[sum <n - c, f - c>, sum ||f - c||^2]`` over the cached tensors, in float32: the sums the
+    forecast gain is fitted from (``n`` this step's, ``c`` the cached, ``f`` its forecast)."""
+
+    def f32(node):
+        return graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
+
+    dot = norm = None
+    for n, c, f in zip(new, caches, forecasts):
+        c32 = f32(c)
+        err = graph.call_function(aten.sub.Tensor, (f32(n), c32))
+        step = graph.call_function(aten.sub.Tensor, (f32(f), c32))
+        d = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (err, step)),))
+        q = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (step, step)),))
+        dot = d if dot is None else graph.call_function(aten.add.Tensor, (dot, d))
+        norm = q if norm is None else graph.call_function(aten.add.Tensor, (norm, q))
+    return graph.call_function(aten.stack.default, ([dot, norm],))
+
+
 def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], layout: BranchLayout,
                     policy) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Return ``(compute_gm, cached_gm)`` taking and returning ``layout``'s operands and outputs.
@@ -96,7 +122,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
             inputs=[node.name for node in region.inputs], caches=[f"cache_{k}" for k in range(n_caches)],
             previous_caches=[f"cache_prev_{k}" for k in range(n_caches)] if forecast else [],
             older_caches=[f"cache_older_{k}" for k in range(n_caches)] if order >= 2 else [],
-            weight=["w", "v"][:order], site_memory=[f"p_prev_{j}" for j, _ in sites],
+            weight=["w", "v"][:order], fit_weight=["fit_w", "fit_v"][:order] if layout.fit_gain else [],
+            site_memory=[f"p_prev_{j}" for j, _ in sites],
         )
         return layout.operands.unpack([graph.placeholder(name) for name in names])
 
@@ -121,6 +148,15 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
             p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
         memory.append(p)
         parts.append(compute.call_module("adacache_measure", (j, p, p_prev)))
+    gain_parts = []
+    if layout.fit_gain:  # how well the forecast from the earlier compute steps predicts this step's
+        new = residuals + values
+        dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
+        previous = ops["previous_caches"]
+        older = ops["older_caches"] or [None] * n_caches
+        keep = [k for k in range(n_caches) if dtypes[k].is_floating_point]
+        forecasts = [_reuse(compute, ops["caches"][k], previous[k], older[k], ops["fit_weight"], dtypes[k]) for k in keep]
+        gain_parts = [_gain_parts(compute, [new[k] for k in keep], [ops["caches"][k] for k in keep], forecasts)]
     compute.output(tuple(layout.outputs.pack(
         streams=outs, values=values, residuals=residuals,
         # a forecast value is not its own cache: keep the computed one apart
@@ -128,7 +164,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         previous_caches=[compute.call_function(aten.clone.default, (c,)) for c in ops["caches"]] if forecast else [],
         older_caches=[compute.call_function(aten.clone.default, (c,)) for c in ops["previous_caches"]] if order >= 2
         else [],
-        site_memory=memory, metric_parts=parts,
+        site_memory=memory, metric_parts=parts, gain_parts=gain_parts,
     )))
 
     # cached: inp + the (forecast) residual, the caches handed on unchanged, no metric
@@ -152,6 +188,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         older_caches=[cached.call_function(aten.clone.default, (p,)) for p in ops["older_caches"]],
         site_memory=[cached.call_function(aten.clone.default, (p,)) for p in ops["site_memory"]],
         metric_parts=[_zero_parts(cached, like, policy.num_parts(j)) for j, _ in sites],
+        gain_parts=[_zero_parts(cached, like, 2)] if layout.fit_gain else [],
     )))
 
     compute_gm = fx.GraphModule(gm, compute, class_name="ComputeBranch")
@@ -159,7 +196,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     return compute_gm, cached_gm
 
 
-def _state_specs(policy, regions: list[Region], sites: list[MetricSite], order: int) -> list[StateSpec]:
+def _state_specs(policy, regions: list[Region], sites: list[MetricSite], order: int, fit_gain: bool
+                 ) -> list[StateSpec]:
     specs = [*STEP_STATE, *policy.state_specs(), HISTORY_STATE]
     for j, site in enumerate(sites):
         value = fake(site.value if site.value is not None else site.stream.out)
@@ -168,6 +206,8 @@ def _state_specs(policy, regions: list[Region], sites: list[MetricSite], order: 
         specs += FORECAST_STATE
     if order >= 2:
         specs += SECOND_ORDER_STATE
+    if fit_gain:
+        specs += GAIN_STATE
     for r, region in enumerate(regions):
         for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
             value = fake(value)
@@ -193,7 +233,8 @@ def insert_cache(
     policy = make_policy(config, len(sites), frame_layout, shard)
     order = config.extrapolation_order
     forecast = order >= 1
-    specs = _state_specs(policy, regions, sites, order)
+    fit_gain = forecast and config.forecast_gain == "fit"
+    specs = _state_specs(policy, regions, sites, order, fit_gain)
     policy_names = [spec.name for spec in policy.state_specs()]
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -229,8 +270,18 @@ def insert_cache(
         with _after(graph, policy_state[policy_names[-1]] if policy_names else decided):
             node = graph.call_module("adacache_extrapolation", (s, compute, *[state[name] for name in records]))
         items = _getitems(graph, node, range(order + len(records)))
-        weight = items[:order]
+        weight, raw_weight = items[:order], items[:order]
         new_state.update(zip(records, items[order:]))
+        gain = config.forecast_gain
+        if gain != 1.0:
+            with _after(graph, items[-1]):
+                if fit_gain:  # a new generation starts from the whole forecast again
+                    kept = state["forecast_gain"]
+                    first = graph.call_function(aten.eq.Scalar, (s, 1))
+                    gain = graph.call_function(aten.where.self, (first, graph.call_function(
+                        aten.full_like.default, (kept, 1.0)), kept))
+                weight = [graph.call_function(aten.mul.Tensor, (w, gain)) for w in raw_weight]
+    gain_parts = []
 
     replaced: dict[fx.Node, fx.Node] = {}  # outputs of rewritten regions -> their cond outputs
     branch_layouts = []
@@ -249,7 +300,7 @@ def insert_cache(
                         for j, site in enumerate(sites) if site.region == r]
         n_caches = len(region.streams) + len(region.values)
         layout = BranchLayout.for_region(len(region.inputs), len(region.streams), len(region.values),
-                                         len(region_sites), order)
+                                         len(region_sites), order, fit_gain)
         branch_layouts.append(layout)
         compute_gm, cached_gm = _build_branches(gm, region, region_sites, layout, policy)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
@@ -258,7 +309,8 @@ def insert_cache(
             inputs=region.inputs, caches=[state[f"cache_{r}_{k}"] for k in range(n_caches)],
             previous_caches=[state[f"cache_prev_{r}_{k}"] for k in range(n_caches)] if forecast else [],
             older_caches=[state[f"cache_older_{r}_{k}"] for k in range(n_caches)] if order >= 2 else [],
-            weight=weight, site_memory=[state[f"p_prev_{j}"] for j, _ in region_sites],
+            weight=weight, fit_weight=raw_weight if fit_gain else [],
+            site_memory=[state[f"p_prev_{j}"] for j, _ in region_sites],
         )
         with _after(graph, region.nodes[-1]):
             true_fn = graph.get_attr(f"adacache_region{r}_compute")
@@ -282,6 +334,7 @@ def insert_cache(
         for (j, _), memory, part in zip(region_sites, out["site_memory"], out["metric_parts"]):
             new_state[f"p_prev_{j}"] = memory
             parts[j] = part
+        gain_parts += out["gain_parts"]
         for old in reversed(region.nodes):
             graph.erase_node(old)
         last = items[-1]
@@ -292,6 +345,13 @@ def insert_cache(
         )
     updated, new_state["history"] = _getitems(graph, update, range(2))
     new_state.update(zip(policy_names, _getitems(graph, updated, policy_names)))
+    if fit_gain:  # the regions' sums add up; the gain is refitted on compute steps (see forecast.py)
+        gm.add_submodule("adacache_forecast_gain", ForecastGain())
+        with _after(graph, update):
+            total = gain_parts[0]
+            for more in gain_parts[1:]:
+                total = graph.call_function(aten.add.Tensor, (total, more))
+            new_state["forecast_gain"] = graph.call_module("adacache_forecast_gain", (total, gain))
 
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:

@@ -11,7 +11,8 @@ main graph (computed and cached steps alike, so every rank issues the same colle
 policy turns the parts into the next schedule. A policy with an early signal (FirstBlockCache) reads
 this step's signal parts in ``adacache_decide``: those are reduced the same way right before the
 decision (in the main graph, on every step), and ``adacache_update`` receives the reduced ones (never
-reduced twice). The metric then equals the single-process one up to
+reduced twice). With ``forecast_gain="fit"`` the two sums the gain is fitted from are reduced the same
+way before ``adacache_forecast_gain``. The metric then equals the single-process one up to
 float rounding, and every rank takes the same branch of every ``torch.cond`` without a host sync.
 
 A graph whose collectives come from tensor parallelism (the sequence whole on every rank, the metric
@@ -108,6 +109,13 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
             parts[j] = part
         added += 1
     update.args = (s, compute, parts, *rest)
+    gain = next((n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_forecast_gain"), None)
+    if gain is not None:  # forecast_gain="fit": its sums are over this rank's tokens too
+        sums, kept = gain.args
+        with graph.inserting_before(gain):
+            (reduced,) = _all_reduce(graph, [sums], [2], name)
+        gain.args = (reduced, kept)
+        added += 1
     graph.lint()
     gm.recompile()
     return added

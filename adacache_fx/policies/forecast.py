@@ -16,6 +16,12 @@ With ``r0, r1, r2`` the residuals of the last three compute steps ``s0 > s1 > s2
 
 The weights are float32 scalars computed at the top of the graph; a new generation (``s == 1``) forgets
 the previous one's compute steps.
+
+``forecast_gain`` (:class:`~adacache_fx.CacheConfig`) multiplies the weights: a constant, or ``"fit"``:
+:class:`ForecastGain` refits it on every compute step from two sums the compute branches return, so each
+video (and each cache context) gets the share of the forecast that would have predicted its last
+compute step best. The sums are over tokens, so under context parallelism they are all-reduced like the
+metric parts.
 """
 
 from __future__ import annotations
@@ -65,6 +71,17 @@ class TaylorWeights(nn.Module):
                 torch.where(compute, prev, older))
 
 
+class ForecastGain(nn.Module):
+    """The fitted forecast gain after a step: ``clamp(parts[0] / parts[1], 0, 1)`` where ``parts[1] > 0``
+    (a compute step with a forecast to compare: ``parts = [<r - c, f - c>, ||f - c||^2]``), else ``gain``."""
+
+    def forward(self, parts: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        fitted = (parts[0] / parts[1].clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
+        return torch.where(parts[1] > 0, fitted, gain)
+
+
 FORECAST_STATE = (StateSpec("last_compute", (), torch.int64, 0), StateSpec("prev_compute", (), torch.int64, 0))
 #: The state order 2 keeps besides :data:`FORECAST_STATE`.
 SECOND_ORDER_STATE = (StateSpec("older_compute", (), torch.int64, 0),)
+#: The state ``forecast_gain="fit"`` keeps: the gain the cached steps use (1.0 until a first fit).
+GAIN_STATE = (StateSpec("forecast_gain", (), torch.float32, 1.0),)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from .rows import BASELINE
 
 #: ``adacache-calibrated-warm``: warm-up steps (a sixth of N), top rate, linear residual extrapolation.
 WARM_FRACTION, WARM_MAX_RATE = 1 / 6, 4
+#: ``adacache-plus-forecast`` / ``adacache-magcache-forecast``: the share of the linear forecast a cached
+#: step adds (``forecast_gain``).
+PLUS_FORECAST_GAIN = 0.5
 
 
 def _adacache(bench, key: str, method: str, setting: str, config, compiled=False) -> Setting:
@@ -132,15 +136,24 @@ def magnitudes(bench) -> list[float]:
     return bench._cal["adacache-mag"]
 
 
-def _magcache(bench, key, method, v, compiled=False):
+def _magcache(bench, key, method, v, compiled=False, gain=None):
     n = bench.steps
-    label = f"threshold {v:g}, K 3, our calibration" + (", inductor fullgraph" if compiled else "")
+    label = f"threshold {v:g}, K 3, our calibration" + ("" if gain is None else f", order 1, gain {gain:g}")
+    label += ", inductor fullgraph" if compiled else ""
+    forecast = {} if gain is None else {"extrapolation_order": 1, "forecast_gain": gain}
     return _adacache(bench, key, method, label,
-                     lambda: MagCacheConfig(num_steps=n, mag_ratios=magnitudes(bench), threshold=v, max_skip_steps=3),
+                     lambda: MagCacheConfig(num_steps=n, mag_ratios=magnitudes(bench), threshold=v, max_skip_steps=3,
+                                            **forecast),
                      compiled=compiled)
 
 
 register("adacache-magcache", "adacache-fx MagCache rule", full=(0.06, 0.1, 0.2, 0.3), quick=(0.1,))(_magcache)
+
+
+@register("adacache-magcache-forecast", "adacache-fx MagCache rule forecast", full=(0.2, 0.3), quick=(0.2,))
+def _magcache_forecast(bench, key, method, v):
+    """MagCache's rule, cached steps adding half the linear forecast's change (as ``adacache-plus-forecast``)."""
+    return _magcache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
 
 
 @register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2,), quick=(0.2,))
@@ -174,20 +187,23 @@ def _first_block_cache_compiled(bench, key, method, v):
 PLUS_RULE = dict(max_skip_steps=3, retention_ratio=0.2, final_steps=0)
 
 
-def _plus(bench, key, method, v, order=0, compiled=False):
-    """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions."""
+def _plus(bench, key, method, v, order=0, gain=1.0, compiled=False):
+    """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions;
+    ``order`` / ``gain``: the forecast a cached step adds (``extrapolation_order``, ``forecast_gain``).
+    Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4."""
     n = bench.steps
-    rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, **PLUS_RULE)
+    fields = {**PLUS_RULE, "max_skip_steps": 4} if v > 2.5 else PLUS_RULE
+    rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
     try:
         fit_plus_threshold([[0.0] * (n - 1)], rule, v)  # the target is reachable with this rule
     except ValueError:
         return None
-    label = f"target {v:g}x steps, retention 0.2, K 3" + (f", order {order}" if order else "")
+    label = f"target {v:g}x steps, retention 0.2, K {rule.max_skip_steps}" + (f", order {order}" if order else "")
+    label += "" if gain == 1.0 else f", gain {gain:g}" if gain != "fit" else ", fitted gain"
     label += ", inductor fullgraph" if compiled else ""
 
     def config():
-        fields = {**PLUS_RULE, "num_steps": n, "extrapolation_order": order}
-        return AdaCachePlusConfig(**fields, threshold=fit_plus_threshold(bench.trajectories(), rule, v))
+        return replace(rule, threshold=fit_plus_threshold(bench.trajectories(), rule, v))
 
     return _adacache(bench, key, method, label, config, compiled=compiled)
 
@@ -197,10 +213,22 @@ register("adacache-plus", "adacache-fx AdaCache+", full=(2.0, 2.2, 2.5), quick=(
 
 @register("adacache-plus-linear", "adacache-fx AdaCache+ linear", full=(2.2, 2.5), quick=(1.5,))
 def _plus_linear(bench, key, method, v):
-    """As ``adacache-plus``, cached steps adding the linear forecast."""
+    """As ``adacache-plus``, cached steps adding the whole linear forecast."""
     return _plus(bench, key, method, v, order=1)
 
 
-@register("adacache-plus-compiled", "adacache-fx AdaCache+ compiled", full=(2.2, 2.5), quick=(1.5,))
+@register("adacache-plus-forecast", "adacache-fx AdaCache+ forecast", full=(2.2, 2.5, 3.0), quick=(1.5,))
+def _plus_forecast(bench, key, method, v):
+    """As ``adacache-plus``, cached steps adding half the linear forecast's change."""
+    return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN)
+
+
+@register("adacache-plus-fit", "adacache-fx AdaCache+ fitted forecast", full=(2.5,), quick=(1.5,))
+def _plus_fit(bench, key, method, v):
+    """As ``adacache-plus``, the forecast's gain fitted to each video on its compute steps."""
+    return _plus(bench, key, method, v, order=1, gain="fit")
+
+
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(2.5, 3.0), quick=(1.5,))
 def _plus_compiled(bench, key, method, v):
-    return _plus(bench, key, method, v, compiled=True)
+    return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN, compiled=True)
