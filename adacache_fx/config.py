@@ -114,8 +114,8 @@ class CacheConfig:
             compute step ``s``: the least-squares gain ``clamp(<r_s - r_l, f_s - r_l> / ||f_s - r_l||^2,
             0, 1)`` with which the forecast ``f_s`` from the earlier compute steps would have best
             predicted this step's residual ``r_s`` (``r_l``: the last compute step's), sums over every
-            cached tensor in float32; the cached steps up to the next compute step use it (1.0 until a
-            first fit).
+            cached tensor in float32; the cached steps up to the next compute step use it (1.0 from the
+            start of every generation until its first fit).
         static_inputs: names of small tensor inputs the model reads on the host (``height``, ``fps``;
             ``arg2`` for a positional one): their values are constants of each capture and part of its
             input signature, like shapes. Such inputs are also found automatically when the export

@@ -131,7 +131,8 @@ def test_summary_compares_peers_with_the_best_adacache_curve():
     # below the family curve's slowest point: that point; between points: linear (31 + (24 - 31) * 0.3 / 0.7 = 28)
     assert ("peer [a] 1.80x / 33.00 dB: best curve 40.00 dB (adacache-fx MagCache rule [0.2] 2.00x): equal or "
             "higher; AdaCache family 31.00 dB (adacache-fx fast [x1] 2.20x): **lower by 2.00 dB**.") in text
-    assert "peer [b] 2.50x / 20.00 dB: best curve 28.00 dB (between" in text
+    # the best curve is the upper envelope of the lines between its points: 40 + (24 - 40) * 0.5 / 0.9 = 31.11
+    assert "peer [b] 2.50x / 20.00 dB: best curve 31.11 dB (between adacache-fx MagCache rule [0.2] 2.00x and" in text
     assert "AdaCache family 28.00 dB (between adacache-fx fast [x1] 2.20x and" in text
     assert "peer [c] 3.50x / 18.00 dB: best curve: reaches no such speedup" in text
     # compiled peers are compared with the compiled adacache-fx rows only
@@ -157,3 +158,26 @@ def test_cli_runs_a_quick_subset(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| diffusers FirstBlockCache | threshold 0.1 | " in out and "4.0/4" in out
     assert (tmp_path / "bench.csv").exists()
+
+
+def test_compiled_rows_are_timed_against_the_compiled_uncached_model(tmp_path, monkeypatch):
+    """The harness's compiled path (Dynamo's ``eager`` backend stands in for inductor here): a compiled
+    peer and the compiled uncached model, speedups against the latter, graph breaks counted while compiling."""
+    import functools
+
+    import torch._dynamo
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(compile_, backend="eager"))
+    torch._dynamo.reset()
+    rows = run_bench(["a small red circle moving left fast"], [0], 4, ["adacache-compiled", "fbcache-compiled"],
+                     out=tmp_path, pipe=untrained_reference_pipeline(), graph_breaks=False, progress=lambda _: None)
+    torch._dynamo.reset()
+    by_method = {r.method: r for r in rows}
+    base = by_method["no caching compiled"]
+    assert base.compiled and base.speedup == 1.0 and "the speed of the uncached eager model" in base.note
+    assert base.graph_breaks == 0 and by_method["adacache-fx compiled"].graph_breaks == 0  # fullgraph
+    peer = by_method["diffusers FirstBlockCache compiled"]
+    assert peer.compiled and peer.computed is None and peer.graph_breaks > 0  # its hooks decide in Python
+    assert not by_method["no caching"].compiled and by_method["no caching"].speedup == 1.0
+    assert [r.compiled for r in bench.load_rows(tmp_path / "bench.csv")] == [r.compiled for r in rows]

@@ -152,6 +152,8 @@ def test_fitted_gain_compiled_and_onnx(tmp_path, order):
                                                             extrapolation_order=order, granularity="block")),
                      make_inputs, N)
     assert float((eager[N - 2] - full[N - 2]).abs().max()) > 1e-6  # step 11 adds less than the whole forecast
+    # the next generation (no reset: it starts after N steps) starts from the whole forecast again
+    assert all(torch.equal(a, b) for a, b in zip(run_steps(cached, make_inputs, N), eager))
     assert_compiled_and_exported(cached, make_inputs, N, eager, list(COMPUTE_STEPS), tmp_path / "fit.onnx")
     assert float(cached.current_state()["forecast_gain"]) == pytest.approx(gain, abs=1e-6)
 

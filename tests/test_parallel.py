@@ -31,6 +31,7 @@ import adacache_fx
 import adacache_fx.export
 from adacache_fx.parallel import ParallelError, context_parallel_group
 from adacache_fx.passes import PIPELINE
+from adacache_fx.policies.forecast import ForecastGain
 
 pytest.importorskip("diffusers")
 from adacache_fx.tools import fixtures  # noqa: E402
@@ -69,6 +70,21 @@ def _gain(cached) -> float | None:
     return float(state["forecast_gain"]) if "forecast_gain" in state else None
 
 
+def run_recording_gain_sums(model, make_inputs, codebook, **options):
+    """:func:`run`, and the sums ``forecast_gain="fit"`` is fitted from on every step (as the graph
+    hands them to ``ForecastGain``: all-reduced under context parallelism)."""
+    sums = []
+    original = ForecastGain.forward
+
+    def record(module, parts, gain):
+        sums.append(parts.detach().clone())
+        return original(module, parts, gain)
+
+    with mock.patch.object(ForecastGain, "forward", record):
+        outputs, history, computed, cached = run(model, make_inputs, codebook, **options)
+    return outputs, computed, cached, torch.stack(sums) if sums else None
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     with process_group(rank, port):
         result = {}
@@ -84,8 +100,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             codebook, _ = sensitive_codebook(float(reduced[1]), owns)
             result[family] = {"own_metric": own, "reduced_metric": reduced, "codebook": codebook}
             for variant, options in VARIANTS[family].items():
-                outputs, _, computed, cached = run(model, make_inputs, codebook, **options)
-                result[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached)}
+                outputs, computed, cached, sums = run_recording_gain_sums(model, make_inputs, codebook, **options)
+                result[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached),
+                                           "gain_sums": sums}
         gm = cached.program().graph_module  # the last case: wan, stack granularity
         from diffusers import ContextParallelConfig
 
@@ -135,10 +152,13 @@ def single(ranks):
         model, make_inputs = fixtures.build(family, NUM_LAYERS)
         _, found[family], _, _ = run(model, make_inputs, ALWAYS)
         for variant, options in VARIANTS[family].items():
-            outputs, _, computed, cached = run(model, make_inputs, ranks[0][family]["codebook"], **options)
-            found[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached)}
+            outputs, computed, cached, sums = run_recording_gain_sums(model, make_inputs, ranks[0][family]["codebook"],
+                                                                      **options)
+            found[family, variant] = {"outputs": outputs, "computed": computed, "gain": _gain(cached),
+                                      "gain_sums": sums}
     found["wan", "transform first"] = found["wan", "stack"]
-    assert 0.0 <= found["wan", "fitted gain"]["gain"] < 1.0  # refitted (from 1.0) on steps 5 and 6
+    sums = found["wan", "fitted gain"]["gain_sums"]
+    assert sums.shape == (NUM_STEPS, 2) and bool((sums[[4, 5], 1] > 0).all())  # fitted on steps 5 and 6
     found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
     return found
 
@@ -181,7 +201,8 @@ def test_ranks_decide_as_one_process(ranks, single, family, variant):
     for result in ranks:
         got = result[family, variant]
         assert got["computed"] == want["computed"]
-        if want.get("gain") is not None:  # the fitted gain's sums are all-reduced
+        if want.get("gain_sums") is not None:  # the fitted gain's sums are all-reduced: the whole sequence's
+            torch.testing.assert_close(got["gain_sums"], want["gain_sums"], rtol=1e-4, atol=1e-6)
             assert got["gain"] == pytest.approx(want["gain"], abs=1e-5)
         for out, ref in zip(got["outputs"], want["outputs"]):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)

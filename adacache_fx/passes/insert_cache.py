@@ -37,7 +37,7 @@ from ..policies.forecast import (
 )
 from ..state import StateLayout, StateSpec
 from .branch_layout import BranchLayout
-from .graph_utils import fake, is_view
+from .graph_utils import PassError, fake, is_view
 from .insert_signal import insert_parts, remember
 from .plan_regions import MetricSite, Region
 
@@ -88,18 +88,27 @@ def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, older: fx.Node
     return value
 
 
-def _gain_parts(graph: fx.Graph, new: list[fx.Node], caches: list[fx.Node], forecasts: list[fx.Node]) -> fx.Node:
-    """``[sum <n - c, f - c>, sum ||f - c||^2]`` over the cached tensors, in float32: the sums the
-    forecast gain is fitted from (``n`` this step's, ``c`` the cached, ``f`` its forecast)."""
+def _gain_parts(graph: fx.Graph, new: list[fx.Node], caches: list[fx.Node], previous: list[fx.Node],
+                older: list[fx.Node | None], weights: list[fx.Node]) -> fx.Node:
+    """``[sum <n - c, d>, sum ||d||^2]`` over the cached tensors, all in float32: the sums the forecast
+    gain is fitted from (``n`` this step's, ``c`` the cached, ``d = w (c - p) [+ v (p - o)]`` the change the
+    forecast adds, computed in float32 so that a bf16 cache's rounding does not count as a change)."""
+    if not caches:
+        raise PassError("forecast_gain='fit' needs a floating-point cached tensor in every region", "insert_cache")
 
     def f32(node):
         return graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
 
+    def term(a, b, weight):
+        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
+
     dot = norm = None
-    for n, c, f in zip(new, caches, forecasts):
-        c32 = f32(c)
+    for n, c, p, o in zip(new, caches, previous, older):
+        c32, p32 = f32(c), f32(p)
         err = graph.call_function(aten.sub.Tensor, (f32(n), c32))
-        step = graph.call_function(aten.sub.Tensor, (f32(f), c32))
+        step = term(c32, p32, weights[0])
+        if o is not None:
+            step = graph.call_function(aten.add.Tensor, (step, term(p32, f32(o), weights[1])))
         d = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (err, step)),))
         q = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (step, step)),))
         dot = d if dot is None else graph.call_function(aten.add.Tensor, (dot, d))
@@ -148,15 +157,13 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
             p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
         memory.append(p)
         parts.append(compute.call_module("adacache_measure", (j, p, p_prev)))
+    dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
     gain_parts = []
     if layout.fit_gain:  # how well the forecast from the earlier compute steps predicts this step's
-        new = residuals + values
-        dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
-        previous = ops["previous_caches"]
-        older = ops["older_caches"] or [None] * n_caches
         keep = [k for k in range(n_caches) if dtypes[k].is_floating_point]
-        forecasts = [_reuse(compute, ops["caches"][k], previous[k], older[k], ops["fit_weight"], dtypes[k]) for k in keep]
-        gain_parts = [_gain_parts(compute, [new[k] for k in keep], [ops["caches"][k] for k in keep], forecasts)]
+        new, older = residuals + values, ops["older_caches"] or [None] * n_caches
+        gain_parts = [_gain_parts(compute, *([group[k] for k in keep] for group in (
+            new, ops["caches"], ops["previous_caches"], older)), ops["fit_weight"])]
     compute.output(tuple(layout.outputs.pack(
         streams=outs, values=values, residuals=residuals,
         # a forecast value is not its own cache: keep the computed one apart
@@ -172,7 +179,6 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     stream_in = dict(zip(region.inputs, ops["inputs"]))
     previous = ops["previous_caches"] or [None] * n_caches
     older = ops["older_caches"] or [None] * n_caches
-    dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
     reused = [_reuse(cached, c, p, o, ops["weight"], dtype)
               for c, p, o, dtype in zip(ops["caches"], previous, older, dtypes)]
     n = len(region.streams)
@@ -276,10 +282,10 @@ def insert_cache(
         if gain != 1.0:
             with _after(graph, items[-1]):
                 if fit_gain:  # a new generation starts from the whole forecast again
-                    kept = state["forecast_gain"]
+                    fitted = state["forecast_gain"]
                     first = graph.call_function(aten.eq.Scalar, (s, 1))
                     gain = graph.call_function(aten.where.self, (first, graph.call_function(
-                        aten.full_like.default, (kept, 1.0)), kept))
+                        aten.full_like.default, (fitted, 1.0)), fitted))
                 weight = [graph.call_function(aten.mul.Tensor, (w, gain)) for w in raw_weight]
     gain_parts = []
 
@@ -340,18 +346,17 @@ def insert_cache(
         last = items[-1]
 
     with _after(graph, last):
+        if fit_gain:  # the regions' sums add up; the gain is refitted on compute steps (see forecast.py)
+            gm.add_submodule("adacache_forecast_gain", ForecastGain())
+            total = gain_parts[0]
+            for more in gain_parts[1:]:
+                total = graph.call_function(aten.add.Tensor, (total, more))
+            new_state["forecast_gain"] = graph.call_module("adacache_forecast_gain", (total, gain))
         update = graph.call_module(
             "adacache_update", (s, compute, [parts[j] for j in range(len(sites))], policy_state, state["history"])
         )
     updated, new_state["history"] = _getitems(graph, update, range(2))
     new_state.update(zip(policy_names, _getitems(graph, updated, policy_names)))
-    if fit_gain:  # the regions' sums add up; the gain is refitted on compute steps (see forecast.py)
-        gm.add_submodule("adacache_forecast_gain", ForecastGain())
-        with _after(graph, update):
-            total = gain_parts[0]
-            for more in gain_parts[1:]:
-                total = graph.call_function(aten.add.Tensor, (total, more))
-            new_state["forecast_gain"] = graph.call_module("adacache_forecast_gain", (total, gain))
 
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:

@@ -11,8 +11,8 @@ main graph (computed and cached steps alike, so every rank issues the same colle
 policy turns the parts into the next schedule. A policy with an early signal (FirstBlockCache) reads
 this step's signal parts in ``adacache_decide``: those are reduced the same way right before the
 decision (in the main graph, on every step), and ``adacache_update`` receives the reduced ones (never
-reduced twice). With ``forecast_gain="fit"`` the two sums the gain is fitted from are reduced the same
-way before ``adacache_forecast_gain``. The metric then equals the single-process one up to
+reduced twice). With ``forecast_gain="fit"`` the two sums the gain is fitted from travel in the same
+all-reduce as the metric parts. The metric then equals the single-process one up to
 float rounding, and every rank takes the same branch of every ``torch.cond`` without a host sync.
 
 A graph whose collectives come from tensor parallelism (the sequence whole on every rank, the metric
@@ -77,7 +77,8 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
 
     An early signal's parts (the fourth argument of ``adacache_decide``) are reduced right before the
     decision, and ``adacache_update`` receives the reduced ones; the parts of the metric sites inside
-    regions, if any, are reduced before ``adacache_update``. Each is one all-reduce in the main graph."""
+    regions, if any, are reduced before ``adacache_update``, with the forecast gain's sums if fitted. Each
+    is one all-reduce in the main graph."""
     name = group_name(gm, group)
     if name is None:
         return 0
@@ -102,20 +103,19 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
             parts[j] = part
         todo = [j for j in todo if j not in sites]
         added += 1
-    if todo:
-        with graph.inserting_before(update):
-            reduced = _all_reduce(graph, [parts[j] for j in todo], [policy.num_parts(j) for j in todo], name)
+    # forecast_gain="fit": the gain's two sums are over this rank's tokens too (reduced with the parts)
+    gain = next((n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_forecast_gain"), None)
+    sums = [gain.args[0]] if gain is not None else []
+    if todo or sums:
+        with graph.inserting_before(gain if gain is not None else update):
+            reduced = _all_reduce(graph, [parts[j] for j in todo] + sums,
+                                  [policy.num_parts(j) for j in todo] + [2] * len(sums), name)
         for j, part in zip(todo, reduced):
             parts[j] = part
+        if gain is not None:
+            gain.args = (reduced[-1], *gain.args[1:])
         added += 1
     update.args = (s, compute, parts, *rest)
-    gain = next((n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_forecast_gain"), None)
-    if gain is not None:  # forecast_gain="fit": its sums are over this rank's tokens too
-        sums, kept = gain.args
-        with graph.inserting_before(gain):
-            (reduced,) = _all_reduce(graph, [sums], [2], name)
-        gain.args = (reduced, kept)
-        added += 1
     graph.lint()
     gm.recompile()
     return added

@@ -20,7 +20,10 @@ may add a forecast. Steps are counted ``s = 1..N`` within a generation (per cach
 * Equivalently, after a compute step the next ``min(floor(threshold / c), max_skip_steps)`` steps are
   cached (up to float rounding of the accumulation): a continuous AdaCache codebook ``rate = 1 +
   min(floor(threshold / c), K)`` with a retention window and a capped rate.
-* A cached step adds the cached residual or its forecast (``extrapolation_order`` 1 or 2, TaylorSeer's).
+* A cached step adds the cached residual or its forecast (``extrapolation_order`` 1 or 2, TaylorSeer's),
+  scaled by ``forecast_gain`` (a fixed share, or ``"fit"``: refitted to the video on each compute step).
+  On the reference model the linear forecast at gain 0.5 is the leading setting (``adacache-fx bench``,
+  method ``adacache-plus-forecast``); the whole forecast helps most videos and ruins a few.
 
 The threshold is on the scale of the model's metric: :func:`adacache_fx.calibrate_plus` fits it for a
 target speedup in computed steps from uncached metric trajectories. History rows are

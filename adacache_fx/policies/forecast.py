@@ -73,11 +73,12 @@ class TaylorWeights(nn.Module):
 
 class ForecastGain(nn.Module):
     """The fitted forecast gain after a step: ``clamp(parts[0] / parts[1], 0, 1)`` where ``parts[1] > 0``
-    (a compute step with a forecast to compare: ``parts = [<r - c, f - c>, ||f - c||^2]``), else ``gain``."""
+    (a compute step with a forecast to compare: ``parts = [<r - c, f - c>, ||f - c||^2]``), else ``gain``
+    (also where a part is not finite: a NaN activation does not poison the rest of the generation)."""
 
     def forward(self, parts: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         fitted = (parts[0] / parts[1].clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
-        return torch.where(parts[1] > 0, fitted, gain)
+        return torch.where((parts[1] > 0) & torch.isfinite(parts).all(), fitted, gain)
 
 
 FORECAST_STATE = (StateSpec("last_compute", (), torch.int64, 0), StateSpec("prev_compute", (), torch.int64, 0))

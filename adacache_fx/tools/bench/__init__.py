@@ -18,8 +18,14 @@ uncached video of the same caption and seed, generated in the same process:
   sampled before and after every transformer call of the untimed warm-up generation (3 steps; not for the
   compiled rows). CPU has no allocator statistics: this is the cache's footprint, not the process peak.
 * ``graph_breaks``: ``torch._dynamo`` graph breaks when the transformer, with the method enabled, is
-  compiled (``backend="eager"``) and runs a 3-step generation; adacache-fx's compiled rows use
-  ``fullgraph=True`` (which fails on any break).
+  compiled (``backend="eager"``) and runs a 3-step generation; for the compiled rows, the breaks counted
+  while the row's own Inductor compilation ran (its N-step warm-up; adacache-fx's use ``fullgraph=True``,
+  which fails on any break).
+* compiled rows (``*-compiled`` methods, ``Row.compiled``): the transformer under ``torch.compile``
+  (Inductor); their ``speedup`` is against ``no caching compiled`` (the uncached transformer compiled the
+  same way, measured in the same run); a compiled peer's ``computed`` is left empty (the probe hook is not
+  used under compile: its eager row has the count). Dynamo's recompile limits are raised while the
+  settings run, and hitting them fails the row instead of falling back to eager.
 
 Methods that cannot run on this model get a row whose ``note`` says why.
 """

@@ -150,7 +150,7 @@ def _magcache(bench, key, method, v, compiled=False, gain=None):
 register("adacache-magcache", "adacache-fx MagCache rule", full=(0.06, 0.1, 0.2, 0.3), quick=(0.1,))(_magcache)
 
 
-@register("adacache-magcache-forecast", "adacache-fx MagCache rule forecast", full=(0.2, 0.3), quick=(0.2,))
+@register("adacache-magcache-forecast", "adacache-fx MagCache rule forecast", full=(0.06, 0.2, 0.3), quick=(0.2,))
 def _magcache_forecast(bench, key, method, v):
     """MagCache's rule, cached steps adding half the linear forecast's change (as ``adacache-plus-forecast``)."""
     return _magcache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
@@ -217,7 +217,7 @@ def _plus_linear(bench, key, method, v):
     return _plus(bench, key, method, v, order=1)
 
 
-@register("adacache-plus-forecast", "adacache-fx AdaCache+ forecast", full=(2.2, 2.5, 3.0), quick=(1.5,))
+@register("adacache-plus-forecast", "adacache-fx AdaCache+ forecast", full=(1.5, 2.2, 2.5, 3.0), quick=(1.5,))
 def _plus_forecast(bench, key, method, v):
     """As ``adacache-plus``, cached steps adding half the linear forecast's change."""
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN)

@@ -46,4 +46,4 @@ def add_graph_breaks(bench, settings, failed, rows) -> None:
             rows[i].graph_breaks = value[0]
             value = f"{value[1]} recompilations in 3 compiled steps" if value[1] else None
         if value:
-            rows[i].note = (rows[i].note + "; " if rows[i].note else "") + value
+            rows[i].note = f"{rows[i].note}; {value}" if rows[i].note else value

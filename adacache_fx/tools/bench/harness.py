@@ -154,7 +154,7 @@ def run_bench(
             bench.pipe.transformer = bench.base
             progress(f"  {s.method} [{s.setting}] cannot run: {failed[i]}")
             return None
-        if computed is None:  # counted by the probe; a compiled peer is not probed (see the module doc)
+        if computed is None:  # counted by the probe; a compiled peer is not probed (``Setting.probe``)
             computed = (bench.calls - calls_before) / bench.calls_per_step if s.probe else math.nan
         return video, seconds, computed
 
@@ -165,50 +165,66 @@ def run_bench(
     bench.calls_per_step = bench.calls / steps
     # compiled settings last: enabling the hooks of the peers once changes module attributes Dynamo guards on.
     # Every compiled peer setting recompiles the transformer's forward (other hooks): room for all of them.
-    compiled_count = sum(s.compiled for s in settings)
-    limits = torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit
-    torch._dynamo.config.recompile_limit = max(limits[0], 8 * compiled_count)
-    torch._dynamo.config.accumulated_recompile_limit = max(limits[1], 64 * compiled_count)
-    breaks: dict[int, int] = {}  # graph breaks of each compiled setting, counted while it compiles
-    for i in sorted(range(len(settings)), key=lambda i: settings[i].compiled):
-        s = settings[i]
-        if i in failed:
-            continue
-        progress(f"warm-up: {s.method} [{s.setting}]")
-        memory: list[int] = []
-        warm_steps = steps if s.compiled else min(3, steps)  # compiled graphs specialise on N
-        before = sum(torch._dynamo.utils.counters["graph_break"].values())
-        if attempt(i, CALIBRATION_CAPTIONS[0], 0, warm_steps, memory) is not None and memory:
-            held[i] = max(memory)
-        if s.compiled:
-            breaks[i] = int(sum(torch._dynamo.utils.counters["graph_break"].values()) - before)
+    with _recompile_room(sum(s.compiled for s in settings)):
+        breaks: dict[int, int] = {}  # graph breaks of each compiled setting, counted while it compiles
+        for i in sorted(range(len(settings)), key=lambda i: settings[i].compiled):
+            s = settings[i]
+            if i in failed:
+                continue
+            progress(f"warm-up: {s.method} [{s.setting}]")
+            memory: list[int] = []
+            warm_steps = steps if s.compiled else min(3, steps)  # compiled graphs specialise on N
+            before = sum(torch._dynamo.utils.counters["graph_break"].values())
+            if attempt(i, CALIBRATION_CAPTIONS[0], 0, warm_steps, memory) is not None and memory:
+                held[i] = max(memory)
+            if s.compiled:
+                breaks[i] = int(sum(torch._dynamo.utils.counters["graph_break"].values()) - before)
 
-    results: dict[int, list[tuple]] = {i: [] for i in range(len(settings))}
-    items = [(c, s) for s in seeds for c in captions]
-    recompiles = sum(torch._dynamo.utils.counters["recompiles"].values())
-    for k, (caption, seed) in enumerate(items):
-        progress(f"[{k + 1}/{len(items)}] seed {seed}: {caption}")
-        order = list(range(len(settings)))
-        order = order[k % len(order):] + order[: k % len(order)]
-        for i in order:
-            if i not in failed:
-                got = attempt(i, caption, seed)
-                if got is not None:
-                    results[i].append(got)
+        results: dict[int, list[tuple]] = {i: [] for i in range(len(settings))}
+        items = [(c, s) for s in seeds for c in captions]
+        recompiles = sum(torch._dynamo.utils.counters["recompiles"].values())
+        for k, (caption, seed) in enumerate(items):
+            progress(f"[{k + 1}/{len(items)}] seed {seed}: {caption}")
+            order = list(range(len(settings)))
+            order = order[k % len(order):] + order[: k % len(order)]
+            for i in order:
+                if i not in failed:
+                    got = attempt(i, caption, seed)
+                    if got is not None:
+                        results[i].append(got)
 
-    torch._dynamo.config.recompile_limit, torch._dynamo.config.accumulated_recompile_limit = limits
     rows = _aggregate(settings, results, failed, held, items, steps)
     for i, count in breaks.items():
         rows[i].graph_breaks = None if i in failed else count
     recompiles = sum(torch._dynamo.utils.counters["recompiles"].values()) - recompiles
     for row, s in zip(rows, settings):
         if s.compiled and recompiles:  # a recompilation inside a timed run would distort its time
-            row.note = (row.note + "; " if row.note else "") + f"{recompiles} recompilation(s) during timed runs"
+            _append_note(row, f"{recompiles} recompilation(s) during timed runs")
     if graph_breaks:
         add_graph_breaks(bench, settings, failed, rows)
     bench.pipe.transformer = bench.base
     write_outputs(rows, out, captions, seeds, steps, description)
     return rows
+
+
+def _append_note(row: Row, text: str) -> None:
+    row.note = f"{row.note}; {text}" if row.note else text
+
+
+@contextlib.contextmanager
+def _recompile_room(compiled_settings: int):
+    """Raise Dynamo's recompile limits while the settings run (every compiled peer recompiles the
+    transformer's forward under its own hooks) and make hitting them an error (the row then says so)
+    instead of a silent fall-back to eager; restore them after, also on an error."""
+    config = torch._dynamo.config
+    limits = config.recompile_limit, config.accumulated_recompile_limit, config.fail_on_recompile_limit_hit
+    try:
+        config.recompile_limit = max(limits[0], 8 * compiled_settings)
+        config.accumulated_recompile_limit = max(limits[1], 64 * compiled_settings)
+        config.fail_on_recompile_limit_hit = True  # a row silently falling back to eager would be mistimed
+        yield
+    finally:
+        config.recompile_limit, config.accumulated_recompile_limit, config.fail_on_recompile_limit_hit = limits
 
 
 def _aggregate(settings, results, failed, held, items, steps) -> list[Row]:
@@ -229,11 +245,11 @@ def _aggregate(settings, results, failed, held, items, steps) -> list[Row]:
         row.computed = None if any(math.isnan(c) for c in computed) else float(np.mean(computed))
         timing_base = compiled_base if s.compiled and compiled_base is not None else base
         if s.compiled and compiled_base is None:
-            row.note = (row.note + "; " if row.note else "") + f"speedup vs eager: no '{COMPILED_BASELINE}' row ran"
+            _append_note(row, f"speedup vs eager: no '{COMPILED_BASELINE}' row ran")
         row.speedup = float(np.median([b[1] / t for b, t in zip(timing_base, seconds)]))
         if s.method == COMPILED_BASELINE:
             eager = float(np.median([b[1] / t for b, t in zip(base, seconds)]))
-            row.note = (row.note + "; " if row.note else "") + f"{eager:.2f}x the speed of the uncached eager model"
+            _append_note(row, f"{eager:.2f}x the speed of the uncached eager model")
         row.time_s = float(np.median(seconds))
         row.psnr = psnr(torch.stack(videos), torch.stack([b[0] for b in base]))  # pooled MSE
         row.ssim = float(np.mean([ssim(v, b[0]) for v, b in zip(videos, base)]))

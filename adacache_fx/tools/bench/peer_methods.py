@@ -25,7 +25,9 @@ def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", 
                 bench.base.disable_cache()
             raise
         if compiled:
-            bench.pipe.transformer = holder.setdefault("model", torch.compile(bench.base))
+            if "model" not in holder:
+                holder["model"] = torch.compile(bench.base)
+            bench.pipe.transformer = holder["model"]
 
         def finish():
             bench.pipe.transformer = bench.base

@@ -61,19 +61,25 @@ def best_curve(rows: Sequence[Row], compiled: bool = False, family_only: bool = 
 
 
 def _curve_at(front: list[Row], speedup: float) -> tuple[float, str] | None:
-    """PSNR of the best curve at ``speedup`` (linear between its points; below its slowest point, that point's
-    PSNR), and the points it comes from; ``None`` beyond its fastest point."""
+    """PSNR of the curve through ``front`` at ``speedup`` and the points it comes from: the upper envelope of
+    the straight lines between its points (so the curve of a subset of the rows is never above it); below
+    its slowest point, that point's PSNR; ``None`` beyond its fastest point."""
     if not front or speedup > front[-1].speedup:
         return None
     if speedup <= front[0].speedup:
         a = front[0]
         return a.psnr, f"{a.method} [{a.setting}] {a.speedup:.2f}x"
-    for a, b in zip(front, front[1:]):
-        if a.speedup <= speedup <= b.speedup:
+    best = None
+    for i, a in enumerate(front):
+        for b in front[i + 1:]:
+            if not a.speedup <= speedup <= b.speedup or b.speedup == a.speedup:
+                continue
             w = (speedup - a.speedup) / (b.speedup - a.speedup)
             value = min(a.psnr, b.psnr) if math.isinf(a.psnr) else a.psnr + w * (b.psnr - a.psnr)
-            return value, f"between {a.method} [{a.setting}] {a.speedup:.2f}x and {b.method} [{b.setting}] {b.speedup:.2f}x"
-    return None
+            if best is None or value > best[0]:
+                best = value, (f"between {a.method} [{a.setting}] {a.speedup:.2f}x and {b.method} [{b.setting}] "
+                               f"{b.speedup:.2f}x")
+    return best
 
 
 def summarize_targets(rows: Sequence[Row]) -> str:
@@ -139,6 +145,7 @@ def load_rows(path: Path | str) -> list[Row]:
                     values[k] = None
                 else:
                     values[k] = int(float(v)) if "int" in str(types_[k]) and "float" not in str(types_[k]) else float(v)
+            values.setdefault("compiled", values["method"].endswith(" compiled"))  # a CSV from before the column
             rows.append(Row(**values))
     return rows
 
