@@ -71,20 +71,27 @@ def _zero_parts(graph: fx.Graph, like: fx.Node, count: int) -> fx.Node:
     return graph.call_function(aten.new_zeros.default, (like, [count]), {"dtype": torch.float32})
 
 
+def _forecast_terms(graph: fx.Graph, cache: fx.Node, prev: fx.Node, older: fx.Node | None, weights: list[fx.Node],
+                    dtype) -> list[fx.Node]:
+    """What a forecast adds to ``cache``, in ``dtype``: ``[w * (cache - prev)]``, and ``v * (prev - older)``
+    with a quadratic one."""
+
+    def term(a, b, weight):
+        weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": dtype})
+        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
+
+    return [term(cache, prev, weights[0])] + ([term(prev, older, weights[1])] if older is not None else [])
+
+
 def _reuse(graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, older: fx.Node | None, weights: list[fx.Node],
            dtype) -> fx.Node:
     """The value a cached step uses: ``cache``; ``cache + w * (cache - prev)`` with a linear forecast;
     ``cache + u * (cache - prev) + v * (prev - older)`` with a quadratic one."""
     if prev is None or not dtype.is_floating_point:
         return cache
-
-    def term(a, b, weight):
-        weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": dtype})
-        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
-
-    value = graph.call_function(aten.add.Tensor, (cache, term(cache, prev, weights[0])))
-    if older is not None:
-        value = graph.call_function(aten.add.Tensor, (value, term(prev, older, weights[1])))
+    value = cache
+    for term in _forecast_terms(graph, cache, prev, older, weights, dtype):
+        value = graph.call_function(aten.add.Tensor, (value, term))
     return value
 
 
@@ -99,16 +106,13 @@ def _gain_parts(graph: fx.Graph, new: list[fx.Node], caches: list[fx.Node], prev
     def f32(node):
         return graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
 
-    def term(a, b, weight):
-        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
-
     dot = norm = None
     for n, c, p, o in zip(new, caches, previous, older):
-        c32, p32 = f32(c), f32(p)
+        c32 = f32(c)
         err = graph.call_function(aten.sub.Tensor, (f32(n), c32))
-        step = term(c32, p32, weights[0])
-        if o is not None:
-            step = graph.call_function(aten.add.Tensor, (step, term(p32, f32(o), weights[1])))
+        step, *more = _forecast_terms(graph, c32, f32(p), None if o is None else f32(o), weights, torch.float32)
+        for term in more:
+            step = graph.call_function(aten.add.Tensor, (step, term))
         d = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (err, step)),))
         q = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (step, step)),))
         dot = d if dot is None else graph.call_function(aten.add.Tensor, (dot, d))
