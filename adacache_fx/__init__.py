@@ -11,11 +11,11 @@ reference model, CLI) are separate subpackages.
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
-from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus
+from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus, calibrate_teacache
 from .capture import CaptureError
 from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
-from .policies import AdaCachePlusConfig, MagCacheConfig
+from .policies import AdaCachePlusConfig, MagCacheConfig, TeaCacheConfig
 from .policies.first_block import FirstBlockCacheConfig
 
 __version__ = "0.2.0"
@@ -43,10 +43,12 @@ __all__ = [
     "MoRegConfig",
     "Report",
     "StepRecord",
+    "TeaCacheConfig",
     "TransformError",
     "calibrate",
     "calibrate_magnitudes",
     "calibrate_plus",
+    "calibrate_teacache",
     "compile",
     "disable",
     "enable",

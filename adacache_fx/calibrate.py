@@ -35,7 +35,8 @@ target speedup the same way: :func:`predict_computed_plus` replays its rule on t
 geometric grid whose predicted computed steps are closest to ``N / target``.
 
 :func:`calibrate_magnitudes` measures the per-step magnitude ratios of MagCache
-(``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target.
+(``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target. :func:`calibrate_teacache` fits
+TeaCache's rescaling polynomial (``TeaCacheConfig(coefficients=...)``).
 """
 
 from __future__ import annotations
@@ -133,6 +134,60 @@ def calibrate_magnitudes(pipe, captions: Sequence[str], num_steps: int, seed: in
     if not runs:
         raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
     return np.mean(runs, axis=0).tolist()
+
+
+def calibrate_teacache(pipe, captions: Sequence[str], num_steps: int, degree: int = 4, seed: int = 0
+                       ) -> tuple[float, ...]:
+    """TeaCache's rescaling polynomial for the model of ``pipe``, for ``TeaCacheConfig(coefficients=...)``.
+
+    Runs uncached generations (one per caption, generator seeded ``seed + i``) and pairs, for every step
+    ``s >= 2`` of every cache context, ``x`` = the relative L1 change of the first block's modulated input
+    (the signal the rule reads) with ``y`` = the relative L1 change of the transformer's output, both
+    between steps ``s - 1`` and ``s``; returns the least-squares polynomial ``y ~ poly(x)`` of ``degree``,
+    highest degree first (``numpy.polyfit``), as TeaCache's calibration does.
+
+    >>> import adacache_fx
+    >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline
+    >>> coefficients = adacache_fx.calibrate_teacache(ReferencePipeline.from_reference(), ["a large red circle"], 8)
+    >>> len(coefficients)
+    5
+    """
+    from .policies.teacache import TeaCacheConfig
+
+    captions = _check_captions(captions)
+    check_num_steps(num_steps)
+    _check_pipe(pipe)
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"degree must be an int >= 0, got {degree!r}")
+    # threshold 0: every step computes (acc >= 0), and the history records the signal's change
+    cached = enable(pipe, TeaCacheConfig(num_steps=num_steps, threshold=0.0))
+    outputs: dict[str, list[torch.Tensor]] = {}
+
+    def record(model, args, kwargs, output):
+        while not isinstance(output, torch.Tensor):
+            output = output[0] if isinstance(output, (tuple, list)) else output.sample
+        outputs.setdefault(model.active_context, []).append(output.detach().float())
+
+    handle = cached.register_forward_hook(record, with_kwargs=True)
+    xs, ys = [], []
+    try:
+        for i, caption in enumerate(captions):
+            outputs.clear()
+            pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
+            for context, seq in outputs.items():
+                signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
+                for s in range(1, len(seq)):
+                    before, now = seq[s - 1], seq[s]
+                    xs.append(signal[s])
+                    ys.append(float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12)))
+    finally:
+        handle.remove()
+        disable(pipe)
+    keep = np.isfinite(np.asarray(xs, dtype=np.float64)) & np.isfinite(np.asarray(ys, dtype=np.float64))
+    if keep.sum() <= degree:
+        raise RuntimeError(f"{int(keep.sum())} finite step pairs recorded: too few to fit a degree-{degree} "
+                           "polynomial (more captions or steps)")
+    return tuple(float(c) for c in np.polyfit(np.asarray(xs)[keep], np.asarray(ys)[keep], degree))
 
 
 def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float, seed: int = 0, **rule):

@@ -1,5 +1,6 @@
-"""Context parallelism with an early-signal policy: FirstBlockCache on a tiny Wan under diffusers' Ulysses
-plan (unmodified) on 2 gloo ranks on CPU.
+"""Context parallelism with an early-signal policy: FirstBlockCache (and TeaCache, whose signal is the first
+block's modulated input, copied out of the cached region) on a tiny Wan under diffusers' Ulysses plan
+(unmodified) on 2 gloo ranks on CPU.
 
 The signal (the first block's residual change, a ratio of sums over the rank's shard of the tokens) is
 all-reduced over the group right before ``decide``; with a threshold between the reduced signal and a
@@ -34,6 +35,10 @@ def config(threshold: float, **options) -> adacache_fx.FirstBlockCacheConfig:
     return adacache_fx.FirstBlockCacheConfig(threshold=threshold, num_steps=NUM_STEPS, **options)
 
 
+def tea_config(threshold: float) -> adacache_fx.TeaCacheConfig:
+    return adacache_fx.TeaCacheConfig(threshold=threshold, num_steps=NUM_STEPS)
+
+
 def sensitive_threshold(reduced: float, own: list[float]) -> tuple[float, int]:
     """A threshold halfway between the reduced signal and the farthest rank's own one, and that rank."""
     rank = max(range(len(own)), key=lambda r: abs(own[r] - reduced))
@@ -55,6 +60,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         for variant, options in VARIANTS.items():
             outputs, _, computed, cached = run_config(model, make_inputs, config(threshold, **options))
             result[variant] = {"outputs": outputs, "computed": computed}
+        # TeaCache: its modulated-input signal, reduced; a threshold 1.5x its mean change skips some steps
+        _, tea_signal, _, _ = run_config(model, make_inputs, tea_config(0.0))
+        tea_threshold = [1.5 * float(tea_signal[1:].mean())]
+        dist.broadcast_object_list(tea_threshold, src=0)
+        outputs, _, computed, _ = run_config(model, make_inputs, tea_config(tea_threshold[0]))
+        result["teacache"] = {"signal": tea_signal, "threshold": tea_threshold[0], "outputs": outputs,
+                              "computed": computed}
         graph = cached.program().graph_module.graph
         nodes = list(graph.nodes)
         result["collectives"] = Counter(str(n.target).split(".")[1] for n in nodes if "c10d" in str(n.target))
@@ -110,6 +122,19 @@ def test_ranks_decide_as_one_process(ranks, single, variant):
         got = result[variant]
         assert got["computed"] == want["computed"]
         for out, ref in zip(got["outputs"], want["outputs"], strict=True):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_teacache_ranks_decide_as_one_process(ranks):
+    model, make_inputs = fixtures.build("wan", NUM_LAYERS)
+    _, signal, _, _ = run_config(model, make_inputs, tea_config(0.0))
+    outputs, _, computed, _ = run_config(model, make_inputs, tea_config(ranks[0]["teacache"]["threshold"]))
+    assert computed[0] == 1 and len(computed) < NUM_STEPS  # some step is cached
+    for result in ranks:
+        got = result["teacache"]
+        torch.testing.assert_close(got["signal"], signal, rtol=1e-5, atol=0, equal_nan=True)
+        assert got["computed"] == computed
+        for out, ref in zip(got["outputs"], outputs, strict=True):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

@@ -141,8 +141,13 @@ PIPELINE: tuple[Stage, ...] = (
 
 def _site_names(ctx: PassContext) -> list[str]:
     branch = ctx.config.metric_branch
-    return [f"{s.block.path} branch {branch}" if s.value is not None
-            else f"{s.block.path} (block{', early signal' if s.region is None else ''})" for s in ctx.sites]
+    def name(site: MetricSite) -> str:
+        if site.region is None:
+            what = "block" if site.value is None else "modulated input"
+            return f"{site.block.path} ({what}, early signal)"
+        return f"{site.block.path} branch {branch}" if site.value is not None else f"{site.block.path} (block)"
+
+    return [name(site) for site in ctx.sites]
 
 
 @dataclass

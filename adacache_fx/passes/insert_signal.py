@@ -1,9 +1,12 @@
 """insert_signal: the early signal of the current step in the main graph (a part of ``insert_cache``).
 
 Matches: the signal sites from :mod:`plan_signal` (``MetricSite.region`` is None).
-Rewrites: after the site's stream output, ``p = out - inp`` and its metric parts
-``policy.measure(j, p, p_prev)`` (so :meth:`Policy.decide` can read them); after the decision, the kept
-signal becomes ``where(compute, p, p_prev)`` (``remember_signal="compute"``) or ``p`` (``"every"``).
+Rewrites: a residual site (``value`` None): after the site's stream output, ``p = out - inp``. A value
+site inside a cached block (the modulated input): a copy of ``value`` and of its ancestors inside the
+block, inserted before it in the main graph, so ``p`` exists before the region's ``torch.cond`` (the
+originals move into its compute branch). Then ``p``'s metric parts ``policy.measure(j, p, p_prev)`` (so
+:meth:`Policy.decide` can read them); after the decision, the kept signal becomes
+``where(compute, p, p_prev)`` (``remember_signal="compute"``) or ``p`` (``"every"``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .graph_utils import PassError, is_view
 from .plan_regions import MetricSite
 
 aten = torch.ops.aten
@@ -20,14 +24,59 @@ def insert_parts(graph: fx.Graph, sites: list[tuple[int, MetricSite]], state: di
     """Insert ``p`` and its metric parts for each ``(j, site)``; return ``(last node, ps, parts)``."""
     last, ps, parts = None, [], []
     for j, site in sites:
-        with graph.inserting_after(site.stream.out):
-            p = graph.call_function(aten.sub.Tensor, (site.stream.out, site.stream.inp))
+        if site.value is not None:
+            p = copy_ancestry(graph, site)
+        else:
+            with graph.inserting_after(site.stream.out):
+                p = graph.call_function(aten.sub.Tensor, (site.stream.out, site.stream.inp))
         with graph.inserting_after(p):
             part = graph.call_module("adacache_measure", (j, p, state[f"p_prev_{j}"]))
         ps.append(p)
         parts.append(part)
         last = part if last is None or _later(graph, part, last) else last
     return last, ps, parts
+
+
+def copy_ancestry(graph: fx.Graph, site: MetricSite) -> fx.Node:
+    """A copy of ``site.value`` computed in the main graph: its ancestors inside ``site.block`` copied,
+    in graph order, right before it (their outside inputs all come earlier). A view is made contiguous
+    (the kept signal is returned as state)."""
+    inside = set(site.block.nodes)
+    ancestry, stack = {site.value}, [site.value]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg in inside and arg not in ancestry:
+                ancestry.add(arg)
+                stack.append(arg)
+    written = _writes(ancestry)
+    if written:
+        raise PassError(f"the early signal {site.value.name} of {site.block.path} is written in place by "
+                        f"{[n.name for n in written]}: capture the model functionalized to read it")
+    env: dict[fx.Node, fx.Node] = {}
+    with graph.inserting_before(site.value):
+        for node in site.block.nodes:
+            if node in ancestry:
+                env[node] = graph.node_copy(node, lambda arg: env.get(arg, arg))
+                env[node].meta.pop("nn_module_stack", None)  # not a node of the block any more
+        p = env[site.value]
+        if is_view(site.value):
+            p = graph.call_function(aten.clone.default, (p,), {"memory_format": torch.contiguous_format})
+    return p
+
+
+def _writes(nodes: set[fx.Node]) -> list[fx.Node]:
+    """The in-place ops that write one of ``nodes`` or a view of one (their first argument)."""
+    found, seen, stack = [], set(nodes), list(nodes)
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            if schema is not None and schema.is_mutable and user.args and user.args[0] is node:
+                found.append(user)
+            elif is_view(user) and user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return found
 
 
 def remember(graph: fx.Graph, anchor: fx.Node, compute: fx.Node, ps: list[fx.Node], previous: list[fx.Node],

@@ -61,6 +61,8 @@ _register_builtin()
 from .adacache_plus import AdaCachePlusConfig, AdaCachePlusPolicy  # noqa: E402  (registers itself: needs register_policy)
 from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy  # noqa: E402  (registered above)
 from .magcache import MagCacheConfig, MagCachePolicy  # noqa: E402  (likewise)
+from .teacache import TeaCacheConfig, TeaCachePolicy  # noqa: E402  (likewise)
 
 __all__ = ["AdaCachePlusConfig", "AdaCachePlusPolicy", "AdaCachePolicy", "FirstBlockCacheConfig",
-           "FirstBlockCachePolicy", "MagCacheConfig", "MagCachePolicy", "Policy", "PolicyCall", "make_policy", "policy_class", "register_policy"]
+           "FirstBlockCachePolicy", "MagCacheConfig", "MagCachePolicy", "Policy", "PolicyCall", "TeaCacheConfig", "TeaCachePolicy", "make_policy",
+           "policy_class", "register_policy"]
