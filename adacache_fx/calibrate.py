@@ -36,7 +36,8 @@ geometric grid whose predicted computed steps are closest to ``N / target``.
 
 :func:`calibrate_magnitudes` measures the per-step magnitude ratios of MagCache
 (``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target. :func:`calibrate_teacache` fits
-TeaCache's rescaling polynomial (``TeaCacheConfig(coefficients=...)``).
+TeaCache's rescaling polynomial (``TeaCacheConfig(coefficients=...)``) and :func:`fit_teacache_threshold`
+its threshold for a target speedup, replaying the rule on the recorded signals.
 """
 
 from __future__ import annotations
@@ -140,11 +141,10 @@ def calibrate_teacache(pipe, captions: Sequence[str], num_steps: int, degree: in
                        ) -> tuple[float, ...]:
     """TeaCache's rescaling polynomial for the model of ``pipe``, for ``TeaCacheConfig(coefficients=...)``.
 
-    Runs uncached generations (one per caption, generator seeded ``seed + i``) and pairs, for every step
-    ``s >= 2`` of every cache context, ``x`` = the relative L1 change of the first block's modulated input
-    (the signal the rule reads) with ``y`` = the relative L1 change of the transformer's output, both
-    between steps ``s - 1`` and ``s``; returns the least-squares polynomial ``y ~ poly(x)`` of ``degree``,
-    highest degree first (``numpy.polyfit``), as TeaCache's calibration does.
+    Runs uncached generations (:func:`record_teacache`) and fits, over every step ``s >= 2`` of every cache
+    context, ``y ~ poly(x)`` by least squares (``numpy.polyfit``, ``degree``, highest degree first), with
+    ``x`` the relative L1 change of the first block's modulated input (the signal the rule reads) and ``y``
+    that of the transformer's output, between steps ``s - 1`` and ``s``: TeaCache's calibration.
 
     >>> import adacache_fx
     >>> from adacache_fx.tools.reference.pipeline import ReferencePipeline
@@ -152,13 +152,32 @@ def calibrate_teacache(pipe, captions: Sequence[str], num_steps: int, degree: in
     >>> len(coefficients)
     5
     """
+    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
+        raise ValueError(f"degree must be an int >= 0, got {degree!r}")
+    return fit_teacache_polynomial(record_teacache(pipe, captions, num_steps, seed), degree)
+
+
+def fit_teacache_polynomial(runs, degree: int = 4) -> tuple[float, ...]:
+    """``y ~ poly(x)`` by least squares over the finite step pairs of ``runs`` (see :func:`record_teacache`)."""
+    xs = np.asarray([x for signal, _ in runs for x in signal[1:]], dtype=np.float64)
+    ys = np.asarray([y for _, output in runs for y in output[1:]], dtype=np.float64)
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    if keep.sum() <= degree:
+        raise RuntimeError(f"{int(keep.sum())} finite step pairs recorded: too few to fit a degree-{degree} "
+                           "polynomial (more captions or steps)")
+    return tuple(float(c) for c in np.polyfit(xs[keep], ys[keep], degree))
+
+
+def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
+                    ) -> list[tuple[list[float], list[float]]]:
+    """Uncached generations (one per caption, generator seeded ``seed + i``): per caption and cache context,
+    ``(signal, output)``, the relative L1 change from the step before of the first block's modulated input
+    and of the transformer's output, at steps ``1..N`` (NaN at step 1)."""
     from .policies.teacache import TeaCacheConfig
 
     captions = _check_captions(captions)
     check_num_steps(num_steps)
     _check_pipe(pipe)
-    if isinstance(degree, bool) or not isinstance(degree, int) or degree < 0:
-        raise ValueError(f"degree must be an int >= 0, got {degree!r}")
     # threshold 0: every step computes (acc >= 0), and the history records the signal's change
     cached = enable(pipe, TeaCacheConfig(num_steps=num_steps, threshold=0.0))
     outputs: dict[str, list[torch.Tensor]] = {}
@@ -169,25 +188,58 @@ def calibrate_teacache(pipe, captions: Sequence[str], num_steps: int, degree: in
         outputs.setdefault(model.active_context, []).append(output.detach().float())
 
     handle = cached.register_forward_hook(record, with_kwargs=True)
-    xs, ys = [], []
+    runs = []
     try:
         for i, caption in enumerate(captions):
             outputs.clear()
             pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
             for context, seq in outputs.items():
                 signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
-                for s in range(1, len(seq)):
-                    before, now = seq[s - 1], seq[s]
-                    xs.append(signal[s])
-                    ys.append(float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12)))
+                change = [math.nan] + [float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12))
+                                       for before, now in zip(seq, seq[1:])]
+                runs.append((signal, change))
     finally:
         handle.remove()
         disable(pipe)
-    keep = np.isfinite(np.asarray(xs, dtype=np.float64)) & np.isfinite(np.asarray(ys, dtype=np.float64))
-    if keep.sum() <= degree:
-        raise RuntimeError(f"{int(keep.sum())} finite step pairs recorded: too few to fit a degree-{degree} "
-                           "polynomial (more captions or steps)")
-    return tuple(float(c) for c in np.polyfit(np.asarray(xs)[keep], np.asarray(ys)[keep], degree))
+    if not runs:
+        raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
+    return runs
+
+
+def teacache_schedule(signal: Sequence[float], config, num_steps: int) -> list[int]:
+    """The compute steps of TeaCache's rule (``config``: a :class:`~adacache_fx.TeaCacheConfig`) replayed
+    on an uncached run's ``signal`` (see :func:`record_teacache`; the signal does not depend on caching)."""
+    poly, acc, computed = np.poly1d(config.coefficients), 0.0, []
+    for s in range(1, num_steps + 1):
+        if s <= max(1, config.warmup_steps) or s == num_steps:
+            acc = 0.0
+            computed.append(s)
+            continue
+        acc += float(poly(signal[s - 1]))
+        if acc >= config.threshold:
+            acc = 0.0
+            computed.append(s)
+    return computed
+
+
+def fit_teacache_threshold(signals: Sequence[Sequence[float]], config, target: float) -> float:
+    """The TeaCache threshold whose replayed computed steps (:func:`teacache_schedule` on ``signals``) come
+    closest to ``N / target`` (the smallest such), for ``config`` (its ``num_steps``, ``coefficients``,
+    ``warmup_steps``)."""
+    n = config.num_steps
+    if n is None:
+        raise ValueError("fit_teacache_threshold needs config.num_steps")
+    most = n / (max(1, config.warmup_steps) + (1 if n > max(1, config.warmup_steps) else 0))
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= most:
+        raise ValueError(f"target speedup must be a number in [1, {most:.2f}] for {n} steps, got {target!r}")
+    wanted = n / float(target)
+    cls, fields_ = config.__class__, _fields(config)
+
+    def predicted(threshold: float) -> float:
+        rule = cls(**{**fields_, "threshold": threshold})
+        return float(np.mean([len(teacache_schedule(signal, rule, n)) for signal in signals]))
+
+    return float(min(_SCALES * 1e-2, key=lambda t: abs(predicted(float(t)) - wanted)))
 
 
 def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float, seed: int = 0, **rule):

@@ -1,5 +1,6 @@
 """adacache-fx's bench methods: codebooks (preset, scaled, calibrated), static schedules, MagCache's rule
-(ratios from ``calibrate_magnitudes``), second-order forecasting, compiled."""
+(ratios from ``calibrate_magnitudes``), TeaCache's rule (polynomial from ``calibrate_teacache``, threshold
+fitted per target), second-order forecasting, compiled."""
 
 from __future__ import annotations
 
@@ -12,9 +13,17 @@ from torch import nn
 
 from ... import presets
 from ...api import report, transform
-from ...calibrate import calibrate_magnitudes, fit_codebook, fit_plus_threshold, max_speedup
+from ...calibrate import (
+    calibrate_magnitudes,
+    fit_codebook,
+    fit_plus_threshold,
+    fit_teacache_polynomial,
+    fit_teacache_threshold,
+    max_speedup,
+    record_teacache,
+)
 from ...config import AdaCacheConfig, MoRegConfig
-from ...policies import AdaCachePlusConfig, MagCacheConfig
+from ...policies import AdaCachePlusConfig, MagCacheConfig, TeaCacheConfig
 from ...policies.first_block import FirstBlockCacheConfig
 from .captions import CALIBRATION_CAPTIONS
 from .registry import Setting, register
@@ -161,6 +170,40 @@ def _magcache_compiled(bench, key, method, v):
     return _magcache(bench, key, method, v, compiled=True)
 
 
+def teacache_calibration(bench) -> tuple[tuple[float, ...], list[list[float]]]:
+    """TeaCache's polynomial (degree 4, fitted as ``adacache_fx.calibrate_teacache``) and the recorded
+    signals, on the held-out calibration captions (once per bench)."""
+    if "adacache-tea" not in bench._cal:
+        captions = CALIBRATION_CAPTIONS[:1] if bench.quick else CALIBRATION_CAPTIONS
+        bench.progress(f"calibrating adacache-fx TeaCache polynomial on {len(captions)} held-out caption(s)")
+        runs = record_teacache(bench.pipe, captions, bench.steps)
+        bench._cal["adacache-tea"] = fit_teacache_polynomial(runs), [signal for signal, _ in runs]
+    return bench._cal["adacache-tea"]
+
+
+def _teacache(bench, key, method, v, gain=None):
+    """TeaCache's rule, its threshold fitted for ``v`` x fewer computed steps on the calibration captions."""
+    n = bench.steps
+    label = f"target {v:g}x steps, our calibration" + ("" if gain is None else f", order 1, gain {gain:g}")
+    forecast = {} if gain is None else {"extrapolation_order": 1, "forecast_gain": gain}
+
+    def config():
+        coefficients, signals = teacache_calibration(bench)
+        rule = TeaCacheConfig(num_steps=n, coefficients=coefficients, **forecast)
+        return replace(rule, threshold=fit_teacache_threshold(signals, rule, v))
+
+    return _adacache(bench, key, method, label, config)
+
+
+register("adacache-teacache", "adacache-fx TeaCache rule", full=(1.5, 2.0, 2.5, 3.0), quick=(1.5,))(_teacache)
+
+
+@register("adacache-teacache-forecast", "adacache-fx TeaCache rule forecast", full=(2.0, 2.5, 3.0), quick=(2.0,))
+def _teacache_forecast(bench, key, method, v):
+    """TeaCache's rule, cached steps adding half the linear forecast's change (as ``adacache-plus-forecast``)."""
+    return _teacache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
+
+
 @register("adacache-compiled", "adacache-fx compiled", full=("none", "fast"), quick=("none", "fast"))
 def _compiled(bench, key, method, v):
     """With the uncached model compiled alike, for reference."""
@@ -190,15 +233,21 @@ PLUS_RULE = dict(max_skip_steps=3, retention_ratio=0.2, final_steps=0)
 def _plus(bench, key, method, v, order=0, gain=1.0, compiled=False):
     """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions;
     ``order`` / ``gain``: the forecast a cached step adds (``extrapolation_order``, ``forecast_gain``).
-    Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4."""
+    Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4, and where that is not
+    enough (3x at N = 50) a retention of a tenth of the steps."""
     n = bench.steps
-    fields = {**PLUS_RULE, "max_skip_steps": 4} if v > 2.5 else PLUS_RULE
-    rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
-    try:
-        fit_plus_threshold([[0.0] * (n - 1)], rule, v)  # the target is reachable with this rule
-    except ValueError:
+    rules = [{**PLUS_RULE, "max_skip_steps": 4}, {**PLUS_RULE, "max_skip_steps": 4, "retention_ratio": 0.1}]
+    for fields in rules if v > 2.5 else [PLUS_RULE]:  # the first rule that can reach the target
+        rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
+        try:
+            fit_plus_threshold([[0.0] * (n - 1)], rule, v)
+            break
+        except ValueError:
+            continue
+    else:
         return None
-    label = f"target {v:g}x steps, retention 0.2, K {rule.max_skip_steps}" + (f", order {order}" if order else "")
+    label = (f"target {v:g}x steps, retention {rule.retention_ratio:g}, K {rule.max_skip_steps}"
+             + (f", order {order}" if order else ""))
     label += "" if gain == 1.0 else f", gain {gain:g}" if gain != "fit" else ", fitted gain"
     label += ", inductor fullgraph" if compiled else ""
 

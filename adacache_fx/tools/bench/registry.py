@@ -35,7 +35,7 @@ METHODS: dict[str, tuple[str, tuple, tuple]] = {}
 _MAKERS: dict[str, Maker] = {}
 #: Each adacache-fx setting costs one ``torch.export`` capture (seconds): --quick keeps one per policy.
 QUICK_METHODS = ("adacache-never", "adacache-fast", "adacache-static", "adacache-calibrated-warm", "adacache-magcache", "adacache-fbcache",
-                 "adacache-plus",
+                 "adacache-plus", "adacache-teacache",
                  "fbcache",
                  "taylorseer", "fastercache", "dbcache")
 
