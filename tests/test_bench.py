@@ -170,14 +170,15 @@ def test_compiled_rows_are_timed_against_the_compiled_uncached_model(tmp_path, m
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", functools.partial(compile_, backend="eager"))
     torch._dynamo.reset()
-    rows = run_bench(["a small red circle moving left fast"], [0], 4, ["adacache-compiled", "fbcache-compiled"],
+    rows = run_bench(["a small red circle moving left fast"], [0], 4, ["adacache-compiled", "fbcache-compiled", "pab-compiled"],
                      out=tmp_path, pipe=untrained_reference_pipeline(), graph_breaks=False, progress=lambda _: None)
     torch._dynamo.reset()
     by_method = {r.method: r for r in rows}
     base = by_method["no caching compiled"]
     assert base.compiled and base.speedup == 1.0 and "the speed of the uncached eager model" in base.note
     assert base.graph_breaks == 0 and by_method["adacache-fx compiled"].graph_breaks == 0  # fullgraph
-    peer = by_method["diffusers FirstBlockCache compiled"]
-    assert peer.compiled and peer.computed is None and peer.graph_breaks > 0  # its hooks decide in Python
+    for name in ("diffusers FirstBlockCache compiled", "diffusers PAB compiled"):
+        peer = by_method[name]
+        assert peer.compiled and peer.computed is None and peer.graph_breaks > 0  # its hooks decide in Python
     assert not by_method["no caching"].compiled and by_method["no caching"].speedup == 1.0
     assert [r.compiled for r in bench.load_rows(tmp_path / "bench.csv")] == [r.compiled for r in rows]

@@ -198,6 +198,22 @@ def test_calibrate_teacache_fits_output_change_against_input_change():
     np.testing.assert_allclose(coefficients, np.polyfit(xs, ys, 2), rtol=1e-3, atol=1e-4)
 
 
+def test_fit_teacache_threshold_replays_the_rule():
+    from dataclasses import replace
+
+    from adacache_fx.calibrate import fit_teacache_threshold, teacache_schedule
+
+    signal = [float("nan")] + [0.1] * 10  # N = 11, the input changes by 0.1 per step; identity polynomial
+    config = ax.TeaCacheConfig(num_steps=11)
+    assert teacache_schedule(signal, replace(config, threshold=0.2), 11) == [1, 3, 5, 7, 9, 11]
+    assert teacache_schedule(signal, replace(config, threshold=0.3, warmup_steps=3), 11) == [1, 2, 3, 6, 9, 11]
+    threshold = fit_teacache_threshold([signal], config, 11 / 6)
+    assert 0.1 < threshold <= 0.2 + 1e-9  # the smallest threshold that computes every other step
+    assert teacache_schedule(signal, replace(config, threshold=threshold), 11) == [1, 3, 5, 7, 9, 11]
+    with pytest.raises(ValueError, match="target speedup must be a number in"):
+        fit_teacache_threshold([signal], config, 8.0)
+
+
 def test_config_round_trips_and_refuses_what_does_not_apply():
     config = ax.TeaCacheConfig(num_steps=30, threshold=0.2, coefficients=[3, 2, 1], extrapolation_order=1)
     assert config.coefficients == (3.0, 2.0, 1.0)

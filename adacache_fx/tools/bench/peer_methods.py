@@ -1,5 +1,5 @@
 """The peers' bench methods: diffusers' cache hooks (FirstBlockCache, PAB, TaylorSeer, MagCache, FasterCache)
-and cache-dit's DBCache."""
+and cache-dit's DBCache, eager and (``-compiled``) under ``torch.compile`` as far as each allows."""
 
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", 
     return Setting(key, method, setting, enable, hint=hint, note=note, compiled=compiled, probe=not compiled)
 
 
-def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool) -> Setting:
+def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool, compiled=False) -> Setting:
+    """cache-dit's DBCache on the transformer; ``compiled``: the patched transformer under ``torch.compile``
+    (inductor, graph breaks allowed; cache-dit's global ``set_compile_configs`` tweaks left out, so every
+    compiled row runs under the same Inductor settings)."""
     try:
         os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "ERROR")
         import cache_dit
@@ -65,8 +68,18 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool) 
             ),
             calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None,
         )
-        return lambda: cache_dit.disable_cache(bench.pipe)
+        if compiled:
+            bench.pipe.transformer = torch.compile(bench.base)
 
+        def finish():
+            bench.pipe.transformer = bench.base
+            cache_dit.disable_cache(bench.pipe)
+
+        return finish
+
+    if compiled:
+        return Setting(key, method, f"{setting}, inductor", enable, compiled=True, probe=False,
+                       note="computed steps: see its eager row (blocks are not probed compiled)")
     return Setting(key, method, setting, enable)
 
 
@@ -79,7 +92,7 @@ def _fbcache(bench, key, method, v, compiled=False):
 
 
 @register("pab", "diffusers PAB", full=(2,), quick=(2,))
-def _pab(bench, key, method, v):
+def _pab(bench, key, method, v, compiled=False):
     from diffusers.hooks import PyramidAttentionBroadcastConfig
 
     return _diffusers_hook(
@@ -88,7 +101,8 @@ def _pab(bench, key, method, v):
             spatial_attention_block_skip_range=v, cross_attention_block_skip_range=2 * v,
             current_timestep_callback=lambda: bench.pipe.current_timestep),
         note="attention only (FFNs always run); one state per attention for both CFG calls, so inside "
-             "its timestep range the uncond call reuses the cond call's attention of the same step")
+             "its timestep range the uncond call reuses the cond call's attention of the same step",
+        compiled=compiled)
 
 
 @register("taylorseer", "diffusers TaylorSeer", full=(2, 4), quick=(3,))
@@ -121,6 +135,8 @@ register("taylorseer-compiled", "diffusers TaylorSeer compiled", full=(4,), quic
     lambda bench, key, method, v: _taylorseer(bench, key, method, v, compiled=True))
 register("magcache-compiled", "diffusers MagCache compiled", full=(0.2,), quick=(0.1,))(
     lambda bench, key, method, v: _magcache(bench, key, method, v, compiled=True))
+register("pab-compiled", "diffusers PAB compiled", full=(2,), quick=(2,))(
+    lambda bench, key, method, v: _pab(bench, key, method, v, compiled=True))
 
 
 @register("fastercache", "diffusers FasterCache", full=("default",), quick=("default",))
@@ -137,9 +153,11 @@ def _fastercache(bench, key, method, _):
 
 
 def _dbcache(bench, key, method, v):
-    label = f"F1B0, threshold {v:g}" + (", TaylorSeer order 1" if key.endswith("taylorseer") else "")
-    return _cache_dit(bench, key, method, label, v, key.endswith("taylorseer"))
+    taylorseer = "taylorseer" in key
+    label = f"F1B0, threshold {v:g}" + (", TaylorSeer order 1" if taylorseer else "")
+    return _cache_dit(bench, key, method, label, v, taylorseer, compiled=key.endswith("compiled"))
 
 
 register("dbcache", "cache-dit DBCache", full=(0.1, 0.2), quick=(0.1,))(_dbcache)
 register("dbcache-taylorseer", "cache-dit DBCache+TaylorSeer", full=(0.1, 0.2), quick=(0.2,))(_dbcache)
+register("dbcache-taylorseer-compiled", "cache-dit DBCache+TaylorSeer compiled", full=(0.1,), quick=(0.2,))(_dbcache)
