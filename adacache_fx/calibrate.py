@@ -159,8 +159,9 @@ def calibrate_teacache(pipe, captions: Sequence[str], num_steps: int, degree: in
 
 def fit_teacache_polynomial(runs, degree: int = 4) -> tuple[float, ...]:
     """``y ~ poly(x)`` by least squares over the finite step pairs of ``runs`` (see :func:`record_teacache`)."""
-    xs = np.asarray([x for signal, _ in runs for x in signal[1:]], dtype=np.float64)
-    ys = np.asarray([y for _, output in runs for y in output[1:]], dtype=np.float64)
+    pairs = [pair for signal, output in runs for pair in zip(signal[1:], output[1:], strict=True)]
+    xs = np.asarray([x for x, _ in pairs], dtype=np.float64)
+    ys = np.asarray([y for _, y in pairs], dtype=np.float64)
     keep = np.isfinite(xs) & np.isfinite(ys)
     if keep.sum() <= degree:
         raise RuntimeError(f"{int(keep.sum())} finite step pairs recorded: too few to fit a degree-{degree} "
@@ -195,6 +196,9 @@ def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
             pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
             for context, seq in outputs.items():
                 signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
+                if len(signal) != len(seq):
+                    raise RuntimeError(f"cache context {context!r} recorded {len(signal)} steps for {len(seq)} "
+                                       "transformer calls: one call per step and context is expected")
                 change = [math.nan] + [float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12))
                                        for before, now in zip(seq, seq[1:])]
                 runs.append((signal, change))
@@ -208,16 +212,21 @@ def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
 
 def teacache_schedule(signal: Sequence[float], config, num_steps: int) -> list[int]:
     """The compute steps of TeaCache's rule (``config``: a :class:`~adacache_fx.TeaCacheConfig`) replayed
-    on an uncached run's ``signal`` (see :func:`record_teacache`; the signal does not depend on caching)."""
-    poly, acc, computed = np.poly1d(config.coefficients), 0.0, []
+    on an uncached run's ``signal`` (see :func:`record_teacache`), in float32 as the graph. A prediction:
+    once a step is cached, the latents, and so the signal, of the real run differ from the uncached one's."""
+    f32 = np.float32
+    acc, computed = f32(0.0), []
     for s in range(1, num_steps + 1):
         if s <= max(1, config.warmup_steps) or s == num_steps:
-            acc = 0.0
+            acc = f32(0.0)
             computed.append(s)
             continue
-        acc += float(poly(signal[s - 1]))
-        if acc >= config.threshold:
-            acc = 0.0
+        x, rescaled = f32(signal[s - 1]), f32(0.0)
+        for c in config.coefficients:  # Horner, as TeaCachePolicy.rescale
+            rescaled = f32(f32(rescaled * x) + f32(c))
+        acc = f32(acc + rescaled)
+        if not acc < f32(config.threshold):  # a NaN computes, as in the graph
+            acc = f32(0.0)
             computed.append(s)
     return computed
 
@@ -229,17 +238,17 @@ def fit_teacache_threshold(signals: Sequence[Sequence[float]], config, target: f
     n = config.num_steps
     if n is None:
         raise ValueError("fit_teacache_threshold needs config.num_steps")
-    most = n / (max(1, config.warmup_steps) + (1 if n > max(1, config.warmup_steps) else 0))
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= most:
-        raise ValueError(f"target speedup must be a number in [1, {most:.2f}] for {n} steps, got {target!r}")
-    wanted = n / float(target)
+    max_target = n / len(set(range(1, min(n, max(1, config.warmup_steps)) + 1)) | {n})  # only the forced steps
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= max_target:
+        raise ValueError(f"target speedup must be a number in [1, {max_target:.2f}] for {n} steps, got {target!r}")
     cls, fields_ = config.__class__, _fields(config)
+    return _closest_threshold(lambda t: float(np.mean([
+        len(teacache_schedule(signal, cls(**{**fields_, "threshold": t}), n)) for signal in signals])), n / float(target))
 
-    def predicted(threshold: float) -> float:
-        rule = cls(**{**fields_, "threshold": threshold})
-        return float(np.mean([len(teacache_schedule(signal, rule, n)) for signal in signals]))
 
-    return float(min(_SCALES * 1e-2, key=lambda t: abs(predicted(float(t)) - wanted)))
+def _closest_threshold(predicted_computed, wanted: float) -> float:
+    """The smallest threshold of the geometric grid whose predicted computed steps come closest to ``wanted``."""
+    return float(min(_SCALES * 1e-2, key=lambda t: abs(predicted_computed(float(t)) - wanted)))
 
 
 def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float, seed: int = 0, **rule):
@@ -302,11 +311,9 @@ def fit_plus_threshold(trajectories: Sequence[Sequence[float]], config, target: 
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= n / most:
         raise ValueError(f"target speedup must be a number in [1, {n / most:.2f}] for {n} steps with "
                          f"this retention, final steps and K, got {target!r}")
-    wanted = n / float(target)
     cls, fields_ = config.__class__, _fields(config)
-    best = min(_SCALES * 1e-2, key=lambda t: abs(
-        predict_computed_plus(trajectories, cls(**{**fields_, "threshold": float(t)}), n) - wanted))
-    return float(best)
+    return _closest_threshold(lambda t: predict_computed_plus(trajectories, cls(**{**fields_, "threshold": t}), n),
+                              n / float(target))
 
 
 def _fields(config) -> dict:

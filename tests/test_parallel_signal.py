@@ -35,6 +35,15 @@ def config(threshold: float, **options) -> adacache_fx.FirstBlockCacheConfig:
     return adacache_fx.FirstBlockCacheConfig(threshold=threshold, num_steps=NUM_STEPS, **options)
 
 
+def main_graph_collectives(cached) -> tuple[Counter, list[bool]]:
+    """The collectives of the main graph (not its cond branches) by kind, and whether each all-reduce
+    comes before ``adacache_decide``."""
+    nodes = list(cached.program().graph_module.graph.nodes)
+    kinds = Counter(str(n.target).split(".")[1] for n in nodes if "c10d" in str(n.target))
+    decide = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == "adacache_decide")
+    return kinds, [i < decide for i, n in enumerate(nodes) if "all_reduce" in str(n.target)]
+
+
 def tea_config(threshold: float) -> adacache_fx.TeaCacheConfig:
     return adacache_fx.TeaCacheConfig(threshold=threshold, num_steps=NUM_STEPS)
 
@@ -64,14 +73,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         _, tea_signal, _, _ = run_config(model, make_inputs, tea_config(0.0))
         tea_threshold = [1.5 * float(tea_signal[1:].mean())]
         dist.broadcast_object_list(tea_threshold, src=0)
-        outputs, _, computed, _ = run_config(model, make_inputs, tea_config(tea_threshold[0]))
+        outputs, _, computed, tea = run_config(model, make_inputs, tea_config(tea_threshold[0]))
         result["teacache"] = {"signal": tea_signal, "threshold": tea_threshold[0], "outputs": outputs,
-                              "computed": computed}
-        graph = cached.program().graph_module.graph
-        nodes = list(graph.nodes)
-        result["collectives"] = Counter(str(n.target).split(".")[1] for n in nodes if "c10d" in str(n.target))
-        decide = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == "adacache_decide")
-        result["all_reduce_before_decide"] = [i < decide for i, n in enumerate(nodes) if "all_reduce" in str(n.target)]
+                              "computed": computed, "collectives": main_graph_collectives(tea)}
+        result["collectives"], result["all_reduce_before_decide"] = main_graph_collectives(cached)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -136,6 +141,10 @@ def test_teacache_ranks_decide_as_one_process(ranks):
         assert got["computed"] == computed
         for out, ref in zip(got["outputs"], outputs, strict=True):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+        kinds, before_decide = got["collectives"]
+        # one all-reduce of the signal, before the decision; the first block's all-to-alls run in the
+        # cond's compute branch (skipped on cached steps), not in the main graph as under FirstBlockCache
+        assert kinds["all_reduce"] == 1 and before_decide == [True] and "all_to_all_single" not in kinds
 
 
 def test_one_all_reduce_per_step_before_decide(ranks):

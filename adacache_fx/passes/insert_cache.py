@@ -14,8 +14,9 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
 * the decision rule is the :class:`~adacache_fx.policies.base.Policy` registered for the config's type;
 * each cond's operands and outputs follow one :class:`~.branch_layout.BranchLayout`;
 * on a cached step the region does not run at all;
-* a policy with an early signal (FirstBlockCache) decides after it: the signal sites (outside every
-  region) are measured in the main graph before ``decide`` (:mod:`.insert_signal`).
+* a policy with an early signal (FirstBlockCache, TeaCache) decides after it: the signal sites are
+  measured in the main graph before ``decide`` (:mod:`.insert_signal`; a signal inside the first region,
+  TeaCache's modulated input, is recomputed there from a copy of its ancestors).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .graph_utils import PassError, is_view
+from .graph_utils import PassError, fake, is_view
 from .plan_regions import MetricSite
 
 aten = torch.ops.aten
@@ -39,16 +39,20 @@ def insert_parts(graph: fx.Graph, sites: list[tuple[int, MetricSite]], state: di
 
 def copy_ancestry(graph: fx.Graph, site: MetricSite) -> fx.Node:
     """A copy of ``site.value`` computed in the main graph: its ancestors inside ``site.block`` copied,
-    in graph order, right before it (their outside inputs all come earlier). A view is made contiguous
-    (the kept signal is returned as state)."""
+    in graph order, right before it (their outside inputs all come earlier); a clone of it where it is
+    the stream input itself. A view or a non-contiguous value is made contiguous (the kept signal is
+    returned as state)."""
     inside = set(site.block.nodes)
+    if site.value not in inside:  # the linear reads the stream input itself: already in the main graph
+        with graph.inserting_after(site.value):
+            return graph.call_function(aten.clone.default, (site.value,), {"memory_format": torch.contiguous_format})
     ancestry, stack = {site.value}, [site.value]
     while stack:
         for arg in stack.pop().all_input_nodes:
             if arg in inside and arg not in ancestry:
                 ancestry.add(arg)
                 stack.append(arg)
-    written = _writes(ancestry)
+    written = _in_place_writers(ancestry)
     if written:
         raise PassError(f"the early signal {site.value.name} of {site.block.path} is written in place by "
                         f"{[n.name for n in written]}: capture the model functionalized to read it")
@@ -59,12 +63,13 @@ def copy_ancestry(graph: fx.Graph, site: MetricSite) -> fx.Node:
                 env[node] = graph.node_copy(node, lambda arg: env.get(arg, arg))
                 env[node].meta.pop("nn_module_stack", None)  # not a node of the block any more
         p = env[site.value]
-        if is_view(site.value):
+        meta = fake(site.value)
+        if is_view(site.value) or meta is None or not meta.is_contiguous():
             p = graph.call_function(aten.clone.default, (p,), {"memory_format": torch.contiguous_format})
     return p
 
 
-def _writes(nodes: set[fx.Node]) -> list[fx.Node]:
+def _in_place_writers(nodes: set[fx.Node]) -> list[fx.Node]:
     """The in-place ops that write one of ``nodes`` or a view of one (their first argument)."""
     found, seen, stack = [], set(nodes), list(nodes)
     while stack:

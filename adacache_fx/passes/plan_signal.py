@@ -38,7 +38,7 @@ def cached_blocks(blocks: list[Block], early_signal: str | None) -> list[Block]:
     if early_signal not in SIGNALS:
         raise PassError(f"unknown early signal {early_signal!r}; the passes read {sorted(SIGNALS)}")
     skip = SIGNALS[early_signal]
-    if len(blocks) <= max(skip, 0):
+    if len(blocks) <= skip:
         raise PassError(f"early signal {early_signal!r} needs more than {skip} block(s): the stack has "
                         f"{len(blocks)}, and the first {skip} always run")
     return blocks[skip:]

@@ -64,26 +64,32 @@ class FirstBlockCacheConfig(CacheConfig):
                              "metric_branch do not apply")
 
 
-class FirstBlockCachePolicy(Policy):
-    """FirstBlockCache's rule on the early signal of the first block (see the module docstring)."""
+class RelativeSignalPolicy(Policy):
+    """A rule on the relative L1 change of an early signal against the kept one (FirstBlockCache,
+    TeaCache): its metric parts are ``(||p - p_prev||_1, ||p_prev||_1)`` in float32 (sums: reducible
+    across ranks); the config gives ``threshold`` and ``warmup_steps``."""
 
-    early_signal = "first_block"
-    remember_signal = "compute"
-
-    def __init__(self, config: FirstBlockCacheConfig, num_sites: int, frame_layout=None):
+    def __init__(self, config: CacheConfig, num_sites: int, frame_layout=None):
         super().__init__()
         self.threshold = config.threshold
         self.warmup_steps = config.warmup_steps
         self.distance = ResidualDistance()
-
-    def state_specs(self) -> tuple[StateSpec, ...]:
-        return (StateSpec("diff", (), torch.float32, float("nan")),)  # this step's relative change
 
     def num_parts(self, site: int) -> int:
         return 2
 
     def measure(self, site, p, p_prev):
         return self.distance(p, p_prev)
+
+
+class FirstBlockCachePolicy(RelativeSignalPolicy):
+    """FirstBlockCache's rule on the early signal of the first block (see the module docstring)."""
+
+    early_signal = "first_block"
+    remember_signal = "compute"
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return (StateSpec("diff", (), torch.float32, float("nan")),)  # this step's relative change
 
     def decide(self, step, num_steps, state, signal=None):
         fresh = (step == 0) | (step >= num_steps)

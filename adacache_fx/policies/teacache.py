@@ -14,9 +14,10 @@ CogVideoX, ...), with ``s`` the 1-based step of the cache context's own generati
 * Steps ``s <= max(1, warmup_steps)`` and the last step ``s = N`` compute and reset the accumulator to 0
   (TeaCache: ``cnt == 0 or cnt == num_steps - 1``; with ``ret_steps`` more leading steps).
 * Every other step accumulates ``acc += poly(rel)``, ``poly`` the rescaling polynomial with
-  ``coefficients`` (highest degree first, as ``numpy.poly1d``; float32 Horner), and computes iff
-  ``acc >= threshold`` (then ``acc = 0``); otherwise it is skipped (a NaN ``acc`` compares false and
-  skips, as TeaCache's ``acc < thresh`` does not). There is no cap on consecutive skips.
+  ``coefficients`` (highest degree first, as ``numpy.poly1d``; float32 Horner), and is skipped iff
+  ``acc < threshold``; otherwise it computes and resets ``acc = 0`` (a NaN ``acc`` is not below the
+  threshold: it computes and resets, as TeaCache's ``if acc < thresh: skip else: compute``). There is no
+  cap on consecutive skips.
 * A cached step adds the residual of the whole stack kept from the last compute step (or its forecast
   with ``extrapolation_order``), as TeaCache's ``previous_residual``.
 
@@ -25,7 +26,8 @@ official Wan2.1 code keeps its even and odd calls apart. The polynomial maps the
 *output* change of the model; :func:`adacache_fx.calibrate_teacache` fits it to a model (degree 4 by
 least squares on uncached generations, as TeaCache's calibration). The default ``(1.0, 0.0)`` is the
 identity: the accumulated raw input change. History rows are ``(computed, rel, acc, 1)``: the step's
-raw change (NaN on step 1) and the accumulator after it, before a reset.
+raw change (NaN on step 1) and the accumulator after its addition, before the reset of a compute step
+(0 on the forced steps).
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ import torch
 from ..config import CacheConfig
 from ..state import StateSpec
 from . import register_policy
-from .adacache import ResidualDistance, relative
-from .base import Policy
+from .adacache import relative
+from .first_block import RelativeSignalPolicy
 
 
 @dataclass(frozen=True)
@@ -80,28 +82,19 @@ class TeaCacheConfig(CacheConfig):
 
 
 @register_policy(TeaCacheConfig)
-class TeaCachePolicy(Policy):
+class TeaCachePolicy(RelativeSignalPolicy):
     """TeaCache's rule on the modulated input of the first block (see the module docstring)."""
 
     early_signal = "modulated_input"
     remember_signal = "every"
 
     def __init__(self, config: TeaCacheConfig, num_sites: int, frame_layout=None):
-        super().__init__()
-        self.threshold = config.threshold
-        self.warmup_steps = config.warmup_steps
+        super().__init__(config, num_sites, frame_layout)
         self.coefficients = config.coefficients
-        self.distance = ResidualDistance()
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("tea_rel", (), torch.float32, float("nan")),  # this step's raw change
                 StateSpec("tea_acc", (), torch.float32, 0.0))  # accumulated rescaled change
-
-    def num_parts(self, site: int) -> int:
-        return 2
-
-    def measure(self, site, p, p_prev):
-        return self.distance(p, p_prev)
 
     def rescale(self, x: torch.Tensor) -> torch.Tensor:
         """``poly(x)`` by Horner's rule, in float32."""
@@ -117,7 +110,7 @@ class TeaCachePolicy(Policy):
         forced = (s <= max(1, self.warmup_steps)) | (s == num_steps)
         acc = torch.where(fresh, torch.zeros_like(state["tea_acc"]), state["tea_acc"]) + self.rescale(rel)
         acc = torch.where(forced, torch.zeros_like(acc), acc)
-        compute = forced | (acc >= self.threshold)
+        compute = forced | ~(acc < self.threshold)  # a NaN accumulator computes (and resets)
         return s, compute, {"tea_rel": rel, "tea_acc": acc}
 
     def update(self, s, compute, parts, state, history):

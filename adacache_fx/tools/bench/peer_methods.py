@@ -54,6 +54,8 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool, 
     except ImportError as error:
         return Setting(key, method, setting, None, reason=f"cache-dit is not installed ({error})")
 
+    holder: dict[str, torch.nn.Module] = {}
+
     def enable():
         adapter = cache_dit.BlockAdapter(
             pipe=bench.pipe, transformer=bench.base, blocks=bench.base.blocks,
@@ -69,7 +71,9 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool, 
             calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None,
         )
         if compiled:
-            bench.pipe.transformer = torch.compile(bench.base)
+            if "model" not in holder:
+                holder["model"] = torch.compile(bench.base)
+            bench.pipe.transformer = holder["model"]
 
         def finish():
             bench.pipe.transformer = bench.base
@@ -160,4 +164,4 @@ def _dbcache(bench, key, method, v):
 
 register("dbcache", "cache-dit DBCache", full=(0.1, 0.2), quick=(0.1,))(_dbcache)
 register("dbcache-taylorseer", "cache-dit DBCache+TaylorSeer", full=(0.1, 0.2), quick=(0.2,))(_dbcache)
-register("dbcache-taylorseer-compiled", "cache-dit DBCache+TaylorSeer compiled", full=(0.1,), quick=(0.2,))(_dbcache)
+register("dbcache-taylorseer-compiled", "cache-dit DBCache+TaylorSeer compiled", full=(0.1,), quick=(0.1,))(_dbcache)
