@@ -268,7 +268,7 @@ def _plus_linear(bench, key, method, v):
     return _plus(bench, key, method, v, order=1)
 
 
-@register("adacache-plus-forecast", "adacache-fx AdaCache+ forecast", full=(1.5, 2.2, 2.5, 3.0), quick=(1.5,))
+@register("adacache-plus-forecast", "adacache-fx AdaCache+ forecast", full=(1.5, 2.2, 2.5, 3.0, 3.2), quick=(1.5,))
 def _plus_forecast(bench, key, method, v):
     """As ``adacache-plus``, cached steps adding half the linear forecast's change."""
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN)
@@ -280,6 +280,6 @@ def _plus_fit(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain="fit")
 
 
-@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(2.5, 3.0), quick=(1.5,))
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0), quick=(1.5,))
 def _plus_compiled(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN, compiled=True)

@@ -164,4 +164,5 @@ def _dbcache(bench, key, method, v):
 
 register("dbcache", "cache-dit DBCache", full=(0.1, 0.2), quick=(0.1,))(_dbcache)
 register("dbcache-taylorseer", "cache-dit DBCache+TaylorSeer", full=(0.1, 0.2), quick=(0.2,))(_dbcache)
+register("dbcache-compiled", "cache-dit DBCache compiled", full=(0.1,), quick=(0.1,))(_dbcache)
 register("dbcache-taylorseer-compiled", "cache-dit DBCache+TaylorSeer compiled", full=(0.1,), quick=(0.1,))(_dbcache)

@@ -195,8 +195,8 @@ the peers' *computed* is in their eager rows (the block probe is not used under 
 
 
 _SPLIT = ("Held-out split: rows are measured on the evaluation captions (`bench.captions.EVAL_CAPTIONS`); every "
-          "calibration (adacache-fx codebooks and magnitude ratios, the peers' MagCache ratios) ran on "
-          "`bench.captions.CALIBRATION_CAPTIONS`, none of which is evaluated.")
+          "calibration (adacache-fx codebooks, AdaCache+ thresholds, magnitude ratios and TeaCache polynomial, "
+          "the peers' MagCache ratios) ran on `bench.captions.CALIBRATION_CAPTIONS`, none of which is evaluated.")
 
 
 def write_outputs(rows: Sequence[Row], out: Path, captions, seeds, steps, description: str = "") -> None:
