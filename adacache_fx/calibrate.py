@@ -109,31 +109,18 @@ def calibrate_magnitudes(pipe, captions: Sequence[str], num_steps: int, seed: in
     >>> len(ratios), ratios[0]
     (6, 1.0)
     """
-    captions = _check_captions(captions)
-    check_num_steps(num_steps)
-    _check_pipe(pipe)
-    cached = enable(pipe, AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER, granularity="stack"))
-    norms: dict[str, list[torch.Tensor]] = {}
-
-    def record(model, args, kwargs, output):
+    def norms(model, output):
         regions = model.program().rewrite.regions
         if len(regions) != 1:
             raise ValueError(f"calibrate_magnitudes needs the block stack as one region; it is split into {regions}")
-        norms.setdefault(model.active_context, []).append(torch.linalg.norm(model.state()["cache_0_0"].float(), dim=-1))
+        return torch.linalg.norm(model.state()["cache_0_0"].float(), dim=-1)
 
-    handle = cached.register_forward_hook(record, with_kwargs=True)
-    runs = []
-    try:
-        for i, caption in enumerate(captions):
-            norms.clear()
-            pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
-            for seq in norms.values():
-                runs.append([1.0] + [float((now / (before + 1e-8)).mean()) for before, now in zip(seq, seq[1:])])
-    finally:
-        handle.remove()
-        disable(pipe)
-    if not runs:
-        raise RuntimeError("the pipeline never called its transformer: nothing to calibrate on")
+    def ratios(cached, per_context):
+        return [[1.0] + [float((now / (before + 1e-8)).mean()) for before, now in zip(seq, seq[1:])]
+                for seq in per_context.values()]
+
+    runs = _uncached_runs(pipe, lambda: AdaCacheConfig(num_steps=num_steps, codebook=presets.NEVER, granularity="stack"),
+                          captions, num_steps, seed, norms, ratios)
     return np.mean(runs, axis=0).tolist()
 
 
@@ -176,32 +163,48 @@ def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
     and of the transformer's output, at steps ``1..N`` (NaN at step 1)."""
     from .policies.teacache import TeaCacheConfig
 
+    def output_of(model, output):
+        while not isinstance(output, torch.Tensor):
+            output = output[0] if isinstance(output, (tuple, list)) else output.sample
+        return output.detach().float()
+
+    def pairs(cached, per_context):
+        runs = []
+        for context, seq in per_context.items():
+            signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
+            if len(signal) != len(seq):
+                raise RuntimeError(f"cache context {context!r} recorded {len(signal)} steps for {len(seq)} "
+                                   "transformer calls: one call per step and context is expected")
+            change = [math.nan] + [float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12))
+                                   for before, now in zip(seq, seq[1:])]
+            runs.append((signal, change))
+        return runs
+
+    # threshold 0: every step computes (acc >= 0), and the history records the signal's change
+    return _uncached_runs(pipe, lambda: TeaCacheConfig(num_steps=num_steps, threshold=0.0), captions, num_steps,
+                          seed, output_of, pairs)
+
+
+def _uncached_runs(pipe, make_config, captions, num_steps: int, seed: int, value, collect) -> list:
+    """Generate each caption (generator seeded ``seed + i``) with ``make_config()`` enabled on the pipeline's
+    transformer (restored afterwards). After every transformer call ``value(model, output)`` is recorded per
+    cache context; after each generation ``collect(model, {context: values})`` returns that caption's runs."""
     captions = _check_captions(captions)
     check_num_steps(num_steps)
     _check_pipe(pipe)
-    # threshold 0: every step computes (acc >= 0), and the history records the signal's change
-    cached = enable(pipe, TeaCacheConfig(num_steps=num_steps, threshold=0.0))
-    outputs: dict[str, list[torch.Tensor]] = {}
+    cached = enable(pipe, make_config())
+    per_context: dict[str, list] = {}
 
     def record(model, args, kwargs, output):
-        while not isinstance(output, torch.Tensor):
-            output = output[0] if isinstance(output, (tuple, list)) else output.sample
-        outputs.setdefault(model.active_context, []).append(output.detach().float())
+        per_context.setdefault(model.active_context, []).append(value(model, output))
 
     handle = cached.register_forward_hook(record, with_kwargs=True)
     runs = []
     try:
         for i, caption in enumerate(captions):
-            outputs.clear()
+            per_context.clear()
             pipe(prompt=caption, num_inference_steps=num_steps, generator=torch.Generator().manual_seed(seed + i))
-            for context, seq in outputs.items():
-                signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
-                if len(signal) != len(seq):
-                    raise RuntimeError(f"cache context {context!r} recorded {len(signal)} steps for {len(seq)} "
-                                       "transformer calls: one call per step and context is expected")
-                change = [math.nan] + [float((now - before).abs().sum() / before.abs().sum().clamp_min(1e-12))
-                                       for before, now in zip(seq, seq[1:])]
-                runs.append((signal, change))
+            runs += collect(cached, per_context)
     finally:
         handle.remove()
         disable(pipe)

@@ -11,6 +11,16 @@ import torch
 
 from .registry import Setting, register
 
+#: The note of a compiled peer row.
+COMPILED_NOTE = "computed steps: see its eager row (blocks are not probed compiled)"
+
+
+def _use_compiled(bench, holder: dict) -> None:
+    """Point the pipeline at the patched transformer under ``torch.compile``, built once per setting."""
+    if "model" not in holder:
+        holder["model"] = torch.compile(bench.base)
+    bench.pipe.transformer = holder["model"]
+
 
 def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", compiled=False) -> Setting:
     """A diffusers cache hook on the uncached transformer; ``compiled``: the hooked transformer under
@@ -25,9 +35,7 @@ def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", 
                 bench.base.disable_cache()
             raise
         if compiled:
-            if "model" not in holder:
-                holder["model"] = torch.compile(bench.base)
-            bench.pipe.transformer = holder["model"]
+            _use_compiled(bench, holder)
 
         def finish():
             bench.pipe.transformer = bench.base
@@ -38,7 +46,7 @@ def _diffusers_hook(bench, key, method, setting, make_config, hint="", note="", 
 
     if compiled:
         setting = f"{setting}, inductor"
-        note = "; ".join(x for x in (note, "computed steps: see its eager row (blocks are not probed compiled)") if x)
+        note = "; ".join(x for x in (note, COMPILED_NOTE) if x)
     return Setting(key, method, setting, enable, hint=hint, note=note, compiled=compiled, probe=not compiled)
 
 
@@ -71,9 +79,7 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool, 
             calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None,
         )
         if compiled:
-            if "model" not in holder:
-                holder["model"] = torch.compile(bench.base)
-            bench.pipe.transformer = holder["model"]
+            _use_compiled(bench, holder)
 
         def finish():
             bench.pipe.transformer = bench.base
@@ -82,8 +88,7 @@ def _cache_dit(bench, key, method, setting, threshold: float, taylorseer: bool, 
         return finish
 
     if compiled:
-        return Setting(key, method, f"{setting}, inductor", enable, compiled=True, probe=False,
-                       note="computed steps: see its eager row (blocks are not probed compiled)")
+        return Setting(key, method, f"{setting}, inductor", enable, compiled=True, probe=False, note=COMPILED_NOTE)
     return Setting(key, method, setting, enable)
 
 
