@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
 from .config import CacheConfig
+from .eager import eager_module
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
@@ -34,14 +36,30 @@ class TransformError(RuntimeError):
 
 @dataclass
 class Program:
-    """A captured and rewritten call signature: the graph module and its state layout."""
+    """A captured and rewritten call signature: the graph module and its state layout.
+
+    ``graph_module`` is what ``torch.compile`` and export trace; eager calls run :attr:`eager`, its
+    twin with fewer Python layers (:mod:`adacache_fx.eager`), rebuilt after a program hook runs.
+    """
 
     captured: CapturedGraph
     rewrite: RewriteResult
+    _eager: fx.GraphModule | None = field(default=None, repr=False)
 
     @property
-    def graph_module(self):
+    def graph_module(self) -> fx.GraphModule:
         return self.rewrite.graph_module
+
+    @property
+    def eager(self) -> fx.GraphModule:
+        """The module eager calls run: :func:`~adacache_fx.eager.eager_module` of ``graph_module``."""
+        if self._eager is None:
+            self._eager = eager_module(self.graph_module)
+        return self._eager
+
+    def changed(self) -> None:
+        """Say that ``graph_module`` (or a branch of it) was changed: the eager twin is rebuilt."""
+        self._eager = None
 
     @property
     def layout(self) -> StateLayout:
@@ -190,6 +208,7 @@ class CachedModel(nn.Module):
         self._program_hooks[handle.id] = hook
         for program in self._programs.values():
             hook(program)
+            program.changed()
         return handle
 
     # -- preparing a call (always eager) ----------------------------------------------------------
@@ -278,8 +297,9 @@ class CachedModel(nn.Module):
         else:
             program, state = self.prepare_call(args, kwargs)
         flat = program.captured.flatten_inputs(args, kwargs)
+        run = program.graph_module if torch.compiler.is_compiling() else program.eager
         with torch.no_grad():  # an inference transform: reusing residuals has no meaningful gradient
-            outputs = program.graph_module(*flat, *state.values())
+            outputs = run(*flat, *state.values())
         returned = program.layout.returned
         n_user = len(outputs) - len(returned)
         for spec, new in zip(returned, outputs[n_user:]):
