@@ -182,3 +182,32 @@ def test_compiled_rows_are_timed_against_the_compiled_uncached_model(tmp_path, m
         assert peer.compiled and peer.computed is None and peer.graph_breaks > 0  # its hooks decide in Python
     assert not by_method["no caching"].compiled and by_method["no caching"].speedup == 1.0
     assert [r.compiled for r in bench.load_rows(tmp_path / "bench.csv")] == [r.compiled for r in rows]
+
+
+@pytest.mark.parametrize("steps,interval", [(10, 3), (13, 4)])
+def test_taylorseer_schedule_row_computes_taylorseers_steps_and_forecasts(tmp_path, steps, interval, monkeypatch):
+    """adacache-fx on TaylorSeer's schedule: the steps diffusers' TaylorSeer hook computes (probed on the
+    middle block, per CFG call) are ``taylorseer_schedule``'s, and our row computes exactly those."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    pipe = untrained_reference_pipeline()
+    base = pipe.transformer
+    calls, computed = [0], []
+    mid = base.blocks[len(base.blocks) // 2].attn1.to_q
+    step_hook = base.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    probe = mid.register_forward_hook(lambda *_: computed.append(calls[0]))
+    base.enable_cache(TaylorSeerCacheConfig(cache_interval=interval, max_order=1, cache_identifiers=[r"blocks\.\d+"]))
+    try:
+        pipe("a small red circle moving left fast", num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    finally:
+        base.disable_cache()
+        step_hook.remove()
+        probe.remove()
+    hook_steps = tuple(sorted({(call + 1) // 2 for call in computed}))  # two CFG calls per step
+    assert hook_steps == bench.taylorseer_schedule(steps, interval)
+    monkeypatch.setitem(bench.METHODS, "adacache-taylorseer-schedule",
+                        (bench.METHODS["adacache-taylorseer-schedule"][0], (interval,), (interval,)))
+    (_, row) = run_bench(["a small red circle moving left fast"], [0], steps, ["adacache-taylorseer-schedule"],
+                         out=tmp_path, pipe=pipe, graph_breaks=False, progress=lambda _: None)
+    assert row.computed == len(hook_steps) and row.setting == f"interval {interval}, order 1"
+    assert math.isfinite(row.psnr)

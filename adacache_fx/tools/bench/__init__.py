@@ -31,7 +31,7 @@ Methods that cannot run on this model get a row whose ``note`` says why.
 """
 
 from . import adacache_methods, peer_methods  # noqa: F401  (register the methods, adacache-fx first)
-from .adacache_methods import WARM_FRACTION, WARM_MAX_RATE, static_schedule
+from .adacache_methods import WARM_FRACTION, WARM_MAX_RATE, static_schedule, taylorseer_schedule
 from .captions import CALIBRATION_CAPTIONS, EVAL_CAPTIONS, QUICK_CAPTIONS, QUICK_STEPS, eval_captions
 from .cli import add_bench_arguments, cli_bench
 from .graph_breaks import count_graph_breaks
@@ -76,6 +76,7 @@ __all__ = [
     "register",
     "run_bench",
     "static_schedule",
+    "taylorseer_schedule",
     "summarize_targets",
     "write_outputs",
 ]

@@ -67,6 +67,12 @@ def static_schedule(num_steps: int, every: int) -> tuple[int, ...]:
     return tuple(sorted(set(range(1, num_steps + 1, every)) | {num_steps - 1, num_steps}))
 
 
+def taylorseer_schedule(num_steps: int, interval: int, warmup: int = 3) -> tuple[int, ...]:
+    """Compute steps of diffusers' TaylorSeer (``cache_interval``, ``disable_cache_before_step`` = ``warmup``):
+    the first ``warmup`` steps, then every ``interval``-th step after step ``warmup + 1`` (1-based)."""
+    return tuple(c + 1 for c in range(num_steps) if c < warmup or (c - warmup - 1) % interval == 0)
+
+
 def _moreg_window(num_steps: int) -> tuple[int, int]:
     first, last = presets.MOREG_WINDOW_30
     return max(1, round(first * num_steps / 30)), max(1, round(last * num_steps / 30))
@@ -100,6 +106,21 @@ for _key, _curve, _full in (
 def _static(bench, key, method, v):
     n = bench.steps
     return _adacache(bench, key, method, f"every {v} steps", AdaCacheConfig(num_steps=n, compute_steps=static_schedule(n, v)))
+
+
+@register("adacache-taylorseer-schedule", "adacache-fx TaylorSeer schedule", full=(2, 3, 4, 5), quick=(3,))
+def _taylorseer_schedule(bench, key, method, v, compiled=False):
+    """TaylorSeer's fixed schedule (interval ``v``), a cached step adding the whole linear forecast of the
+    stack's residual (TaylorSeer forecasts each block's output)."""
+    n = bench.steps
+    label = f"interval {v}, order 1" + (", inductor fullgraph" if compiled else "")
+    return _adacache(bench, key, method, label,
+                     AdaCacheConfig(num_steps=n, compute_steps=taylorseer_schedule(n, v), extrapolation_order=1),
+                     compiled=compiled)
+
+
+register("adacache-taylorseer-schedule-compiled", "adacache-fx TaylorSeer schedule compiled", full=(4,), quick=(3,))(
+    lambda bench, key, method, v: _taylorseer_schedule(bench, key, method, v, compiled=True))
 
 
 @register("adacache-calibrated", "adacache-fx calibrated", full=("slow", "fast", 2.5, 3.0), quick=(1.5,))

@@ -19,7 +19,8 @@ PLOT_CAP = 60.0
 ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacache-fx calibrated",
                           "adacache-fx calibrated+warm-up+linear")
 #: adacache-fx curves that run a peer's rule in the graph: not in the AdaCache-family comparison.
-PEER_RULE_CURVES = ("adacache-fx MagCache rule", "adacache-fx FirstBlockCache", "adacache-fx TeaCache rule")
+PEER_RULE_CURVES = ("adacache-fx MagCache rule", "adacache-fx FirstBlockCache", "adacache-fx TeaCache rule",
+                    "adacache-fx TaylorSeer schedule")
 
 
 def _fmt(value, digits=2) -> str:
