@@ -142,4 +142,6 @@ def compile_branches(trt, program: Program, options: dict) -> int:
         if not isinstance(branch, TensorRTBranch):
             setattr(gm, true_fn.target, TensorRTBranch(trt, branch, options))
             replaced += 1
+    if replaced:
+        program.changed()
     return replaced

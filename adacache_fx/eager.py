@@ -15,8 +15,10 @@ the same order on the same tensors with the same kernels, so its outputs are bit
 * each ``torch.cond`` runs the branch its predicate selects, as ``torch.cond``'s eager kernel does
   (which reads the predicate on the host too); the branch graphs get their own eager modules.
 
-``torch.compile`` and export keep using the program's ``graph_module``: the eager module is built
-from it, lazily, and rebuilt when a program hook changes it (:class:`~adacache_fx.module.Program`).
+``torch.compile``, export and any other tracing (a dispatch mode such as ``FakeTensorMode`` or
+``make_fx``, a functorch transform) keep using the program's ``graph_module`` (:func:`plain_eager`): the
+eager module is built from it, lazily, and rebuilt when a program hook changes it
+(:class:`~adacache_fx.module.Program`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 _cond = torch.ops.higher_order.cond
+
+
+def plain_eager() -> bool:
+    """Whether a call runs on real tensors with nothing tracing it: no compiler, no dispatch mode, no
+    functorch transform (those need ``torch.cond`` and the ``OpOverload`` targets of the graph module)."""
+    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+                or torch._C._functorch.peek_interpreter_stack() is not None)
 
 
 def run_cond(pred, true_fn, false_fn, operands):
@@ -53,11 +63,21 @@ def _attribute(root: nn.Module, target: str):
     return obj
 
 
-def _bind_ops(module: fx.GraphModule) -> None:
-    namespace = type(module).forward.__globals__  # fx generates one class (and globals) per module
-    for name, value in list(namespace.items()):
-        if isinstance(value, _Op):
-            namespace[name] = value.op._op
+def _bind_ops(module: nn.Module) -> None:
+    """Put ``op._op`` in place of each stand-in, in every graph module under ``module`` (fx generates one
+    class, with its own globals, per module; building a parent regenerates its children's code)."""
+    for graph_module in module.modules():
+        if isinstance(graph_module, fx.GraphModule):
+            namespace = type(graph_module).forward.__globals__
+            for name, value in list(namespace.items()):
+                if isinstance(value, _Op):
+                    namespace[name] = value.op._op
+
+
+def bound(module: nn.Module) -> bool:
+    """Whether no stand-in is left in the generated code of any graph module under ``module``."""
+    return not any(isinstance(value, _Op) for m in module.modules() if isinstance(m, fx.GraphModule)
+                   for value in type(m).forward.__globals__.values())
 
 
 def eager_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -84,7 +104,7 @@ def eager_module(gm: fx.GraphModule) -> fx.GraphModule:
             node.target = names[node.target]
         elif node.op == "call_function" and node.target is _cond:
             node.target = run_cond
-        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        elif node.op == "call_function" and type(node.target) is torch._ops.OpOverload:  # not TorchBind ops
             node.target = ops.setdefault(node.target, _Op(node.target, len(ops)))
     module = fx.GraphModule(holder, graph, class_name=f"Eager{type(gm).__name__}")
     _bind_ops(module)

@@ -24,7 +24,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .capture import CapturedGraph, capture, signature
 from .config import CacheConfig
-from .eager import eager_module
+from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
@@ -44,7 +44,7 @@ class Program:
 
     captured: CapturedGraph
     rewrite: RewriteResult
-    _eager: fx.GraphModule | None = field(default=None, repr=False)
+    _eager: fx.GraphModule | None = field(default=None, repr=False, compare=False)
 
     @property
     def graph_module(self) -> fx.GraphModule:
@@ -60,6 +60,9 @@ class Program:
     def changed(self) -> None:
         """Say that ``graph_module`` (or a branch of it) was changed: the eager twin is rebuilt."""
         self._eager = None
+
+    def __getstate__(self):  # copies and pickles rebuild the twin (its code binds C++ callables)
+        return {**self.__dict__, "_eager": None}
 
     @property
     def layout(self) -> StateLayout:
@@ -250,6 +253,7 @@ class CachedModel(nn.Module):
         program = Program(captured, result)
         for hook in list(self._program_hooks.values()):
             hook(program)
+        program.changed()
         self._programs[key] = program
         self._store.add_layout(key, result.layout, device=key.device)  # the state lives with the weights
         return program
@@ -257,7 +261,7 @@ class CachedModel(nn.Module):
     def prepare_call(self, args: tuple, kwargs: dict) -> tuple[Program, dict[str, torch.Tensor]]:
         """Capture ``model(*args, **kwargs)``'s signature if new, check it against the generation in
         progress and bind the active context's state. Returns ``(program, state)``: call
-        ``program.graph_module(*flat_inputs, *state.values())``. Eager only."""
+        ``program.eager(*flat_inputs, *state.values())`` (``program.graph_module`` when tracing). Eager only."""
         for hook in list(self._prepare_hooks.values()):
             hook(self, args, kwargs)
         key = self.signature_key(args, kwargs)
@@ -297,7 +301,7 @@ class CachedModel(nn.Module):
         else:
             program, state = self.prepare_call(args, kwargs)
         flat = program.captured.flatten_inputs(args, kwargs)
-        run = program.graph_module if torch.compiler.is_compiling() else program.eager
+        run = program.eager if plain_eager() else program.graph_module
         with torch.no_grad():  # an inference transform: reusing residuals has no meaningful gradient
             outputs = run(*flat, *state.values())
         returned = program.layout.returned

@@ -2,12 +2,16 @@
 step of a generation, for every fixture family, each granularity, forecasting and bf16; no ``OpOverload``
 or ``torch.cond`` left in it; rebuilt after a program hook replaces a branch."""
 
+import copy
+import inspect
+
 import pytest
 import torch
 from helpers import first_tensor, run_steps
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adacache_fx as ax
-from adacache_fx.eager import run_cond
+from adacache_fx.eager import bound, plain_eager, run_cond
 from adacache_fx.tools.fixtures import FAMILIES, build
 
 N = 10
@@ -66,9 +70,38 @@ def test_twin_calls_kernels_directly_and_each_cond_becomes_a_branch_choice():
     for module in [twin, *[m for m in twin.modules() if isinstance(m, torch.fx.GraphModule)]]:
         for node in module.graph.nodes:
             assert node.target is not COND and not isinstance(node.target, torch._ops.OpOverload), node.format_node()
+    # every generated module, the branches included, calls the C++ entry points (building a parent
+    # regenerates its children's code), which is all that OpOverload.__call__ does
+    assert bound(twin)
+    assert "return self._op(*args, **kwargs)" in inspect.getsource(torch._ops.OpOverload.__call__)
     # the same parameters, not copies
     params = {id(p) for p in model.parameters()}
     assert {id(p) for p in twin.parameters()} <= params
+
+
+def test_tracing_and_transforms_use_the_graph_module():
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    assert plain_eager()
+    with Passthrough():
+        assert not plain_eager()
+    seen = []
+    torch.func.vmap(lambda x: seen.append(plain_eager()) or x)(torch.zeros(2))
+    assert seen == [False]
+
+
+def test_a_deep_copy_rebuilds_its_twin():
+    model, make_inputs = build("wan")
+    cached = ax.transform(model, fast_config())
+    first = run_steps(cached, make_inputs, 3)
+    twin = cached.program().eager
+    clone = copy.deepcopy(cached)
+    clone.reset()
+    again = run_steps(clone, make_inputs, 3)
+    assert clone.program().eager is not twin and bound(clone.program().eager) and bound(twin)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 def test_program_hook_rebuilds_the_twin():
