@@ -39,3 +39,16 @@ def test_current_timestep_follows_the_loop_like_diffusers_pipelines():
     run(pipe, 3, guidance_scale=1.0)
     assert seen == [float(t) for t in pipe.scheduler.timesteps] and len(seen) == 3
     assert pipe.current_timestep is None and pipe.num_timesteps == 3 and pipe.guidance_scale == 1.0
+
+
+def test_each_call_resets_diffusers_stateful_hooks_like_diffusers_pipelines():
+    """A diffusers cache hook (TaylorSeer) starts every generation at step 0: the second video of the same
+    caption and seed is the first one (without the reset its schedule would continue from step 8)."""
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    pipe = untrained_reference_pipeline()
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=3, max_order=1, cache_identifiers=[r"blocks\.\d+"]))
+    first, second = run(pipe, 8), run(pipe, 8)
+    pipe.transformer.disable_cache()
+    assert torch.equal(first, second)
+    assert not torch.equal(first, run(pipe, 8))  # the hook changed the videos

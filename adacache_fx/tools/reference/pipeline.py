@@ -101,6 +101,7 @@ class ReferencePipeline(DiffusionPipeline):
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 progress.update()
         self._current_timestep = None
+        self.maybe_free_model_hooks()  # as diffusers pipelines: resets stateful cache hooks for the next call
         frames = ((latents.clamp(-1, 1) + 1) / 2).permute(0, 2, 1, 3, 4)  # [B, T, C, H, W]
         if output_type == "np":
             frames = (frames.permute(0, 1, 3, 4, 2) * 255).round().to(torch.uint8).cpu().numpy()
