@@ -27,6 +27,7 @@ from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
+from .policies import policy_class
 from .state import Report, StateLayout, StateStore, read_report
 
 
@@ -136,6 +137,14 @@ class CachedModel(nn.Module):
 
     def load_state_dict(self, *args, **kwargs):
         return self.model.load_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        # Copies and pickles leave the captured programs behind (fx cannot pickle a graph holding
+        # torch.cond: it re-traces the generated code) and capture again on their first call. The state
+        # travels: a generation in progress goes on where it was.
+        state = super().__getstate__()
+        state.update(_programs={}, _current=None)
+        return state
 
     def _apply(self, fn, recurse=True):
         # .to()/.half() may replace buffers: captured graphs would keep the old ones.
@@ -337,5 +346,9 @@ class CachedModel(nn.Module):
                 f"earlier one (contexts of the latest generation: {self.generation_contexts})"
             )
         key, state = last
-        program = self._programs[key]
-        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+        program = self._programs.get(key)
+        if program is None:
+            raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
+                               "program again on its first call, and reports after it")
+        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites,
+                           policy_class(self.adacache_config).history_columns)

@@ -288,6 +288,8 @@ class Report:
     cache_bytes: int
     regions: list[str]
     metric_sites: list[str]
+    #: What the policy records in ``metric``, ``motion`` and ``rate`` (``Policy.history_columns``).
+    columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate")
 
     @property
     def computed_steps(self) -> list[int]:
@@ -298,15 +300,18 @@ class Report:
         return len(self.computed_steps)
 
     def __str__(self) -> str:
+        shown = [(i, name) for i, name in enumerate(self.columns) if name is not None]
+        header = " step  computed" + "".join(f" {name:>8}" if i < 2 else f" {name:>5}" for i, name in shown)
         lines = [
             f"adacache_fx report ({self.context}): {self.num_computed}/{len(self.steps)} steps computed, "
             f"cache {self.cache_bytes / 2**20:.2f} MiB, regions {self.regions}, metric at {self.metric_sites}",
-            " step  computed   metric   motion  rate",
+            header,
         ]
         for r in self.steps:
-            metric = "non-finite" if r.nonfinite else "" if r.metric is None else f"{r.metric:.4f}"
-            motion = "" if r.motion is None else f"{r.motion:.4f}"
-            lines.append(f" {r.step:4d}  {'yes' if r.computed else 'cached':>8} {metric:>8} {motion:>8} {r.rate:5d}")
+            cells = ["non-finite" if r.nonfinite else "" if r.metric is None else f"{r.metric:.4f}",
+                     "" if r.motion is None else f"{r.motion:.4f}", f"{r.rate:5d}"]
+            row = "".join(f" {cells[i]:>8}" if i < 2 else f" {cells[i]}" for i, _ in shown)
+            lines.append(f" {r.step:4d}  {'yes' if r.computed else 'cached':>8}{row}")
         return "\n".join(lines)
 
 
@@ -315,9 +320,11 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def read_report(
-    state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str], metric_sites: list[str]
+    state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str], metric_sites: list[str],
+    columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate"),
 ) -> Report:
-    """Read a state's history on the host (after a generation, never inside one)."""
+    """Read a state's history on the host (after a generation, never inside one); ``columns`` names what
+    the policy records (``Policy.history_columns``)."""
     done = int(state["step"])
     steps = []
     for i, (computed, metric, motion, rate) in enumerate(state["history"][:done].tolist()):
@@ -326,4 +333,5 @@ def read_report(
         steps.append(StepRecord(i + 1, computed, _finite_or_none(metric), _finite_or_none(motion), int(rate),
                                 nonfinite=has_metric and not math.isfinite(metric)))
     cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
-    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites))
+    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites),
+                  tuple(columns))

@@ -1,9 +1,10 @@
 """The eager twin of a rewritten program (adacache_fx/eager.py): bitwise the graph module's outputs on every
 step of a generation, for every fixture family, each granularity, forecasting and bf16; no ``OpOverload``
-or ``torch.cond`` left in it; rebuilt after a program hook replaces a branch."""
+or ``torch.cond`` left in it; rebuilt after a program hook replaces a branch, a copy or a pickle."""
 
 import copy
 import inspect
+import io
 
 import pytest
 import torch
@@ -102,6 +103,28 @@ def test_a_deep_copy_rebuilds_its_twin():
     again = run_steps(clone, make_inputs, 3)
     assert clone.program().eager is not twin and bound(clone.program().eager) and bound(twin)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_a_pickled_model_captures_again_and_continues_the_generation():
+    model, make_inputs = build("wan")
+    cached = ax.transform(model, fast_config())
+    reference = run_steps(cached, make_inputs, N)
+    expected_steps = ax.report(cached).computed_steps
+    assert 2 < len(expected_steps) < N  # both branches run
+    cached.reset()
+    run_steps(cached, make_inputs, 4)
+    buffer = io.BytesIO()
+    torch.save(cached, buffer)  # mid-generation: the state and the captured program travel with it
+    buffer.seek(0)
+    clone = torch.load(buffer, weights_only=False)
+    assert clone.programs == {}  # captured again on its first call
+    with pytest.raises(RuntimeError, match="captures its program again"):
+        ax.report(clone)
+    with torch.no_grad():
+        rest = [first_tensor(clone(**make_inputs(s))).clone() for s in range(4, N)]
+    assert bound(clone.program().eager)
+    assert ax.report(clone).computed_steps == expected_steps
+    assert all(torch.equal(a, b) for a, b in zip(reference[4:], rest))
 
 
 def test_program_hook_rebuilds_the_twin():

@@ -151,6 +151,10 @@ def test_cache_contexts_keep_their_own_accumulators_and_reset_restarts():
                 cached(**dict(make_inputs(s), encoder_hidden_states=-make_inputs(s)["encoder_hidden_states"]))
     assert ax.report(cached, "cond").computed_steps == expected
     assert ax.report(cached, "uncond").computed_steps == expected
+    report = ax.report(cached, "cond")  # the report names MagCache's accumulators, not AdaCache's columns
+    assert report.columns == ("err", "ratio", "steps")
+    assert str(report).splitlines()[1].split() == ["step", "computed", "err", "ratio", "steps"]
+    assert [r.rate for r in report.steps][:2] == [0, 0]  # the retention window (2 of 12 steps) counts nothing
     run_steps(cached, make_inputs, 5)  # an interrupted generation in the default context
     ax.reset(cached)
     first = run_steps(cached, make_inputs, 12)

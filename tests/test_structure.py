@@ -301,6 +301,8 @@ class EveryKConfig(ax.AdaCacheConfig):
 
 @register_policy(EveryKConfig)
 class EveryKPolicy(Policy):
+    history_columns = ("distance", None, None)
+
     def __init__(self, config, num_sites, frame_layout=None):
         super().__init__()
         self.k = config.k
@@ -335,6 +337,9 @@ def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
     report = ax.report(cached)
     assert report.computed_steps == [1, 4, 7, 8, 9]
     assert all(r.metric is not None for r in report.steps if r.computed and r.step > 1)
+    assert report.columns == ("distance", None, None)
+    lines = str(report).splitlines()
+    assert lines[1].split() == ["step", "computed", "distance"] and lines[3].split() == ["2", "cached"]
 
     import torch._dynamo.testing
 
@@ -356,6 +361,7 @@ def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
     runner = OnnxRunner(tmp_path / "every3.onnx")
     exported = [runner(**make_inputs(s)) for s in range(9)]
     assert runner.report().computed_steps == [1, 4, 7, 8, 9]
+    assert runner.report().columns == ("distance", None, None)
     assert max(float((a - b).abs().max()) for a, b in zip(exported, eager)) < 1e-4
 
 

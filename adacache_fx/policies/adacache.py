@@ -37,7 +37,7 @@ from torch import nn
 
 from ..parallel import SequenceShard, preceding
 from ..state import StateSpec
-from .base import Policy
+from .base import Policy, advance_step
 
 
 class StepBegin(nn.Module):
@@ -55,9 +55,8 @@ class StepBegin(nn.Module):
         self.register_buffer("compute_steps", steps, persistent=False)
 
     def forward(self, step, num_steps, rate, next_compute, m_prev):
-        fresh = (step == 0) | (step >= num_steps)
+        s, fresh = advance_step(step, num_steps)
         one = torch.ones_like(step)
-        s = torch.where(fresh, one, step + 1)
         rate = torch.where(fresh, one, rate)
         next_compute = torch.where(fresh, one, next_compute)
         m_prev = torch.where(fresh, torch.ones_like(m_prev), m_prev)

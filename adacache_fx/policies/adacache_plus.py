@@ -43,7 +43,7 @@ from ..config import CacheConfig
 from ..state import StateSpec
 from . import register_policy
 from .adacache import ResidualDistance, relative
-from .base import Policy
+from .base import Policy, advance_step
 from .retention import RetentionWindow
 
 
@@ -89,6 +89,8 @@ class AdaCachePlusConfig(CacheConfig):
 class AdaCachePlusPolicy(Policy):
     """The AdaCache+ rule (module doc), as configured by an :class:`AdaCachePlusConfig`."""
 
+    history_columns = ("c", "acc", "run")
+
     def __init__(self, config: AdaCachePlusConfig, num_sites: int, frame_layout=None, shard=None):
         super().__init__()
         self.threshold, self.max_skip, self.final_steps = config.threshold, config.max_skip_steps, config.final_steps
@@ -104,8 +106,7 @@ class AdaCachePlusPolicy(Policy):
         return 2
 
     def decide(self, step, num_steps, state):
-        fresh = (step == 0) | (step >= num_steps)
-        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        s, fresh = advance_step(step, num_steps)
         c = torch.where(fresh, torch.full_like(state["plus_c"], math.inf), state["plus_c"])
         acc = torch.where(fresh, torch.zeros_like(state["plus_acc"]), state["plus_acc"])
         run = torch.where(fresh, torch.zeros_like(state["plus_run"]), state["plus_run"])

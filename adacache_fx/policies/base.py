@@ -32,6 +32,13 @@ from torch import nn
 from ..state import StateSpec
 
 
+def advance_step(step: torch.Tensor, num_steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, fresh)``: the 1-based step this call runs, and whether it starts a new generation (no step
+    done yet, ``step`` 0 after a reset, or the last one finished, ``step >= num_steps``)."""
+    fresh = (step == 0) | (step >= num_steps)
+    return torch.where(fresh, torch.ones_like(step), step + 1), fresh
+
+
 class Policy(nn.Module):
     """Base class of decision rules. ``state`` dicts map the names of :meth:`state_specs` to tensors."""
 
@@ -44,6 +51,9 @@ class Policy(nn.Module):
     #: Whether :meth:`decide` / :meth:`update` read the metric residual. False (MagCache, whose rule
     #: reads calibrated ratios only): the rewrite plans no metric site, so nothing is measured or kept.
     uses_metric: bool = True
+    #: Names of history columns 1-3 (column 0 is ``computed``) as :class:`~adacache_fx.state.Report`
+    #: prints them; None for a column the policy leaves constant.
+    history_columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate")
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""

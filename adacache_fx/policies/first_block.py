@@ -33,7 +33,7 @@ import torch
 from ..config import CacheConfig
 from ..state import StateSpec
 from .adacache import ResidualDistance, relative
-from .base import Policy
+from .base import Policy, advance_step
 
 
 @dataclass(frozen=True)
@@ -87,13 +87,13 @@ class FirstBlockCachePolicy(RelativeSignalPolicy):
 
     early_signal = "first_block"
     remember_signal = "compute"
+    history_columns = ("diff", None, None)
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("diff", (), torch.float32, float("nan")),)  # this step's relative change
 
     def decide(self, step, num_steps, state, signal=None):
-        fresh = (step == 0) | (step >= num_steps)
-        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        s, _ = advance_step(step, num_steps)
         diff = relative(signal[0])
         compute = (s <= max(1, self.warmup_steps)) | (diff > self.threshold)
         return s, compute, {"diff": diff}

@@ -36,7 +36,7 @@ import torch
 from ..config import CacheConfig
 from ..state import StateSpec
 from . import register_policy
-from .base import Policy
+from .base import Policy, advance_step
 from .retention import RetentionWindow
 
 
@@ -83,6 +83,7 @@ class MagCachePolicy(Policy):
     """MagCache's rule (module doc), as configured by a :class:`MagCacheConfig`."""
 
     uses_metric = False  # the rule reads the calibrated ratios only
+    history_columns = ("err", "ratio", "steps")
 
     def __init__(self, config: MagCacheConfig, num_sites: int, frame_layout=None):
         super().__init__()
@@ -107,8 +108,7 @@ class MagCachePolicy(Policy):
         return self.ratios.index_select(0, index.reshape(1)).reshape(())
 
     def decide(self, step, num_steps, state):
-        fresh = (step == 0) | (step >= num_steps)
-        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        s, fresh = advance_step(step, num_steps)
         ratio = torch.where(fresh, torch.ones_like(state["mag_ratio"]), state["mag_ratio"])
         err = torch.where(fresh, torch.zeros_like(state["mag_err"]), state["mag_err"])
         steps = torch.where(fresh, torch.zeros_like(state["mag_steps"]), state["mag_steps"])

@@ -42,6 +42,7 @@ from ..config import CacheConfig
 from ..state import StateSpec
 from . import register_policy
 from .adacache import relative
+from .base import advance_step
 from .first_block import RelativeSignalPolicy
 
 
@@ -87,6 +88,7 @@ class TeaCachePolicy(RelativeSignalPolicy):
 
     early_signal = "modulated_input"
     remember_signal = "every"
+    history_columns = ("rel", "acc", None)
 
     def __init__(self, config: TeaCacheConfig, num_sites: int, frame_layout=None):
         super().__init__(config, num_sites, frame_layout)
@@ -104,8 +106,7 @@ class TeaCachePolicy(RelativeSignalPolicy):
         return y
 
     def decide(self, step, num_steps, state, signal=None):
-        fresh = (step == 0) | (step >= num_steps)
-        s = torch.where(fresh, torch.ones_like(step), step + 1)
+        s, fresh = advance_step(step, num_steps)
         rel = relative(signal[0])
         forced = (s <= max(1, self.warmup_steps)) | (s == num_steps)
         acc = torch.where(fresh, torch.zeros_like(state["tea_acc"]), state["tea_acc"]) + self.rescale(rel)
