@@ -142,8 +142,15 @@ class CachedModel(nn.Module):
         # Copies and pickles leave the captured programs behind (fx cannot pickle a graph holding
         # torch.cond: it re-traces the generated code) and capture again on their first call. The state
         # travels: a generation in progress goes on where it was.
+        # A copy does not follow the pipeline the original was enabled on (``enable(pipe)``): it would drag
+        # the pipeline along, and that pipeline's scheduler still reports to the original.
         state = super().__getstate__()
         state.update(_programs={}, _current=None)
+        follower = state.pop("_adacache_follower", None)
+        if follower is not None:
+            state["_prepare_hooks"] = OrderedDict(
+                (key, hook) for key, hook in self._prepare_hooks.items() if key != follower[1].id
+            )
         return state
 
     def _apply(self, fn, recurse=True):

@@ -300,18 +300,18 @@ class Report:
         return len(self.computed_steps)
 
     def __str__(self) -> str:
-        shown = [(i, name) for i, name in enumerate(self.columns) if name is not None]
-        header = " step  computed" + "".join(f" {name:>8}" if i < 2 else f" {name:>5}" for i, name in shown)
+        rows = [(r.step, "yes" if r.computed else "cached",
+                 "non-finite" if r.nonfinite else "" if r.metric is None else f"{r.metric:.4f}",
+                 "" if r.motion is None else f"{r.motion:.4f}", str(r.rate)) for r in self.steps]
+        header = ("step", "computed", *self.columns)
+        shown = [i for i, name in enumerate(header) if name is not None]
+        widths = {i: max([len(header[i]), *(len(str(row[i])) for row in rows)]) for i in shown}
         lines = [
             f"adacache_fx report ({self.context}): {self.num_computed}/{len(self.steps)} steps computed, "
             f"cache {self.cache_bytes / 2**20:.2f} MiB, regions {self.regions}, metric at {self.metric_sites}",
-            header,
+            " ".join(f"{header[i]:>{widths[i]}}" for i in shown),
         ]
-        for r in self.steps:
-            cells = ["non-finite" if r.nonfinite else "" if r.metric is None else f"{r.metric:.4f}",
-                     "" if r.motion is None else f"{r.motion:.4f}", f"{r.rate:5d}"]
-            row = "".join(f" {cells[i]:>8}" if i < 2 else f" {cells[i]}" for i, _ in shown)
-            lines.append(f" {r.step:4d}  {'yes' if r.computed else 'cached':>8}{row}")
+        lines += [" ".join(f"{row[i]!s:>{widths[i]}}" for i in shown) for row in rows]
         return "\n".join(lines)
 
 

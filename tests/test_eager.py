@@ -114,7 +114,7 @@ def test_a_pickled_model_captures_again_and_continues_the_generation():
     cached.reset()
     run_steps(cached, make_inputs, 4)
     buffer = io.BytesIO()
-    torch.save(cached, buffer)  # mid-generation: the state and the captured program travel with it
+    torch.save(cached, buffer)  # mid-generation: the state travels, the program is captured again
     buffer.seek(0)
     clone = torch.load(buffer, weights_only=False)
     assert clone.programs == {}  # captured again on its first call

@@ -1,5 +1,8 @@
 """A stock diffusers WanPipeline (CFG, cond/uncond contexts) runs with the transformed transformer."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -48,3 +51,17 @@ def test_wan_pipeline_state_resets_between_calls_and_follows_num_steps():
     assert rep.num_steps == 10 and rep.computed_steps == [1, 2, 5, 8, 9, 10]
     with pytest.raises(ValueError, match="already"):
         ax.enable(pipe)
+
+
+def test_a_copy_of_an_enabled_transformer_leaves_the_pipeline_behind():
+    pipe = tiny_wan_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    cached = ax.enable(pipe, ax.AdaCacheConfig(codebook={100.0: 3}))
+    generate(pipe, steps=8)
+    clone = copy.deepcopy(cached)
+    assert "_adacache_follower" not in clone.__dict__ and len(clone._prepare_hooks) == 0
+    assert len(cached._prepare_hooks) == 1  # the original still follows its pipeline
+    torch.save(cached, io.BytesIO())  # picklable: the pipeline's scheduler (a local closure) is not taken along
+    assert clone.programs == {} and ax.report(cached, "cond").computed_steps == [1, 2, 5, 7, 8]
+    generate(pipe, steps=10)  # the pipeline still drives the original only
+    assert ax.report(cached, "cond").num_steps == 10
