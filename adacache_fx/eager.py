@@ -63,21 +63,23 @@ def _attribute(root: nn.Module, target: str):
     return obj
 
 
+def _generated_globals(module: nn.Module):
+    """The globals of the generated code of every graph module under ``module`` (fx generates one class,
+    with its own globals, per module; building a parent regenerates its children's code)."""
+    return (type(m).forward.__globals__ for m in module.modules() if isinstance(m, fx.GraphModule))
+
+
 def _bind_ops(module: nn.Module) -> None:
-    """Put ``op._op`` in place of each stand-in, in every graph module under ``module`` (fx generates one
-    class, with its own globals, per module; building a parent regenerates its children's code)."""
-    for graph_module in module.modules():
-        if isinstance(graph_module, fx.GraphModule):
-            namespace = type(graph_module).forward.__globals__
-            for name, value in list(namespace.items()):
-                if isinstance(value, _Op):
-                    namespace[name] = value.op._op
+    """Put ``op._op`` in place of each stand-in, in every graph module under ``module``."""
+    for namespace in _generated_globals(module):
+        for name, value in list(namespace.items()):
+            if isinstance(value, _Op):
+                namespace[name] = value.op._op
 
 
 def bound(module: nn.Module) -> bool:
     """Whether no stand-in is left in the generated code of any graph module under ``module``."""
-    return not any(isinstance(value, _Op) for m in module.modules() if isinstance(m, fx.GraphModule)
-                   for value in type(m).forward.__globals__.values())
+    return not any(isinstance(value, _Op) for namespace in _generated_globals(module) for value in namespace.values())
 
 
 def eager_module(gm: fx.GraphModule) -> fx.GraphModule:

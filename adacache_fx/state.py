@@ -22,6 +22,8 @@ import torch
 
 #: Columns of the ``history`` state tensor, one row per step of a generation.
 HISTORY_COLUMNS = ("computed", "metric", "motion", "rate")
+#: What AdaCache records in history columns 1-3, the names a policy keeps unless it says otherwise.
+DEFAULT_REPORT_COLUMNS = HISTORY_COLUMNS[1:]
 #: The cache context used outside any ``cache_context(...)`` block.
 DEFAULT_CONTEXT = "default"
 
@@ -289,7 +291,7 @@ class Report:
     regions: list[str]
     metric_sites: list[str]
     #: What the policy records in ``metric``, ``motion`` and ``rate`` (``Policy.history_columns``).
-    columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate")
+    columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS
 
     @property
     def computed_steps(self) -> list[int]:
@@ -321,7 +323,7 @@ def _finite_or_none(value: float) -> float | None:
 
 def read_report(
     state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str], metric_sites: list[str],
-    columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate"),
+    columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS,
 ) -> Report:
     """Read a state's history on the host (after a generation, never inside one); ``columns`` names what
     the policy records (``Policy.history_columns``)."""

@@ -46,8 +46,8 @@ def main() -> None:
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
-    for name, values_ in times.items():
-        print(f"{name:16s} {statistics.median(values_) * 1e3:8.2f} ms")
+    for name, seconds in times.items():
+        print(f"{name:16s} {statistics.median(seconds) * 1e3:8.2f} ms")
 
 
 if __name__ == "__main__":

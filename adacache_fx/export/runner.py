@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 from ..capture import named_leaves
-from ..state import Report, StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, read_report
+from ..state import (
+    DEFAULT_REPORT_COLUMNS,
+    Report,
+    StateLayout,
+    StateStore,
+    check_num_steps,
+    dtype_from_name,
+    dtype_name,
+    read_report,
+)
 from .onnx import FORMAT_VERSION, METADATA_KEY, decode_tree
 
 _PROGRAM = "program"  # the one signature key of an exported file in the runner's state store
@@ -101,7 +110,7 @@ class StatefulRunner:
             raise RuntimeError(f"no generation has run in cache context {context!r} yet (contexts: {self.contexts})")
         meta = self.metadata
         return read_report(self._store.get(_PROGRAM, context), self.layout, context, meta["regions"],
-                           meta["metric_sites"], tuple(meta.get("history_columns", ("metric", "motion", "rate"))))
+                           meta["metric_sites"], tuple(meta.get("history_columns", DEFAULT_REPORT_COLUMNS)))
 
     # -- the call ------------------------------------------------------------------------------------
     def _user_feeds(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:

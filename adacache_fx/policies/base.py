@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..state import StateSpec
+from ..state import DEFAULT_REPORT_COLUMNS, StateSpec
 
 
 def advance_step(step: torch.Tensor, num_steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ class Policy(nn.Module):
     uses_metric: bool = True
     #: Names of history columns 1-3 (column 0 is ``computed``) as :class:`~adacache_fx.state.Report`
     #: prints them; None for a column the policy leaves constant.
-    history_columns: tuple[str | None, str | None, str | None] = ("metric", "motion", "rate")
+    history_columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""
