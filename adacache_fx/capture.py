@@ -19,7 +19,9 @@ Two things ``torch.export`` cannot trace are evaluated eagerly instead, on real 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,8 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import _disable_current_modes
+
+from .snapshot import ModelSnapshot
 
 logger = logging.getLogger("adacache_fx.capture")
 
@@ -140,7 +144,9 @@ def capture(
     ``functional=True`` also functionalizes the graph (no op is decomposed): in-place updates, like a
     rotary embedding written into slices of ``empty_like``, become data edges. Regions cut *inside* a
     block need that; whole-block regions keep such updates inside the region, and the non-functional
-    graph runs about 10% faster in eager mode (compile and ONNX export functionalize anyway).
+    graph runs about 10% faster in eager mode (compile and ONNX export functionalize anyway). A forward
+    that writes a buffer (a lazy cache) is always functionalized: each write is then one ``copy_`` into
+    the buffer at the end of the graph, from a value the graph computes (see ``hoist_buffer_writes``).
 
     ``static_inputs`` names tensor inputs to specialize (see the module docstring; more may be
     found), ``fold=True`` evaluates input-independent tensors eagerly from the start. The result says
@@ -158,7 +164,7 @@ def capture(
         program, failure = None, error
     if failure is not None or _reads_on_host(program):
         program, static = _specialize(exporter, program, failure, static)
-    if functional:
+    if functional or exporter.written:  # written buffers: one write each at the end of the graph
         with torch.no_grad():
             program = program.run_decompositions({})
     gm = _strip_export_wrappers(program.module())
@@ -219,6 +225,9 @@ class _Exporter:
         self.named = named_leaves(self.args, self.kwargs)
         self.tensors = {n: leaf for n, leaf in self.named if isinstance(leaf, torch.Tensor)}
         self.read: set[str] = set()  # the static inputs the last export read on the host
+        self.written: list[str] = []  # the buffers the last export's forward wrote in place
+        # Every attempt starts from the model as the user handed it over and leaves it so.
+        self.snapshot = ModelSnapshot.take(model)
 
     def __call__(self, static: list[str]):
         program, fakes = self._export(static)
@@ -241,10 +250,12 @@ class _Exporter:
         fold = self.fold or bool(static)  # what the static values compute may be cached by the model
         mode = _StaticEvaluation({n: self.tensors[n] for n in static}, fold)
         buffers = dict(self.model.named_buffers())
+        versions: dict[str, tuple[torch.Tensor, int]] = {}
 
         def enter(module, call_args, call_kwargs):
             call = pytree.tree_map(lambda leaf: markers.get(leaf, leaf) if isinstance(leaf, str) else leaf,
                                    (call_args, call_kwargs))
+            versions.update((name, (b, b._version)) for name, b in module.named_buffers())
             if fold:  # the export swapped fake buffers in: evaluate with the real ones
                 for name, fake in module.named_buffers():
                     if name in buffers and fake is not buffers[name]:
@@ -256,11 +267,12 @@ class _Exporter:
         def leave(module, call_args, output):
             if fold:
                 mode.__exit__(None, None, None)
+            self.written = [name for name, (b, version) in versions.items() if b._version != version]
 
         handles = [self.model.register_forward_pre_hook(enter, with_kwargs=True, prepend=True),
                    self.model.register_forward_hook(leave, always_call=True)]
         try:
-            with torch.no_grad(), warnings.catch_warnings(), torch._export.config.patch(
+            with torch.no_grad(), warnings.catch_warnings(), _without_partial_graphs(), torch._export.config.patch(
                 error_on_lifted_constant_tensors=False
             ):
                 warnings.filterwarnings("ignore", message="We found a fake tensor in the exported program")
@@ -268,9 +280,25 @@ class _Exporter:
         finally:
             for handle in handles:
                 handle.remove()
+            self._restore(locals().get("program"))
         self.read = mode.read
         fakes = [n for n, value in program.constants.items() if isinstance(value, FakeTensor)]
         return program, fakes
+
+    def _restore(self, program) -> None:
+        """Put the model back as it was before the attempt. A constant of the program that views a buffer
+        the trace wrote (a lazy cache filled while evaluated eagerly) keeps the value it had: a copy."""
+        written = {b.untyped_storage().data_ptr() for b in self.snapshot.written_buffers()}
+        if program is not None and written:
+            for name, value in program.constants.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) \
+                        and value.untyped_storage().data_ptr() in written:
+                    program.constants[name] = value.clone()
+        left = self.snapshot.restore()
+        if left:
+            raise CaptureError(f"adacache_fx could not capture {self.name} without changing it: its forward wrote "
+                               f"{', '.join(left)} while it was traced, which cannot be undone. What you can do: "
+                               "compute that value outside the forward, or keep it in a buffer.")
 
 
 class _StaticEvaluation(TorchFunctionMode):
@@ -291,6 +319,12 @@ class _StaticEvaluation(TorchFunctionMode):
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
         sources = [self.sources.get(id(t), (None, None)) for t in tensors]
+        written = [t for t in _mutated(func, args, kwargs) if id(t) in self.real]
+        if written:  # a buffer written in the forward (a lazy cache): the trace records the write, and
+            for buffer in written:  # later reads see the written value, not the real buffer's
+                self.sources.pop(id(buffer), None)
+                self.real.pop(id(buffer), None)
+            return func(*args, **kwargs)
         if (
             (tensors or self.fold)
             and all(known is t for (known, _), t in zip(sources, tensors))
@@ -309,6 +343,47 @@ class _StaticEvaluation(TorchFunctionMode):
                     self.sources[id(leaf)] = (leaf, inputs)
             return out
         return func(*args, **kwargs)
+
+
+class _DropPartialGraphs:
+    """``sys.stderr`` without the partial graph ``torch.export`` prints before raising: an attempt that
+    fails is expected here (the retries), and the error that matters is raised with context."""
+
+    def __init__(self, stream):
+        self.stream, self.dropped = stream, False
+
+    def write(self, text):
+        dropped, self.dropped = self.dropped, text.lstrip().startswith("def forward(")
+        if self.dropped or (dropped and not text.strip()):  # the graph, and the line end print adds
+            return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _without_partial_graphs():
+    stream = sys.stderr
+    sys.stderr = _DropPartialGraphs(stream)
+    try:
+        yield
+    finally:
+        sys.stderr = stream
+
+
+def _mutated(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors a torch function writes in place: ``self`` of an in-place method or ``__setitem__``,
+    ``out=``."""
+    name = getattr(func, "__name__", "")
+    written = []
+    if args and isinstance(args[0], torch.Tensor) and (
+        name == "__setitem__" or (name.endswith("_") and not name.startswith("__")) or name.startswith("__i")
+    ):
+        written.append(args[0])
+    out = kwargs.get("out")
+    written += [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def _data_dependent(error: BaseException | None) -> bool:

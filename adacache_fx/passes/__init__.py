@@ -25,6 +25,7 @@ from .drop_identities import drop_identities
 from .find_blocks import Block, find_blocks
 from .frame_layout import moreg_layout
 from .graph_utils import PassError
+from .hoist_buffer_writes import hoist_buffer_writes
 from .insert_cache import insert_cache
 from .layout_barriers import insert_layout_barriers
 from .plan_regions import MetricSite, Region, plan_metric, plan_regions
@@ -65,6 +66,11 @@ class Stage:
 
 def _drop_identities(ctx: PassContext) -> str:
     return f"{drop_identities(ctx.graph_module)} no-op nodes dropped"
+
+
+def _hoist_buffer_writes(ctx: PassContext) -> str:
+    moved = hoist_buffer_writes(ctx.graph_module)
+    return f"values written into {moved} computed before the blocks" if moved else "no buffer written: skipped"
 
 
 def _find_blocks(ctx: PassContext) -> str:
@@ -129,6 +135,7 @@ def _layout_barriers(ctx: PassContext) -> str:
 #: The stages, in order. Layout barriers stay last: they pin the operands of the final cond nodes.
 PIPELINE: tuple[Stage, ...] = (
     Stage("drop_identities", _drop_identities),
+    Stage("hoist_buffer_writes", _hoist_buffer_writes),
     Stage("find_blocks", _find_blocks),
     Stage("plan_regions", _plan_regions),
     Stage("plan_metric", _plan_metric),

@@ -18,6 +18,7 @@ import torch.fx as fx
 from .find_blocks import Block
 from .find_streams import Stream, pair_streams, primary_stream
 from .graph_utils import PassError, fake, live_ins, passthrough_source, positions
+from .hoist_buffer_writes import written_buffer
 
 
 @dataclass
@@ -160,6 +161,14 @@ def plan_regions(graph: fx.Graph, blocks: list[Block], granularity: str = "stack
             regions.append(region)
             continue
         if len(run) == 1:
+            written = {n.name: written_buffer(n) for n in unpaired if written_buffer(n) is not None}
+            if written:
+                raise PassError(
+                    f"block {run[0].path} writes the buffers {sorted(set(written.values()))} from values it computes "
+                    f"from the call's inputs ({sorted(written)}): a cached step would not write them, and the "
+                    "next call would read stale values; it cannot be cached. What you can do: keep that state "
+                    "outside the transformed call, or compute it from the model's own weights only"
+                )
             shapes = [tuple(fake(n).shape) if fake(n) is not None else None for n in unpaired]
             raise PassError(
                 f"block {run[0].path} hands on values that are not residual updates of a stream that "
