@@ -13,6 +13,7 @@ from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
 from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus, calibrate_teacache
 from .capture import CaptureError
+from .check import CheckReport, check
 from .config import AdaCacheConfig, CacheConfig, MoRegConfig
 from .module import CachedModel, TransformError
 from .policies import AdaCachePlusConfig, MagCacheConfig, TeaCacheConfig
@@ -38,6 +39,7 @@ __all__ = [
     "CacheConfig",
     "CachedModel",
     "CaptureError",
+    "CheckReport",
     "FirstBlockCacheConfig",
     "MagCacheConfig",
     "MoRegConfig",
@@ -49,6 +51,7 @@ __all__ = [
     "calibrate_magnitudes",
     "calibrate_plus",
     "calibrate_teacache",
+    "check",
     "compile",
     "disable",
     "enable",

@@ -121,6 +121,8 @@ class CachedModel(nn.Module):
         # the host (specialized) and whether input-independent tensors are evaluated eagerly.
         self._static_inputs: tuple[str, ...] = tuple(config.static_inputs)
         self._fold_constants = False
+        self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
+        self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -242,10 +244,16 @@ class CachedModel(nn.Module):
         capture (small tensors the model reads on the host)."""
         return self._static_inputs
 
+    @property
+    def traced_scalars(self) -> tuple[str, ...]:
+        """The Python int arguments that are symbolic inputs of the captured graphs (their values are not
+        part of the signature key: a timestep passed as an int)."""
+        return self._traced_scalars
+
     def signature_key(self, args: tuple, kwargs: dict) -> SignatureKey:
         """The key of a call: its input signature (static inputs' values included) and the weights'
         dtype and device."""
-        call = signature(args, kwargs, self._static_inputs)
+        call = signature(args, kwargs, self._static_inputs, self._traced_scalars)
         param = next(self.model.parameters(), None)
         if param is None:
             return SignatureKey(call, None, "cpu")
@@ -256,11 +264,15 @@ class CachedModel(nn.Module):
         if group is not None:
             check_same_call(group, key.call)
         captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
-                           static_inputs=self._static_inputs, fold=self._fold_constants)
+                           static_inputs=self._static_inputs, fold=self._fold_constants,
+                           static_scalars=self._static_scalars)
         self._fold_constants = captured.folded
+        self._static_scalars = captured.static_scalars
         found = tuple(n for n in captured.static_inputs if n not in self._static_inputs)
-        if found:  # the key now holds their values
+        traced = tuple(n for n in captured.traced_scalars if n not in self._traced_scalars)
+        if found or traced:  # the key now holds the found inputs' values, and not the traced ints'
             self._static_inputs += found
+            self._traced_scalars += traced
             key = self.signature_key(args, kwargs)
         try:
             result = rewrite(captured.graph_module, self.adacache_config, group)

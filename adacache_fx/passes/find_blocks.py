@@ -5,7 +5,9 @@ container that is never called itself, i.e. a ``ModuleList``), taking the outerm
 that ``blocks.3.attn.to_out.0`` belongs to ``blocks.3``. Of all block lists, the ones closest to the
 model root form the stack (a list nested in an embedder, like a text refiner, does not); several
 lists at that depth (double- then single-stream blocks, interleaved spatial and temporal blocks) are
-merged in execution order.
+merged in execution order. A list none of whose blocks updates a stream (a ModuleList of projections,
+one per text-encoder layer: no value leaving a block has the type of a value entering it) is not part
+of the stack: it is left out, not refused.
 
 Entry glue: a block whose residual stream starts at a value it computes from outside values without
 any of its parameters (the split of a context-parallel plan whose hook sits on the first block, so
@@ -15,11 +17,15 @@ they are glue before the block, and the slice is the stream that enters it. Rewr
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from .find_streams import pair_streams
 from .graph_utils import PassError, live_outs, positions, residual_walk
+
+logger = logging.getLogger("adacache_fx.passes")
 
 
 @dataclass
@@ -65,19 +71,32 @@ def find_blocks(graph: fx.Graph) -> list[Block]:
             "no transformer block stack found: no node runs inside an indexed child of a module "
             "container (e.g. an nn.ModuleList of blocks)"
         )
+    pos = positions(graph)
+    nodes_of = {path: [n for n in order[start : end + 1] if n.op == "call_function"] for path, (start, end) in spans.items()}
+    lists: dict[str, list[str]] = {}
+    for path in spans:
+        lists.setdefault(path.rpartition(".")[0], []).append(path)
+    streamless = {parent for parent, paths in lists.items() if not any(_updates_a_stream(nodes_of[p], pos) for p in paths)}
+    if streamless and len(streamless) < len(lists):
+        logger.debug("left out of the block stack (no block updates a stream): %s", sorted(streamless))
+        spans = {path: span for path, span in spans.items() if path.rpartition(".")[0] not in streamless}
     depth = min(path.count(".") for path in spans)
     stack = sorted(((s, path) for path, s in spans.items() if path.count(".") == depth))
     blocks = []
-    for index, ((start, end), path) in enumerate(stack):
+    for index, ((start, _), path) in enumerate(stack):
         if index and start <= stack[index - 1][0][1]:
             raise PassError(f"blocks {stack[index - 1][1]} and {path} interleave in the graph")
-        nodes = [n for n in order[start : end + 1] if n.op == "call_function"]
-        blocks.append(Block(index, path, nodes))
-    pos = positions(graph)
+        blocks.append(Block(index, path, nodes_of[path]))
     for block in blocks:
         glue = entry_glue(block.nodes, pos)
         block.nodes = [n for n in block.nodes if n not in glue]
     return blocks
+
+
+def _updates_a_stream(nodes: list[fx.Node], pos: dict[fx.Node, int]) -> bool:
+    """Whether a value leaving these nodes updates a value that entered them (a residual stream)."""
+    streams, _ = pair_streams(nodes, pos)
+    return bool(streams)
 
 
 def entry_glue(nodes: list[fx.Node], pos: dict[fx.Node, int]) -> set[fx.Node]:
