@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check adacache_fx tests examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=25
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -8,16 +8,17 @@ module on first use; ``adacache_fx.export`` (ONNX, TensorRT) and ``adacache_fx.t
 reference model, CLI) are separate subpackages.
 """
 
+from . import policies as _policies
 from . import presets
 from .api import Report, StepRecord, report, reset, transform
 from .backends import compile
 from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus, calibrate_teacache
 from .capture import CaptureError
 from .check import CheckReport, check
-from .config import AdaCacheConfig, CacheConfig, MoRegConfig
+from .config import CacheConfig
 from .module import CachedModel, TransformError
-from .policies import AdaCachePlusConfig, MagCacheConfig, TeaCacheConfig
-from .policies.first_block import FirstBlockCacheConfig
+
+globals().update({name: getattr(_policies, name) for name in _policies.CONFIGS})  # every registered policy's config
 
 __version__ = "0.2.0"
 
@@ -34,18 +35,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AdaCacheConfig",
-    "AdaCachePlusConfig",
+    *_policies.CONFIGS,
     "CacheConfig",
     "CachedModel",
     "CaptureError",
     "CheckReport",
-    "FirstBlockCacheConfig",
-    "MagCacheConfig",
-    "MoRegConfig",
     "Report",
     "StepRecord",
-    "TeaCacheConfig",
     "TransformError",
     "calibrate",
     "calibrate_magnitudes",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import AdaCacheConfig, CacheConfig
+from .config import CacheConfig
 from .module import CachedModel
-from .policies import policy_class
+from .policies import AdaCacheConfig, policy_class
 from .state import Report, StepRecord
 
 __all__ = ["Report", "StepRecord", "cached_model", "report", "reset", "transform"]
@@ -20,7 +20,7 @@ def transform(model: nn.Module, config: CacheConfig | None = None) -> CachedMode
     called, compiled with ``torch.compile(..., fullgraph=True)`` or exported like the original.
 
     >>> import torch, adacache_fx
-    >>> from adacache_fx.testing import tiny_dit
+    >>> from adacache_fx.tools.fixtures import tiny_dit
     >>> model, make_inputs = tiny_dit()
     >>> cached = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=10))
     >>> outputs = [cached(**make_inputs(step)) for step in range(10)]

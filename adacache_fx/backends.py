@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from .api import transform
-from .config import AdaCacheConfig
 from .module import CachedModel, Program
+from .policies import AdaCacheConfig
 
 BACKENDS = ("inductor", "tensorrt")
 

@@ -12,10 +12,10 @@ what it saw:
   thresholds are scaled by the factor whose *predicted* number of computed steps is closest to
   ``N / target`` (the smallest such factor, i.e. the most conservative one).
 
-Prediction (:func:`predict_computed`) replays the decision rule of ``adacache_fx.policy`` on the recorded
-trajectories. Under caching, the metric at a compute step ``s`` compares the residual with the one of the
-previous compute step ``s - r`` and is divided by the rate ``r`` in force; only the step-to-step distances
-``d_j`` of the uncached run are known, so the replay approximates
+Prediction (:func:`predict_computed`) runs the policy's own tensor code on the recorded trajectories
+(:func:`adacache_fx.policies.replay.replay`: no rule is written twice). Under caching, the metric at a
+compute step ``s`` compares the residual with the one of the previous compute step ``s - r``; only the
+step-to-step distances ``d_j`` of the uncached run are known, so the replay approximates
 ``||p_s - p_{s-r}|| / ||p_{s-r}|| ~ d_{s-r+1} + ... + d_s`` (the triangle inequality as an equality: exact
 when the residual drifts in one direction, an over-estimate when it oscillates, in which case the real
 run computes fewer steps than predicted). The targets count computed steps; wall-clock speedups are a bit
@@ -30,9 +30,8 @@ compute). The codebooks are fitted without motion regularization: MoReg multipli
 
 :func:`calibrate_plus` fits the threshold of AdaCache+ (:class:`~adacache_fx.AdaCachePlusConfig`) for a
 target speedup the same way: :func:`predict_computed_plus` replays its rule on the recorded trajectories
-(the measured change at a compute step ``s`` after ``l`` approximated as above,
-``(d_{l+1} + ... + d_s) / (s - l)``) and :func:`fit_plus_threshold` takes the smallest threshold of a
-geometric grid whose predicted computed steps are closest to ``N / target``.
+and :func:`fit_plus_threshold` takes the smallest threshold of a geometric grid whose predicted computed
+steps are closest to ``N / target``.
 
 :func:`calibrate_magnitudes` measures the per-step magnitude ratios of MagCache
 (``MagCacheConfig(mag_ratios=...)``) instead: no codebook, no target. :func:`calibrate_teacache` fits
@@ -44,14 +43,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from . import presets
 from .api import report
-from .config import AdaCacheConfig, validate_codebook
-from .integrations.diffusers import disable, enable
+from .policies import AdaCacheConfig, AdaCachePlusConfig, TeaCacheConfig
+from .policies.adacache import validate_codebook
+from .policies.replay import mean_computed
 from .state import check_num_steps
 
 #: Rate bases of the official fast and slow codebooks (30 steps).
@@ -161,8 +162,6 @@ def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
     """Uncached generations (one per caption, generator seeded ``seed + i``): per caption and cache context,
     ``(signal, output)``, the relative L1 change from the step before of the first block's modulated input
     and of the transformer's output, at steps ``1..N`` (NaN at step 1)."""
-    from .policies.teacache import TeaCacheConfig
-
     def output_of(model, output):
         while not isinstance(output, torch.Tensor):
             output = output[0] if isinstance(output, (tuple, list)) else output.sample
@@ -171,7 +170,7 @@ def record_teacache(pipe, captions: Sequence[str], num_steps: int, seed: int = 0
     def pairs(cached, per_context):
         runs = []
         for context, seq in per_context.items():
-            signal = [math.nan if r.metric is None else r.metric for r in report(cached, context).steps]
+            signal = [math.nan if v is None else v for v in report(cached, context).column("rel")]
             if len(signal) != len(seq):
                 raise RuntimeError(f"cache context {context!r} recorded {len(signal)} steps for {len(seq)} "
                                    "transformer calls: one call per step and context is expected")
@@ -189,6 +188,8 @@ def _uncached_runs(pipe, make_config, captions, num_steps: int, seed: int, value
     """Generate each caption (generator seeded ``seed + i``) with ``make_config()`` enabled on the pipeline's
     transformer (restored afterwards). After every transformer call ``value(model, output)`` is recorded per
     cache context; after each generation ``collect(model, {context: values})`` returns that caption's runs."""
+    from .integrations.diffusers import disable, enable
+
     captions = _check_captions(captions)
     check_num_steps(num_steps)
     _check_pipe(pipe)
@@ -213,40 +214,18 @@ def _uncached_runs(pipe, make_config, captions, num_steps: int, seed: int, value
     return runs
 
 
-def teacache_schedule(signal: Sequence[float], config, num_steps: int) -> list[int]:
-    """The compute steps of TeaCache's rule (``config``: a :class:`~adacache_fx.TeaCacheConfig`) replayed
-    on an uncached run's ``signal`` (see :func:`record_teacache`), in float32 as the graph. A prediction:
-    once a step is cached, the latents, and so the signal, of the real run differ from the uncached one's."""
-    f32 = np.float32
-    acc, computed = f32(0.0), []
-    for s in range(1, num_steps + 1):
-        if s <= max(1, config.warmup_steps) or s == num_steps:
-            acc = f32(0.0)
-            computed.append(s)
-            continue
-        x, rescaled = f32(signal[s - 1]), f32(0.0)
-        for c in config.coefficients:  # Horner, as TeaCachePolicy.rescale
-            rescaled = f32(f32(rescaled * x) + f32(c))
-        acc = f32(acc + rescaled)
-        if not acc < f32(config.threshold):  # a NaN computes, as in the graph
-            acc = f32(0.0)
-            computed.append(s)
-    return computed
-
-
 def fit_teacache_threshold(signals: Sequence[Sequence[float]], config, target: float) -> float:
-    """The TeaCache threshold whose replayed computed steps (:func:`teacache_schedule` on ``signals``) come
-    closest to ``N / target`` (the smallest such), for ``config`` (its ``num_steps``, ``coefficients``,
-    ``warmup_steps``)."""
+    """The TeaCache threshold whose replayed computed steps (its rule on ``signals``, the per-step changes
+    :func:`record_teacache` reads, NaN at step 1) come closest to ``N / target`` (the smallest such), for
+    ``config`` (its ``num_steps``, ``coefficients``, ``warmup_steps``)."""
     n = config.num_steps
     if n is None:
         raise ValueError("fit_teacache_threshold needs config.num_steps")
     max_target = n / len(set(range(1, min(n, max(1, config.warmup_steps)) + 1)) | {n})  # only the forced steps
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= max_target:
         raise ValueError(f"target speedup must be a number in [1, {max_target:.2f}] for {n} steps, got {target!r}")
-    cls, fields_ = config.__class__, _fields(config)
-    return _closest_threshold(lambda t: float(np.mean([
-        len(teacache_schedule(signal, cls(**{**fields_, "threshold": t}), n)) for signal in signals])), n / float(target))
+    changes = [list(signal)[1:] for signal in signals]  # step s's change at index s - 2
+    return _closest_threshold(lambda t: mean_computed(replace(config, threshold=t), changes, n), n / float(target))
 
 
 def _closest_threshold(predicted_computed, wanted: float) -> float:
@@ -265,8 +244,6 @@ def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float,
     >>> config.threshold > 0
     True
     """
-    from .policies.adacache_plus import AdaCachePlusConfig
-
     config = AdaCachePlusConfig(num_steps=num_steps, **rule)
     trajectories = record_metrics(pipe, captions, num_steps, seed=seed, metric_block=config.metric_block,
                                   metric_branch=config.metric_branch)
@@ -277,31 +254,7 @@ def calibrate_plus(pipe, captions: Sequence[str], num_steps: int, target: float,
 def predict_computed_plus(trajectories: Sequence[Sequence[float]], config, num_steps: int | None = None) -> float:
     """Mean number of computed steps of the AdaCache+ rule of ``config`` replayed on ``trajectories``
     (see :func:`record_metrics`) with N = ``num_steps`` (default ``config.num_steps``)."""
-    n = num_steps or config.num_steps
-    counts = []
-    for d in trajectories:
-        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=np.inf)  # the graph computes on a NaN change
-        counts.append(len(plus_schedule(lambda s, last, d=d: d[last - 1: s - 1].sum() / (s - last), config, n)))
-    return float(np.mean(counts))
-
-
-def plus_schedule(change, config, num_steps: int) -> list[int]:
-    """The compute steps of the AdaCache+ rule (plain Python, float32 accumulation as in the graph), with
-    ``change(s, last)`` the measured per-step change at compute step ``s`` whose previous one is ``last``."""
-    f32 = np.float32
-    retention = config.retention_steps(num_steps)
-    c, acc, run, last, computed = f32(np.inf), f32(0.0), 0, 1, []
-    for s in range(1, num_steps + 1):
-        forced = s <= retention or s > num_steps - config.final_steps
-        new_acc = f32(acc + c)
-        if not forced and new_acc <= f32(config.threshold) and run + 1 <= config.max_skip_steps:
-            acc, run = new_acc, run + 1
-            continue
-        if s > 1:
-            c = f32(change(s, last))
-        acc, run, last = f32(0.0), 0, s
-        computed.append(s)
-    return computed
+    return mean_computed(config, trajectories, num_steps or config.num_steps)
 
 
 def fit_plus_threshold(trajectories: Sequence[Sequence[float]], config, target: float) -> float:
@@ -310,19 +263,12 @@ def fit_plus_threshold(trajectories: Sequence[Sequence[float]], config, target: 
     n = config.num_steps
     if n is None:
         raise ValueError("fit_plus_threshold needs config.num_steps")
-    most = len(plus_schedule(lambda s, last: 0.0, config.__class__(**{**_fields(config), "threshold": 1.0}), n))
+    most = mean_computed(replace(config, threshold=1.0), [[0.0] * (n - 1)], n)  # nothing changes: the fewest
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 1.0 <= target <= n / most:
         raise ValueError(f"target speedup must be a number in [1, {n / most:.2f}] for {n} steps with "
                          f"this retention, final steps and K, got {target!r}")
-    cls, fields_ = config.__class__, _fields(config)
-    return _closest_threshold(lambda t: predict_computed_plus(trajectories, cls(**{**fields_, "threshold": t}), n),
+    return _closest_threshold(lambda t: predict_computed_plus(trajectories, replace(config, threshold=t), n),
                               n / float(target))
-
-
-def _fields(config) -> dict:
-    from dataclasses import fields
-
-    return {f.name: getattr(config, f.name) for f in fields(config)}
 
 
 def _check_pipe(pipe) -> None:
@@ -341,6 +287,8 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0,
     relative L1 distance between the metric residuals of steps ``s - 1`` and ``s``, read where
     ``metric_block`` / ``metric_branch`` say (as in :class:`~adacache_fx.CacheConfig`).
     """
+    from .integrations.diffusers import disable, enable
+
     captions = _check_captions(captions)
     check_num_steps(num_steps)
     _check_pipe(pipe)
@@ -353,7 +301,7 @@ def record_metrics(pipe, captions: Sequence[str], num_steps: int, seed: int = 0,
             pipe(prompt=caption, num_inference_steps=num_steps, generator=generator)
             for context in cached.generation_contexts:  # e.g. "cond" and "uncond" of CFG, or "default"
                 steps = report(cached, context).steps
-                trajectories.append([math.nan if r.metric is None else r.metric for r in steps[1:]])
+                trajectories.append([math.nan if r["metric"] is None else r["metric"] for r in steps[1:]])
     finally:
         disable(pipe)
     if not trajectories:
@@ -396,23 +344,8 @@ def predict_computed(
     trajectories: Sequence[Sequence[float]], codebook, num_steps: int, warmup_steps: int = 0
 ) -> float:
     """Mean number of computed steps when ``codebook`` decides on the recorded trajectories (see module doc)."""
-    codebook = validate_codebook(codebook)
-    thresholds, rates = np.asarray(list(codebook)), list(codebook.values())
-    counts = []
-    for d in trajectories:
-        d = np.nan_to_num(np.asarray(d, dtype=np.float64), nan=0.0)
-        rate, next_compute, last, computed = 1, 1, 1, 0
-        for s in range(1, num_steps + 1):
-            if not (s <= max(1, warmup_steps) or s >= num_steps - 1 or s >= next_compute):
-                continue
-            computed += 1
-            if s > 1:
-                c = d[last - 1 : s - 1].sum() / (s - last)  # d[j - 2] is the distance between steps j - 1 and j
-                rate = rates[min(int((c >= thresholds).sum()), len(rates) - 1)]
-                last = s
-            next_compute = s + rate
-        counts.append(computed)
-    return float(np.mean(counts))
+    config = AdaCacheConfig(num_steps=num_steps, codebook=validate_codebook(codebook), warmup_steps=warmup_steps)
+    return mean_computed(config, trajectories, num_steps)
 
 
 def max_speedup(num_steps: int, warmup_steps: int = 0, max_rate: int | None = None) -> float:

@@ -5,23 +5,28 @@ tells whether capturing left the model's state as it was, and runs the untransfo
 transform side by side over a few calls with varied timesteps:
 
 >>> import adacache_fx
->>> from adacache_fx.testing import tiny_dit
->>> model, make_inputs = tiny_dit()
+>>> from adacache_fx.tools.fixtures import build
+>>> model, make_inputs = build("wan")  # a tiny diffusers WanTransformer3DModel
 >>> result = adacache_fx.check(model, **make_inputs(0))
 >>> result.ok, result.max_diff
 (True, 0.0)
+
+A model with an eager-only fast path (``nn.MultiheadAttention`` under ``torch.no_grad()``) differs by
+rounding; the report's ``notes`` say why (:mod:`adacache_fx.capture.fastpaths`).
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .config import AdaCacheConfig
+from .capture import fast_path_note
+from .policies import AdaCacheConfig
 from .presets import NEVER
 from .snapshot import ModelSnapshot
 
@@ -43,6 +48,7 @@ class CheckReport:
     blocks: list[str] = field(default_factory=list)
     regions: list[str] = field(default_factory=list)
     varied: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def max_diff(self) -> float:
@@ -64,6 +70,7 @@ class CheckReport:
         lines += [f"  {i:>4}  {t:>12}  {d:.3g}" for i, (t, d) in enumerate(zip(self.timesteps, self.diffs), 1)]
         if self.varied is None:
             lines.append("  (no timestep input found: every call used the same inputs; name it with vary=)")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -90,7 +97,8 @@ def check(model: nn.Module, *args, num_calls: int = 3, vary: str | None = None, 
                             static_inputs=tuple(static_inputs))
     snapshot = ModelSnapshot.take(model)
     cached = transform(model, config)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # what the capture warns about is in the report's notes
         program, _ = cached.prepare_call(tuple(copy.deepcopy(args)), copy.deepcopy(calls[0]))
     changes = snapshot.changes()
     diffs = []
@@ -100,8 +108,9 @@ def check(model: nn.Module, *args, num_calls: int = 3, vary: str | None = None, 
             expected = model(*copy.deepcopy(args), **copy.deepcopy(call))
             diffs.append(_max_diff(got, expected))
     shown = [_describe(call.get(name)) if name is not None else "same" for call in calls]
+    notes = [note] if (note := fast_path_note(model)) is not None else []
     return CheckReport(type(model).__name__, diffs, shown, changes, atol, cached.static_inputs,
-                       cached.traced_scalars, program.rewrite.blocks, program.rewrite.regions, name)
+                       cached.traced_scalars, program.rewrite.blocks, program.rewrite.regions, name, notes)
 
 
 def _with_timestep(kwargs: dict, name: str | None, factor: float) -> dict:

@@ -1,82 +1,19 @@
-"""Typed configuration objects for the AdaCache transform."""
+"""What every policy's config shares (:class:`CacheConfig`), and its dict round trip.
+
+Each policy's own config lives with its rule in :mod:`adacache_fx.policies` (``AdaCacheConfig`` and
+``MoRegConfig`` in ``policies/adacache.py``, ``MagCacheConfig`` in ``policies/magcache.py``, ...).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .state import check_num_steps
 
 GRANULARITIES = ("stack", "block", "branch")
 #: Version of the dictionaries written by ``to_dict``; ``from_dict`` reads this version.
 CONFIG_VERSION = 1
-
-
-def _default_codebook() -> dict[float, int]:
-    from .presets import FAST_30
-
-    return dict(FAST_30)
-
-
-@dataclass(frozen=True)
-class MoRegConfig:
-    """Motion regularization (MoReg): spend more compute on videos with more motion.
-
-    Args:
-        strides: frame strides ``i`` of the motion metric (averaged).
-        window: inclusive 1-based step window in which the motion metric is active; outside it m = 1.
-            ``None`` (default) scales it with N: ``(k, N - k)`` with ``k = N // 12 + 2`` (see
-            :meth:`window_for`), which gives the official ``(4, 26)`` at 30 steps and ``(10, 90)`` at 100.
-        power: ``(a, b, d)`` of the normalization ``m = ((m / a) ** b) / d``.
-        grad_scale: ``k`` of the motion gradient ``g = k * (m - m_prev) / r_prev``.
-        frames: number of latent frames T at the metric location; ``None`` infers it from the patch
-            embedding of the captured graph.
-    """
-
-    strides: tuple[int, ...] = (1,)
-    window: tuple[int, int] | None = None
-    power: tuple[float, float, float] = (0.385, 8.0, 1.0)
-    grad_scale: float = 10.0
-    frames: int | None = None
-
-    def __post_init__(self):
-        strides = tuple(int(s) for s in self.strides)
-        if not strides or min(strides) < 1:
-            raise ValueError(f"MoRegConfig.strides must be positive frame strides, got {self.strides!r}")
-        object.__setattr__(self, "strides", strides)
-        if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):
-            raise ValueError(
-                f"MoRegConfig.window must be (first, last) with first <= last, or None, got {self.window!r}"
-            )
-        if len(self.power) != 3 or self.power[0] <= 0 or self.power[2] == 0:
-            raise ValueError(f"MoRegConfig.power must be (a, b, d) with a > 0 and d != 0, got {self.power!r}")
-        if self.frames is not None and self.frames < 2:
-            raise ValueError(f"MoRegConfig.frames must be >= 2 (motion needs frames), got {self.frames}")
-        if self.window is not None:
-            object.__setattr__(self, "window", (int(self.window[0]), int(self.window[1])))
-        object.__setattr__(self, "power", tuple(float(p) for p in self.power))
-        object.__setattr__(self, "grad_scale", float(self.grad_scale))
-
-    def window_for(self, num_steps):
-        """The ``(first, last)`` step window for N = ``num_steps``: the one set, else ``(k, N - k)`` with
-        ``k = N // 12 + 2`` (integer arithmetic, so it also runs on a symbolic N inside a graph)."""
-        if self.window is not None:
-            return self.window
-        k = num_steps // 12 + 2
-        return k, num_steps - k
-
-    def to_dict(self) -> dict:
-        """A JSON-compatible dict that :meth:`from_dict` turns back into an equal config."""
-        window = None if self.window is None else list(self.window)
-        return {"strides": list(self.strides), "window": window, "power": list(self.power),
-                "grad_scale": self.grad_scale, "frames": self.frames}
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> MoRegConfig:
-        _check_keys(cls, data)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
 
 #: Forecast orders a cached step can use (``CacheConfig.extrapolation_order``).
 FORECAST_ORDERS = (0, 1, 2)
@@ -130,9 +67,6 @@ class CacheConfig:
     extrapolation_order: int = 0
     forecast_gain: float | str = 1.0
     static_inputs: Sequence[str] = ()
-
-    #: MoReg settings; only policies that regulate by motion set it (``AdaCacheConfig``).
-    moreg = None
 
     def __post_init__(self):
         if self.num_steps is not None:
@@ -208,47 +142,6 @@ class CacheConfig:
         return tuple(int(b) for b in self.metric_block)
 
 
-@dataclass(frozen=True)
-class AdaCacheConfig(CacheConfig):
-    """AdaCache: the cache rate follows the change of a block's residual (the paper's rule).
-
-    Takes every :class:`CacheConfig` argument (``num_steps``, ``metric_block``, ``metric_branch``,
-    ``granularity``, ``warmup_steps``, ``extrapolation_order``, ``static_inputs``) and:
-
-    Args:
-        codebook: ordered map ``{threshold: rate}``; the new cache rate is the rate of the first
-            threshold with ``c < threshold``, else the last rate. Default: ``presets.FAST_30``.
-        moreg: optional :class:`MoRegConfig`.
-        compute_steps: a forced schedule: the 1-based steps that compute; every other step reuses
-            the cache. Replaces the adaptive policy; must contain step 1.
-    """
-
-    codebook: Mapping[float, int] = field(default_factory=_default_codebook)
-    moreg: MoRegConfig | None = None
-    compute_steps: Sequence[int] | None = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        object.__setattr__(self, "codebook", validate_codebook(self.codebook))
-        if self.warmup_steps and self.compute_steps is not None:
-            raise ValueError("warmup_steps does not apply to a forced schedule: put those steps in compute_steps")
-        if self.compute_steps is not None:
-            steps = tuple(sorted({int(s) for s in self.compute_steps}))
-            if not steps or steps[0] != 1:
-                raise ValueError("compute_steps must contain step 1: the first step has nothing cached")
-            object.__setattr__(self, "compute_steps", steps)
-        if self.moreg is not None and not isinstance(self.moreg, MoRegConfig):
-            raise TypeError(f"moreg must be a MoRegConfig or None, got {type(self.moreg).__name__}")
-
-    @classmethod
-    def _decode_fields(cls, data: dict) -> dict:
-        if "codebook" in data:
-            data["codebook"] = {float(t): int(r) for t, r in data["codebook"]}
-        if data.get("moreg") is not None:
-            data["moreg"] = MoRegConfig.from_dict(data["moreg"])
-        return data
-
-
 def config_from_dict(data: Mapping) -> CacheConfig:
     """The config of any :class:`CacheConfig` subclass from the dict its ``to_dict`` wrote."""
     def subclasses(cls):
@@ -267,24 +160,3 @@ def _check_keys(cls, data: Mapping) -> None:
     unknown = sorted(set(data) - {f.name for f in fields(cls)})
     if unknown:
         raise ValueError(f"unknown {cls.__name__} fields {unknown}")
-
-
-def validate_codebook(codebook: Mapping[float, int]) -> dict[float, int]:
-    """Check a ``{threshold: rate}`` codebook: non-empty, thresholds increasing, rates positive ints."""
-    if isinstance(codebook, Mapping):
-        items = list(codebook.items())
-    else:
-        raise TypeError(f"codebook must be a mapping {{threshold: rate}}, got {type(codebook).__name__}")
-    if not items:
-        raise ValueError("codebook is empty: give at least one {threshold: rate} entry")
-    thresholds = [float(t) for t, _ in items]
-    if any(math.isnan(t) or t <= 0 for t in thresholds):
-        raise ValueError(f"codebook thresholds must be positive, got {thresholds}")
-    if any(b <= a for a, b in zip(thresholds, thresholds[1:])):
-        raise ValueError(f"codebook thresholds must be strictly increasing, got {thresholds}")
-    rates = []
-    for _, r in items:
-        if isinstance(r, bool) or int(r) != r or int(r) < 1:
-            raise ValueError(f"codebook rates must be integers >= 1, got {[r for _, r in items]}")
-        rates.append(int(r))
-    return dict(zip(thresholds, rates))

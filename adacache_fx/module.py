@@ -11,6 +11,9 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,12 +25,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .capture import CapturedGraph, capture, signature
+from .capture import CapturedGraph, capture, fast_path_note, signature
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
-from .policies import policy_class
 from .state import Report, StateLayout, StateStore, read_report
 
 
@@ -123,6 +125,8 @@ class CachedModel(nn.Module):
         self._fold_constants = False
         self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
+        self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
+        self._check_step_count(config.num_steps)
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -209,10 +213,31 @@ class CachedModel(nn.Module):
         """Start a new generation in the active context on the next call (every context if N changes).
         With fewer than 3 steps (a pipeline may run 2) every step computes."""
         self._store.begin_generation(num_steps)
+        self._check_step_count(num_steps)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
         self._store.reset(num_steps)
+        self._check_step_count(num_steps)
+
+    def _check_step_count(self, num_steps: int | None) -> None:
+        """Warn once per N when the policy's forced steps cover all N steps (nothing can be skipped)."""
+        if num_steps is None or num_steps < 3 or num_steps in self._steps_checked:
+            return  # fewer than 3 steps: the caller warns (every step computes by design)
+        self._steps_checked.add(num_steps)
+        from .policies.replay import nothing_to_skip
+
+        try:
+            forced = nothing_to_skip(self.adacache_config, num_steps)
+        except (ValueError, IndexError, RuntimeError):  # a rule that cannot be replayed at another N
+            return  # (MagCache's per-step ratios): the report shows its schedule
+        if forced is not None:
+            warnings.warn(
+                f"adacache_fx: with {num_steps} steps, {type(self.adacache_config).__name__} computes every "
+                f"step even when nothing changes (steps {forced}: the first and last steps its rule always "
+                "computes), so nothing is cached; use more steps or a config that forces fewer",
+                stacklevel=_user_stacklevel(),
+            )
 
     # -- hooks ------------------------------------------------------------------------------------
     def register_prepare_hook(self, hook: Callable[[CachedModel, tuple, dict], None]) -> RemovableHandle:
@@ -267,6 +292,8 @@ class CachedModel(nn.Module):
                            static_inputs=self._static_inputs, fold=self._fold_constants,
                            static_scalars=self._static_scalars)
         self._fold_constants = captured.folded
+        if not self._programs and (note := fast_path_note(self.model)) is not None:
+            warnings.warn(f"adacache_fx: {note}", stacklevel=_user_stacklevel())
         self._static_scalars = captured.static_scalars
         found = tuple(n for n in captured.static_inputs if n not in self._static_inputs)
         traced = tuple(n for n in captured.traced_scalars if n not in self._traced_scalars)
@@ -344,7 +371,6 @@ class CachedModel(nn.Module):
         last = self._store.last(context)
         return None if last is None else last[1]
 
-    current_state = state  # the name used before 0.2
 
     def program(self, context: str | None = None) -> Program | None:
         """The program of the signature last used in ``context`` (default: the active one)."""
@@ -369,5 +395,13 @@ class CachedModel(nn.Module):
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")
-        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites,
-                           policy_class(self.adacache_config).history_columns)
+        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning raised here that points at the first caller outside adacache_fx."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

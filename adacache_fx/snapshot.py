@@ -8,7 +8,7 @@ longer computes what the user's model computes. :class:`ModelSnapshot` records, 
 * its attributes (``__dict__``: identity of each value, and the contents of plain containers and plain
   objects held there, a few levels down),
 * its parameters, buffers and children (identity), and the buffers' values,
-* the ``functools.lru_cache`` functions of the Python modules that define its classes (their sizes),
+* the ``functools.lru_cache`` functions of the Python modules that define its classes (their miss counts),
 * the plain containers among those Python modules' globals,
 
 and :meth:`ModelSnapshot.restore` puts all of it back: attributes set, added or deleted, containers
@@ -77,7 +77,7 @@ class ModelSnapshot:
                 if isinstance(value, (dict, list, set)):
                     snap._record(value, 1)
             for cache_name, cache in _lru_caches(python_module):
-                snap.caches.setdefault(id(cache), (cache_name, cache, cache.cache_info().currsize))
+                snap.caches.setdefault(id(cache), (cache_name, cache, cache.cache_info().misses))
         return snap
 
     def _record(self, value, depth: int) -> None:
@@ -119,8 +119,8 @@ class ModelSnapshot:
         for name, param, version in self.parameters.values():
             if param._version != version:
                 found.append(f"parameter {name} written")
-        for name, cache, size in self.caches.values():
-            if cache.cache_info().currsize != size:
+        for name, cache, misses in self.caches.values():
+            if cache.cache_info().misses > misses:  # an entry computed since (a cleared cache only recomputes)
                 found.append(f"lru_cache {name} filled")
         return found
 
@@ -155,10 +155,10 @@ class ModelSnapshot:
         for name, param, version in self.parameters.values():
             if param._version != version:
                 left.append(f"parameter {name} written")
-        for name, cache, size in self.caches.values():
-            if cache.cache_info().currsize != size:
+        for name, cache, misses in self.caches.values():
+            if cache.cache_info().misses > misses:
                 cache.cache_clear()  # entries cannot be removed one by one; a cache recomputes them
-                self.caches[id(cache)] = (name, cache, 0)
+                self.caches[id(cache)] = (name, cache, 0)  # clearing also resets the miss count
         return left
 
 

@@ -15,15 +15,11 @@ module is the one place that knows what the state is:
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterator
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
-#: Columns of the ``history`` state tensor, one row per step of a generation.
-HISTORY_COLUMNS = ("computed", "metric", "motion", "rate")
-#: What AdaCache records in history columns 1-3, the names a policy keeps unless it says otherwise.
-DEFAULT_REPORT_COLUMNS = HISTORY_COLUMNS[1:]
 #: The cache context used outside any ``cache_context(...)`` block.
 DEFAULT_CONTEXT = "default"
 
@@ -45,9 +41,10 @@ def dtype_from_name(name: str) -> torch.dtype:
 class StateSpec:
     """One state tensor.
 
-    ``shape=None`` is the ``[N, len(HISTORY_COLUMNS)]`` history (its rows depend on the number of steps
-    N); ``returned=False`` marks a tensor the graph reads but never updates; ``cache=True`` one that
-    holds cached activations (counted as cache memory by reports).
+    ``shape=None`` is the history, one row per step (its rows depend on the number of steps N): a
+    ``computed`` column, then one per name of ``columns`` (the policy's ``history_columns``);
+    ``returned=False`` marks a tensor the graph reads but never updates; ``cache=True`` one that holds
+    cached activations (counted as cache memory by reports).
     """
 
     name: str
@@ -56,21 +53,23 @@ class StateSpec:
     fill: float
     returned: bool = True
     cache: bool = False
+    columns: tuple[str, ...] = ()
 
     def shape_for(self, num_steps: int) -> tuple[int, ...]:
-        return (num_steps, len(HISTORY_COLUMNS)) if self.shape is None else tuple(self.shape)
+        return (num_steps, 1 + len(self.columns)) if self.shape is None else tuple(self.shape)
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "shape": None if self.shape is None else list(self.shape),
             "dtype": dtype_name(self.dtype), "fill": float(self.fill), "returned": self.returned, "cache": self.cache,
+            "columns": list(self.columns),
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> StateSpec:
         shape = None if data["shape"] is None else tuple(int(d) for d in data["shape"])
         return cls(data["name"], shape, dtype_from_name(data["dtype"]), float(data["fill"]), bool(data["returned"]),
-                   bool(data["cache"]))
+                   bool(data["cache"]), tuple(data.get("columns", ())))
 
 
 @dataclass(frozen=True)
@@ -268,16 +267,18 @@ class StateStore:
 # -- report --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepRecord:
-    """One step of a generation. ``metric`` / ``motion`` are None where no metric was measured;
-    ``nonfinite`` marks a compute step whose metric was NaN or infinite (the policy then chose its most
-    conservative rate)."""
+    """One step of a generation: whether it computed, and what the policy recorded, by the policy's own
+    column names (``record["metric"]``; None where nothing was measured). ``nonfinite`` marks a compute
+    step after the first whose first column (AdaCache's metric) is NaN or infinite (AdaCache then chose
+    its most conservative rate)."""
 
     step: int
     computed: bool
-    metric: float | None
-    motion: float | None
-    rate: int
+    values: Mapping[str, float | None] = field(default_factory=dict)
     nonfinite: bool = False
+
+    def __getitem__(self, name: str) -> float | None:
+        return self.values[name]
 
 
 @dataclass(frozen=True)
@@ -290,8 +291,8 @@ class Report:
     cache_bytes: int
     regions: list[str]
     metric_sites: list[str]
-    #: What the policy records in ``metric``, ``motion`` and ``rate`` (``Policy.history_columns``).
-    columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS
+    #: What the policy records (its ``history_columns``), after ``computed``.
+    columns: tuple[str, ...] = ()
 
     @property
     def computed_steps(self) -> list[int]:
@@ -301,19 +302,29 @@ class Report:
     def num_computed(self) -> int:
         return len(self.computed_steps)
 
+    def column(self, name: str) -> list[float | None]:
+        """One recorded column, step by step."""
+        return [r.values[name] for r in self.steps]
+
     def __str__(self) -> str:
-        rows = [(r.step, "yes" if r.computed else "cached",
-                 "non-finite" if r.nonfinite else "" if r.metric is None else f"{r.metric:.4f}",
-                 "" if r.motion is None else f"{r.motion:.4f}", str(r.rate)) for r in self.steps]
+        def shown(r: StepRecord, name: str) -> str:
+            value = r.values.get(name)
+            if r.nonfinite and name == self.columns[0]:
+                return "non-finite"
+            if value is None:
+                return ""
+            return str(int(value)) if float(value).is_integer() and abs(value) < 1e9 else f"{value:.4f}"
+
         header = ("step", "computed", *self.columns)
-        shown = [i for i, name in enumerate(header) if name is not None]
-        widths = {i: max([len(header[i]), *(len(str(row[i])) for row in rows)]) for i in shown}
+        rows = [(str(r.step), "yes" if r.computed else "cached", *(shown(r, c) for c in self.columns))
+                for r in self.steps]
+        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
         lines = [
             f"adacache_fx report ({self.context}): {self.num_computed}/{len(self.steps)} steps computed, "
             f"cache {self.cache_bytes / 2**20:.2f} MiB, regions {self.regions}, metric at {self.metric_sites}",
-            " ".join(f"{header[i]:>{widths[i]}}" for i in shown),
+            " ".join(f"{h:>{w}}" for h, w in zip(header, widths)),
         ]
-        lines += [" ".join(f"{row[i]!s:>{widths[i]}}" for i in shown) for row in rows]
+        lines += [" ".join(f"{v:>{w}}" for v, w in zip(row, widths)) for row in rows]
         return "\n".join(lines)
 
 
@@ -321,19 +332,18 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def read_report(
-    state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str], metric_sites: list[str],
-    columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS,
-) -> Report:
-    """Read a state's history on the host (after a generation, never inside one); ``columns`` names what
-    the policy records (``Policy.history_columns``)."""
+def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str],
+                metric_sites: list[str]) -> Report:
+    """Read a state's history on the host (after a generation, never inside one); its columns are
+    named by the layout's history spec (the policy's ``history_columns``)."""
+    columns = layout.spec("history").columns
     done = int(state["step"])
     steps = []
-    for i, (computed, metric, motion, rate) in enumerate(state["history"][:done].tolist()):
+    for i, (computed, *values) in enumerate(state["history"][:done].tolist()):
         computed = bool(computed)
         has_metric = computed and i > 0  # every compute step after the first measures the metric
-        steps.append(StepRecord(i + 1, computed, _finite_or_none(metric), _finite_or_none(motion), int(rate),
-                                nonfinite=has_metric and not math.isfinite(metric)))
+        first = values[0] if values else 0.0
+        steps.append(StepRecord(i + 1, computed, dict(zip(columns, map(_finite_or_none, values))),
+                                nonfinite=has_metric and not math.isfinite(first)))
     cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
-    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites),
-                  tuple(columns))
+    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites), columns)

@@ -10,9 +10,9 @@ import torch
 from helpers import assert_compiled_and_exported, hand_reference, max_diff, run_steps
 
 import adacache_fx as ax
-from adacache_fx.calibrate import fit_plus_threshold, plus_schedule, predict_computed_plus
-from adacache_fx.testing import tiny_dit
-from adacache_fx.tools.fixtures import build
+from adacache_fx.calibrate import fit_plus_threshold, predict_computed_plus
+from adacache_fx.policies.replay import schedule
+from adacache_fx.tools.fixtures import build, tiny_dit
 
 f32 = np.float32
 
@@ -42,7 +42,7 @@ def residuals(model, make_inputs, num_steps, **config):
     with torch.no_grad():
         for s in range(num_steps):
             cached(**make_inputs(s))
-            kept.append(cached.current_state()["p_prev_0"].clone())
+            kept.append(cached.state()["p_prev_0"].clone())
     assert ax.report(cached).computed_steps == list(range(1, num_steps + 1))
     return kept
 
@@ -57,16 +57,16 @@ def measured_change(kept):
 
 def policy_schedule(config, num_steps, change, generations=1):
     """The policy's decisions, its tensor code called directly with metric parts from ``change``."""
-    policy = ax.policies.AdaCachePlusPolicy(config, 1)
+    policy = ax.policies.AdaCachePlusPolicy(config)
     state = {spec.name: torch.full(spec.shape, spec.fill, dtype=spec.dtype) for spec in policy.state_specs()}
-    step, n, history = torch.tensor(0), torch.tensor(num_steps), torch.full((num_steps, 4), math.nan)
+    step, n = torch.tensor(0), torch.tensor(num_steps)
     computed, last = [], 1
     for _ in range(num_steps * generations):
         s, compute, state = policy.decide(step, n, state)
         parts = torch.zeros(2)
         if bool(compute) and int(s) > 1:
             parts = torch.tensor([change(int(s), last) * (int(s) - last), 1.0])
-        state, history = policy.update(s, compute, [parts], state, history)
+        state, _ = policy.update(s, compute, [parts], state, n)
         step = s
         if bool(compute):
             computed.append(int(s))
@@ -95,9 +95,16 @@ def test_policy_and_replay_equal_the_reference_over_parameters():
                         expected = reference_schedule(change, n, threshold, k, retention, final, warmup)
                         gens = 2 if n == 8 else 1
                         assert policy_schedule(config, n, change, gens) == expected * gens, (n, threshold, k)
-                        assert plus_schedule(change, config, n) == expected
                         checked += 1
     assert checked == 2 * 2 * 6 * 4 * 4
+    # calibration's replay: the policy's tensor code on recorded step changes d_s, the change since the
+    # last compute step taken as their sum (float64, as the replay sums them)
+    d = [float(0.02 + 0.2 * rng.random()) for _ in range(29)]  # steps 2..30
+    for threshold in (0.05, 0.2, 0.4):
+        for k in (1, 3):
+            config = ax.AdaCachePlusConfig(threshold=threshold, max_skip_steps=k, final_steps=0)
+            recorded = lambda s, last: sum(d[last - 1: s - 1]) / (s - last)  # noqa: E731
+            assert schedule(config, d, 30) == reference_schedule(recorded, 30, threshold, k, final_steps=0)
     flat = lambda s, last: 0.05  # noqa: E731
     assert reference_schedule(flat, 30, 0.1, 3) == [1, 2, 3, 4, 5, 6, 9, 12, 15, 18, 21, 24, 27, 30]
     assert reference_schedule(flat, 30, 10.0, 3, final_steps=0) == [1, 2, 3, 4, 5, 6, 10, 14, 18, 22, 26, 30]
@@ -178,7 +185,7 @@ def test_bf16_decides_in_float32():
     cached = ax.transform(model, config)
     outs = run_steps(cached, make_inputs, 12)
     assert all(o.dtype == torch.bfloat16 and torch.isfinite(o).all() for o in outs)
-    state = cached.current_state()
+    state = cached.state()
     assert state["history"].dtype == state["plus_c"].dtype == state["plus_acc"].dtype == torch.float32
     expected = reference_schedule(measured_change(kept), 12, 0.5, 3)
     assert ax.report(cached).computed_steps == expected and len(expected) < 12

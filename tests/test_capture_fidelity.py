@@ -4,6 +4,7 @@ computed on every call, outside the blocks a cached step skips."""
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from adacache_fx import presets
 from adacache_fx.capture import capture
 from adacache_fx.passes.hoist_buffer_writes import buffer_writes, hoist_buffer_writes
 from adacache_fx.snapshot import ModelSnapshot
-from adacache_fx.tools.fixtures import build
+from adacache_fx.tools.fixtures import build, tiny_dit
 
 GRANULARITIES = ["stack", "block", "branch"]
 
@@ -31,6 +32,8 @@ def fresh_stdit():
 
 
 def test_capture_leaves_a_fresh_model_as_it_found_it():
+    other, other_inputs = fresh_stdit()
+    run_steps(other, other_inputs, 1)  # the class-level lru_cache already holds entries (as after other tests)
     model, make_inputs = fresh_stdit()
     snapshot = ModelSnapshot.take(model)
     captured = capture(model, (), make_inputs(0))  # host reads of height/width/fps: several attempts
@@ -38,7 +41,7 @@ def test_capture_leaves_a_fresh_model_as_it_found_it():
     assert snapshot.changes() == []
     assert model.rope.cached_seq_len == 0 and not model.rope.cached_freqs.any()
     assert all(block.calls == 0 for block in model.blocks)
-    assert type(model).pos_embed.cache_info().currsize == 0
+    assert type(model).pos_embed.cache_info().currsize == 0  # entries the traces computed are cleared
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
@@ -223,3 +226,23 @@ def test_snapshot_restores_attributes_containers_buffers_and_caches():
     with torch.no_grad():
         model.weight.mul_(2)  # parameters are not copied: reported, not restored
     assert snapshot.restore() == ["parameter weight written"]
+
+
+def test_an_eager_only_fast_path_is_named_once_and_exact_without_it():
+    """nn.MultiheadAttention under no_grad runs a native kernel no trace records: said once, never silent."""
+    model, make_inputs = tiny_dit()
+    reference = copy.deepcopy(model)
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER))
+    with pytest.warns(UserWarning, match=r"eager-only fast path \(blocks.0.attn, blocks.0.cross, blocks.1.attn"):
+        first = run_steps(cached, make_inputs, 2)
+    assert 0 < max_diff(first, run_steps(reference, make_inputs, 2)) < 1e-5
+    assert "fast path" in ax.check(reference, **make_inputs(0)).notes[0]
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cached = ax.transform(copy.deepcopy(reference), ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER))
+            assert max_diff(run_steps(cached, make_inputs, 4), run_steps(reference, make_inputs, 4)) == 0.0
+        assert ax.check(reference, **make_inputs(0)).notes == []
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)

@@ -87,13 +87,13 @@ def test_generation_through_onnx_runtime_equals_torch(name, exported):
             expected, got = cached(**make_inputs(s))[0], runner(**make_inputs(s))[0]
             assert _rel(got, expected) < 1e-4, f"step {s + 1}"
             if s in (0, 1, 12, STEPS - 1):
-                _assert_same_state(runner.state(), cached.current_state())
+                _assert_same_state(runner.state(), cached.state())
     torch_report, onnx_report = ax.report(cached), runner.report()
     assert ops["If"] == len(torch_report.regions) == len(runner.metadata["regions"])
     assert not any(node.domain.startswith("adacache") for node in graph.node)  # the layout barrier is gone
     assert onnx_report.computed_steps == torch_report.computed_steps
     assert 4 <= torch_report.num_computed <= STEPS - 6  # a mixed schedule: both branches ran
-    assert [r.rate for r in onnx_report.steps] == [r.rate for r in torch_report.steps]
+    assert [r["rate"] for r in onnx_report.steps] == [r["rate"] for r in torch_report.steps]
     assert onnx_report.cache_bytes == torch_report.cache_bytes
 
 
@@ -103,10 +103,10 @@ def test_state_round_trips_and_steps_change(exported):
     with torch.no_grad():
         for s in range(10):
             cached(**make_inputs(s))
-        runner.load_state(cached.current_state())  # continue a torch generation in ONNX Runtime
+        runner.load_state(cached.state())  # continue a torch generation in ONNX Runtime
         for s in range(10, STEPS):
             assert _rel(runner(**make_inputs(s))[0], cached(**make_inputs(s))[0]) < 1e-4
-    _assert_same_state(runner.state(), cached.current_state())
+    _assert_same_state(runner.state(), cached.state())
     assert runner.report().computed_steps == ax.report(cached).computed_steps
 
     ax.reset(cached, num_steps=20)  # the history rows follow N: no re-export for another step count
@@ -156,7 +156,7 @@ def test_cache_contexts_keep_separate_state(exported):
                 with cached.cache_context(name), runner.cache_context(name):
                     assert _rel(runner(**inputs(s))[0], cached(**inputs(s))[0]) < 1e-4
     for name in ("cond", "uncond"):
-        _assert_same_state(runner.state(name), cached.current_state(name))
+        _assert_same_state(runner.state(name), cached.state(name))
         assert runner.report(name).computed_steps == ax.report(cached, name).computed_steps
     assert not torch.equal(runner.state("cond")["cache_0_0"], runner.state("uncond")["cache_0_0"])
     with pytest.raises(RuntimeError, match="no generation"):

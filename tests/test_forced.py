@@ -5,8 +5,7 @@ import torch
 from helpers import first_tensor, hand_reference
 
 import adacache_fx as ax
-from adacache_fx.testing import tiny_dit
-from adacache_fx.tools.fixtures import build
+from adacache_fx.tools.fixtures import build, tiny_dit
 
 COMPUTE_STEPS = (1, 2, 5, 6, 9)
 

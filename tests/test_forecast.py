@@ -8,8 +8,7 @@ from helpers import assert_compiled_and_exported, block_list, first_tensor, max_
 
 import adacache_fx as ax
 from adacache_fx.policies.forecast import TaylorWeights
-from adacache_fx.testing import tiny_dit
-from adacache_fx.tools.fixtures import build
+from adacache_fx.tools.fixtures import build, tiny_dit
 
 N = 12
 COMPUTE_STEPS = (1, 2, 4, 7, 8, 12)  # non-uniform intervals; step 3 has two computed steps behind it
@@ -118,7 +117,7 @@ def test_second_order_compiled_and_onnx(tmp_path):
     config = ax.AdaCacheConfig(num_steps=N, compute_steps=COMPUTE_STEPS, extrapolation_order=2, granularity="block")
     cached = ax.transform(model, config)
     eager = run_steps(cached, make_inputs, N)
-    state = cached.current_state()
+    state = cached.state()
     assert int(state["older_compute"]) == 7 and "cache_older_0_0" in state
 
     torch._dynamo.reset()
@@ -146,7 +145,7 @@ def test_fitted_gain_compiled_and_onnx(tmp_path, order):
                                forecast_gain="fit", granularity="block")
     cached = ax.transform(model, config)
     eager = run_steps(cached, make_inputs, N)
-    gain = float(cached.current_state()["forecast_gain"])
+    gain = float(cached.state()["forecast_gain"])
     assert 0.0 < gain < 1.0  # fitted, not clamped
     full = run_steps(ax.transform(model, ax.AdaCacheConfig(num_steps=N, compute_steps=COMPUTE_STEPS,
                                                             extrapolation_order=order, granularity="block")),
@@ -155,7 +154,7 @@ def test_fitted_gain_compiled_and_onnx(tmp_path, order):
     # the next generation (no reset: it starts after N steps) starts from the whole forecast again
     assert all(torch.equal(a, b) for a, b in zip(run_steps(cached, make_inputs, N), eager))
     assert_compiled_and_exported(cached, make_inputs, N, eager, list(COMPUTE_STEPS), tmp_path / "fit.onnx")
-    assert float(cached.current_state()["forecast_gain"]) == pytest.approx(gain, abs=1e-6)
+    assert float(cached.state()["forecast_gain"]) == pytest.approx(gain, abs=1e-6)
 
 
 def test_fitted_gain_in_bf16_is_fitted_in_float32():
@@ -170,7 +169,7 @@ def test_fitted_gain_in_bf16_is_fitted_in_float32():
     cached = ax.transform(model, config)
     out = run_steps(cached, inputs, N)
     fp32 = ax.transform(tiny_dit()[0], config)
-    reference_gain = (run_steps(fp32, make_inputs, N), float(fp32.current_state()["forecast_gain"]))[1]
-    gain = cached.current_state()["forecast_gain"]
+    reference_gain = (run_steps(fp32, make_inputs, N), float(fp32.state()["forecast_gain"]))[1]
+    gain = cached.state()["forecast_gain"]
     assert gain.dtype == torch.float32 and out[-1].dtype == torch.bfloat16
     assert float(gain) == pytest.approx(reference_gain, abs=0.05) and 0.0 < float(gain) < 1.0

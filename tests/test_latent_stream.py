@@ -44,7 +44,7 @@ def test_metric_and_moreg_on_the_video_stream_with_more_text_tokens(family, vide
     assert cached.state()["p_prev_0"].shape[1] == video_tokens  # not the 64 text tokens
     assert cached.program().rewrite.frame_layout == (1, 2)
     rep = ax.report(cached)
-    assert all(r.motion is not None for r in rep.steps if r.computed and r.step > 1)
+    assert all(r["motion"] is not None for r in rep.steps if r.computed and r.step > 1)
 
 
 def test_moreg_errors_say_what_to_do():

@@ -44,8 +44,8 @@ def test_window_follows_n_in_the_graph_without_a_new_capture():
         assert rep.computed_steps == _expected(trajectory, moreg)
         # outside the window the motion factor is 1 (no gradient after a constant 1)
         first, last = moreg.window_for(n)
-        assert [r.motion for r in rep.steps if r.metric is not None and r.step < first] == pytest.approx(
-            [1.0] * sum(1 for r in rep.steps if r.metric is not None and r.step < first))
+        assert [r["motion"] for r in rep.steps if r["metric"] is not None and r.step < first] == pytest.approx(
+            [1.0] * sum(1 for r in rep.steps if r["metric"] is not None and r.step < first))
     assert len(cached.programs) == 1
     # a window scaled to 60 steps differs from the 30-step one: the schedule depends on it
     trajectory = synthetic_trajectory([0.05 + 0.3 * (s % 3 == 0) for s in range(60)], seed=60)

@@ -19,7 +19,7 @@ def record_trajectory(model, make_inputs, num_steps, **config):
     with torch.no_grad():
         for s in range(num_steps):
             recorder(**make_inputs(s))
-            trajectory.append(recorder.current_state()["p_prev_0"].clone())
+            trajectory.append(recorder.state()["p_prev_0"].clone())
     return trajectory, recorder.program().rewrite.frame_layout
 
 
@@ -110,7 +110,7 @@ def test_schedule_matches_reference_on_synthetic_trajectories(changes, seed, pre
     assert rep.computed_steps == expected
     assert set(range(1, warmup + 1)) <= set(rep.computed_steps)
     for s, c in metrics:
-        assert rep.steps[s - 1].metric == pytest.approx(c, rel=1e-4)
+        assert rep.steps[s - 1]["metric"] == pytest.approx(c, rel=1e-4)
 
 
 def test_extrapolation_weight_over_two_generations():

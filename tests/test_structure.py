@@ -12,10 +12,10 @@ from reference_adacache import schedule
 import adacache_fx as ax
 from adacache_fx import presets
 from adacache_fx.config import config_from_dict
-from adacache_fx.passes import PIPELINE, PassError
+from adacache_fx.passes import PIPELINE, PassError, stage_name
 from adacache_fx.policies.adacache import StepEnd
 from adacache_fx.state import StateLayout, StateSpec, StateStore
-from adacache_fx.testing import tiny_dit
+from adacache_fx.tools.fixtures import tiny_dit
 
 
 def run(model, make_inputs, steps):
@@ -89,10 +89,9 @@ def test_nan_metric_picks_the_last_codebook_rate():
     end = StepEnd(dict(presets.FAST_30))
     s, compute = torch.tensor(3), torch.tensor(True)
     rate, next_compute, m_prev = torch.tensor(1), torch.tensor(3), torch.tensor(1.0)
-    history = torch.full((10, 4), float("nan"))
     for distance, expected in ((float("nan"), 1), (float("inf"), 1), (0.0, 6), (0.3, 3)):
-        _, new_rate, new_next, _, _ = end(s, compute, torch.tensor(distance), torch.tensor(0.0), rate, next_compute,
-                                          m_prev, history)
+        new_rate, new_next, _, _, _ = end(s, compute, torch.tensor(distance), torch.tensor(0.0), rate, next_compute,
+                                          m_prev, torch.tensor(10))
         assert int(new_rate) == expected, distance
         assert int(new_next) == 3 + expected
 
@@ -111,7 +110,7 @@ def test_nan_activations_compute_every_step_and_the_report_marks_them():
     report = ax.report(cached)
     assert [r.nonfinite for r in report.steps[:4]] == [False] * 4
     nan_steps = [r for r in report.steps[4:] if r.computed]
-    assert nan_steps and all(r.nonfinite and r.metric is None and r.rate == 1 for r in nan_steps)
+    assert nan_steps and all(r.nonfinite and r["metric"] is None and r["rate"] == 1 for r in nan_steps)
     # the plain-Python reference falls through its if/elif chain to the last rate in the same way
     trajectory = [torch.full((3,), float(s + 1)) if s < 4 else torch.full((3,), math.nan) for s in range(12)]
     computed = schedule(trajectory, 12, dict(presets.FAST_30))
@@ -123,7 +122,7 @@ def test_nan_activations_compute_every_step_and_the_report_marks_them():
 # -- the state store ------------------------------------------------------------------------------
 def _layout():
     return StateLayout((StateSpec("step", (), torch.int64, 0), StateSpec("num_steps", (), torch.int64, 0, returned=False),
-                        StateSpec("history", None, torch.float32, math.nan),
+                        StateSpec("history", None, torch.float32, math.nan, columns=("metric", "motion", "rate")),
                         StateSpec("cache_0_0", (2, 3), torch.float32, 0.0, cache=True)))
 
 
@@ -131,8 +130,8 @@ def test_layout_round_trips_and_allocates_for_n():
     layout = _layout()
     restored = StateLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
     assert restored.names == layout.names and json.dumps(restored.to_dict()) == json.dumps(layout.to_dict())
-    assert [(s.shape, s.dtype, s.returned, s.cache) for s in restored] == [(s.shape, s.dtype, s.returned, s.cache)
-                                                                          for s in layout]
+    assert [(s.shape, s.dtype, s.returned, s.cache, s.columns) for s in restored] == [
+        (s.shape, s.dtype, s.returned, s.cache, s.columns) for s in layout]
     state = layout.allocate(7)
     assert state["history"].shape == (7, 4) and int(state["num_steps"]) == 7 and state["cache_0_0"].shape == (2, 3)
     assert [s.name for s in layout.returned] == ["step", "history", "cache_0_0"]
@@ -175,7 +174,7 @@ def test_each_stage_logs_what_it_matched(caplog):
     with caplog.at_level(logging.DEBUG, logger="adacache_fx.passes"):
         run(cached, make_inputs, 1)
     messages = [r.getMessage() for r in caplog.records if r.name == "adacache_fx.passes"]
-    assert [m.split(":")[0] for m in messages] == [stage.name for stage in PIPELINE]
+    assert [m.split(":")[0] for m in messages] == [stage_name(stage) for stage in PIPELINE]
     by_stage = dict(m.split(": ", 1) for m in messages)
     assert by_stage["find_blocks"] == "4 blocks: blocks.0 .. blocks.3"
     assert by_stage["insert_cache"].startswith("1 torch.cond")
@@ -301,33 +300,20 @@ class EveryKConfig(ax.AdaCacheConfig):
 
 @register_policy(EveryKConfig)
 class EveryKPolicy(Policy):
-    history_columns = ("distance", None, None)
-
-    def __init__(self, config, num_sites, frame_layout=None):
-        super().__init__()
-        self.k = config.k
+    history_columns = ("distance",)
 
     def state_specs(self):
         return (_Spec("last", (), torch.int64, 0),)
 
-    def num_parts(self, site):
-        return 2
-
-    def decide(self, step, num_steps, state):
+    def decide(self, step, num_steps, state, signal=None):
         fresh = (step == 0) | (step >= num_steps)
         s = torch.where(fresh, torch.ones_like(step), step + 1)
-        compute = ((s - 1) % self.k == 0) | (s >= num_steps - 1)
+        compute = ((s - 1) % self.config.k == 0) | (s >= num_steps - 1)
         return s, compute, {"last": torch.where(compute, s, state["last"])}
 
-    def measure(self, site, p, p_prev):
-        p, p_prev = p.float(), p_prev.float()
-        return torch.stack([(p - p_prev).abs().sum(), p_prev.abs().sum()])
-
-    def update(self, s, compute, parts, state, history):
+    def update(self, s, compute, parts, state, num_steps):
         metric = parts[0][0] / parts[0][1].clamp_min(1e-12)
-        nan = torch.full_like(metric, float("nan"))
-        row = torch.stack([compute.float(), torch.where(compute & (s > 1), metric, nan), nan, torch.ones_like(metric)])
-        return state, history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+        return state, {"distance": torch.where(compute & (s > 1), metric, torch.full_like(metric, float("nan")))}
 
 
 def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
@@ -336,8 +322,8 @@ def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
     eager = run(cached, make_inputs, 9)
     report = ax.report(cached)
     assert report.computed_steps == [1, 4, 7, 8, 9]
-    assert all(r.metric is not None for r in report.steps if r.computed and r.step > 1)
-    assert report.columns == ("distance", None, None)
+    assert all(r["distance"] is not None for r in report.steps if r.computed and r.step > 1)
+    assert report.columns == ("distance",)
     lines = str(report).splitlines()
     assert lines[1].split() == ["step", "computed", "distance"] and lines[3].split() == ["2", "cached"]
 
@@ -361,7 +347,7 @@ def test_a_registered_policy_runs_eager_compiled_and_exported(tmp_path):
     runner = OnnxRunner(tmp_path / "every3.onnx")
     exported = [runner(**make_inputs(s)) for s in range(9)]
     assert runner.report().computed_steps == [1, 4, 7, 8, 9]
-    assert runner.report().columns == ("distance", None, None)
+    assert runner.report().columns == ("distance",)
     assert max(float((a - b).abs().max()) for a, b in zip(exported, eager)) < 1e-4
 
 
@@ -369,7 +355,8 @@ def test_docstring_examples_run():
     import doctest
     import importlib
 
-    for name in ("api", "config", "testing", "calibrate", "integrations.diffusers"):  # (the package's `calibrate` is the function)
+    for name in ("api", "check", "config", "tools.fixtures.tiny", "calibrate", "integrations.diffusers", "policies.easycache",
+                 "policies.first_block", "policies.teacache"):  # (the package's `calibrate` is the function)
         module = importlib.import_module(f"adacache_fx.{name}")
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__

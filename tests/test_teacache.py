@@ -62,7 +62,7 @@ def test_schedule_is_the_published_rule_and_outputs_equal_a_hand_cached_run(thre
     assert report.computed_steps == expected and 3 < len(expected) < N - 2
     assert report.regions == ["blocks.0..blocks.3"]  # every block is skipped, the first included
     assert report.metric_sites == ["blocks.0 (modulated input, early signal)"]
-    assert report.steps[0].metric is None and all(r.metric > 0 for r in report.steps[1:])
+    assert report.steps[0]["rel"] is None and all(r["rel"] > 0 for r in report.steps[1:])
     reference = hand_reference(build("wan")[0], make_inputs, N, expected, "stack")
     assert max_diff(got, reference) < 1e-5
 
@@ -108,7 +108,7 @@ def test_bf16_decides_in_float32():
     model, make_inputs = build("wan", dtype=torch.bfloat16)
     expected = published_schedule(modulated_inputs(model, make_inputs, N), 0.3, COEFFICIENTS)
     cached, got = ours(ax.TeaCacheConfig(num_steps=N, threshold=0.3, coefficients=COEFFICIENTS), torch.bfloat16)
-    assert got[0].dtype == torch.bfloat16 and cached.current_state()["tea_acc"].dtype == torch.float32
+    assert got[0].dtype == torch.bfloat16 and cached.state()["tea_acc"].dtype == torch.float32
     assert ax.report(cached).computed_steps == expected
     reference = hand_reference(build("wan", dtype=torch.bfloat16)[0], make_inputs, N, expected, "stack")
     assert max_diff(got, reference) < 2e-2
@@ -141,7 +141,7 @@ def test_the_modulated_input_is_found_in_other_families(family):
     assert report.metric_sites == ["transformer_blocks.0 (modulated input, early signal)"]
     assert report.regions[0].startswith("transformer_blocks.0")  # the first block is cached too
     changes = [float((now - before).abs().sum() / before.abs().sum()) for before, now in zip(seen, seen[1:])]
-    np.testing.assert_allclose([r.metric for r in report.steps[1:]], changes, rtol=1e-4)
+    np.testing.assert_allclose([r["rel"] for r in report.steps[1:]], changes, rtol=1e-4)
 
 
 def test_skipped_steps_skip_every_block_of_a_two_stream_model():
@@ -183,24 +183,24 @@ def test_a_stream_read_directly_by_the_first_linear_is_the_signal():
         assert max(float((cached(x) - model(x)).abs().max()) for x in inputs) < 1e-6
         embedded = [model.embed(x) for x in inputs]
     changes = [float((b - a).abs().sum() / a.abs().sum()) for a, b in zip(embedded, embedded[1:])]
-    np.testing.assert_allclose([r.metric for r in ax.report(cached).steps[1:]], changes, rtol=1e-5)
+    np.testing.assert_allclose([r["rel"] for r in ax.report(cached).steps[1:]], changes, rtol=1e-5)
 
 
 def test_a_nan_change_computes_and_resets_the_accumulator():
     """TeaCache skips only while ``acc < threshold``: a NaN accumulator computes, then starts again at 0."""
-    from adacache_fx.calibrate import teacache_schedule
+    from adacache_fx.policies.replay import schedule
     from adacache_fx.policies.teacache import TeaCachePolicy
 
     config = ax.TeaCacheConfig(num_steps=10, threshold=0.25)
-    policy = TeaCachePolicy(config, 1)
+    policy = TeaCachePolicy(config)
     nan_parts = [torch.tensor([float("nan"), 1.0])]
     state = {"tea_rel": torch.tensor(0.1), "tea_acc": torch.tensor(0.1)}
     s, compute, state = policy.decide(torch.tensor(3), torch.tensor(10), state, nan_parts)
     assert int(s) == 4 and bool(compute)
-    state, _ = policy.update(s, compute, nan_parts, state, torch.zeros(10, 4))
+    state, _ = policy.update(s, compute, nan_parts, state, torch.tensor(10))
     assert float(state["tea_acc"]) == 0.0
-    signal = [float("nan"), 0.1, 0.1, float("nan"), 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
-    assert teacache_schedule(signal, config, 10) == [1, 4, 7, 10]
+    changes = [0.1, 0.1, float("nan"), 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]  # steps 2..10; the replay runs the policy
+    assert schedule(config, changes, 10) == [1, 4, 7, 10]
 
 
 def test_a_signal_written_in_place_is_refused():
@@ -266,15 +266,16 @@ def test_calibrate_teacache_fits_output_change_against_input_change():
 def test_fit_teacache_threshold_replays_the_rule():
     from dataclasses import replace
 
-    from adacache_fx.calibrate import fit_teacache_threshold, teacache_schedule
+    from adacache_fx.calibrate import fit_teacache_threshold
+    from adacache_fx.policies.replay import schedule
 
     signal = [float("nan")] + [0.1] * 10  # N = 11, the input changes by 0.1 per step; identity polynomial
     config = ax.TeaCacheConfig(num_steps=11)
-    assert teacache_schedule(signal, replace(config, threshold=0.2), 11) == [1, 3, 5, 7, 9, 11]
-    assert teacache_schedule(signal, replace(config, threshold=0.3, warmup_steps=3), 11) == [1, 2, 3, 6, 9, 11]
+    assert schedule(replace(config, threshold=0.2), signal[1:], 11) == [1, 3, 5, 7, 9, 11]
+    assert schedule(replace(config, threshold=0.3, warmup_steps=3), signal[1:], 11) == [1, 2, 3, 6, 9, 11]
     threshold = fit_teacache_threshold([signal], config, 11 / 6)
     assert 0.1 < threshold <= 0.2 + 1e-9  # the smallest threshold that computes every other step
-    assert teacache_schedule(signal, replace(config, threshold=threshold), 11) == [1, 3, 5, 7, 9, 11]
+    assert schedule(replace(config, threshold=threshold), signal[1:], 11) == [1, 3, 5, 7, 9, 11]
     with pytest.raises(ValueError, match="target speedup must be a number in"):
         fit_teacache_threshold([signal], config, 8.0)
 

@@ -22,10 +22,14 @@ cannot trace is evaluated eagerly instead, on real values (:mod:`.static`):
 
 Python int arguments are symbolic inputs of the graph (a timestep passed as an int), unless the
 forward sizes a tensor or branches on them: then they are constants of the signature.
+
+Modules with an eager-only fast path (``nn.MultiheadAttention`` under ``torch.no_grad()``) cannot be
+captured bitwise: :mod:`.fastpaths` names them, and the transform warns once.
 """
 
 from .errors import CaptureError, data_dependent_errors, is_data_dependent
 from .export import SPECIALIZE_MAX_NUMEL, capture
+from .fastpaths import eager_fast_paths, fast_path_note
 from .graph import CapturedGraph, named_leaves, signature
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "CapturedGraph",
     "capture",
     "data_dependent_errors",
+    "eager_fast_paths",
+    "fast_path_note",
     "is_data_dependent",
     "named_leaves",
     "signature",

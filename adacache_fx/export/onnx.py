@@ -34,7 +34,6 @@ from ..api import cached_model
 from ..capture import named_leaves
 from ..config import CacheConfig, config_from_dict
 from ..passes.reduce_metric import collectives
-from ..policies import policy_class
 from ..state import dtype_name
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
@@ -180,7 +179,6 @@ def _metadata(cached, program, named: list, user_outputs: list) -> dict:
         "state": program.layout.to_dict(),  # graph inputs state.<name>, outputs state_out.<name> if returned
         "regions": list(program.rewrite.regions),
         "metric_sites": list(program.rewrite.metric_sites),
-        "history_columns": list(policy_class(cached.adacache_config).history_columns),
     }
 
 

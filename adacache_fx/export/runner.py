@@ -15,7 +15,6 @@ import torch
 
 from ..capture import named_leaves
 from ..state import (
-    DEFAULT_REPORT_COLUMNS,
     Report,
     StateLayout,
     StateStore,
@@ -110,7 +109,7 @@ class StatefulRunner:
             raise RuntimeError(f"no generation has run in cache context {context!r} yet (contexts: {self.contexts})")
         meta = self.metadata
         return read_report(self._store.get(_PROGRAM, context), self.layout, context, meta["regions"],
-                           meta["metric_sites"], tuple(meta.get("history_columns", DEFAULT_REPORT_COLUMNS)))
+                           meta["metric_sites"])
 
     # -- the call ------------------------------------------------------------------------------------
     def _user_feeds(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..state import HISTORY_COLUMNS, dtype_name
+from ..state import StateLayout, dtype_name
 from .onnx import read_metadata
 from .profiles import apply_tensorrt_profile
 from .runner import StatefulRunner
@@ -87,7 +87,7 @@ def build_tensorrt_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     n = metadata["num_steps"]
-    columns = len(HISTORY_COLUMNS)
+    columns = StateLayout.from_dict(metadata["state"]).spec("history").shape_for(1)[1]
     profile.set_shape("state.history", (3, columns), (n, columns), (max(n, MAX_STEPS), columns))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)

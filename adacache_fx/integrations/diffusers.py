@@ -9,8 +9,8 @@ import functools
 import warnings
 
 from ..api import cached_model, transform
-from ..config import AdaCacheConfig
 from ..module import CachedModel
+from ..policies import AdaCacheConfig
 
 
 class GenerationFollower:

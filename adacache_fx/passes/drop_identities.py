@@ -73,3 +73,7 @@ def drop_identities(gm: fx.GraphModule) -> int:
         graph.lint()
         gm.recompile()
     return dropped
+
+
+def run(ctx) -> str:
+    return f"{drop_identities(ctx.graph_module)} no-op nodes dropped"

@@ -121,3 +121,8 @@ def entry_glue(nodes: list[fx.Node], pos: dict[fx.Node, int]) -> set[fx.Node]:
         if not any(arg.op == "get_attr" for node in ancestors for arg in node.all_input_nodes):
             glue |= ancestors
     return glue
+
+
+def run(ctx) -> str:
+    ctx.blocks = find_blocks(ctx.graph)
+    return f"{len(ctx.blocks)} blocks: {ctx.blocks[0].path} .. {ctx.blocks[-1].path}"

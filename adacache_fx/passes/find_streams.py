@@ -15,10 +15,18 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .graph_utils import depends_on, fake, live_ins, live_outs, positions, residual_chain, same_tensor_type
+from .graph_utils import (
+    CONV_OPS,
+    depends_on,
+    fake,
+    live_ins,
+    live_outs,
+    positions,
+    residual_chain,
+    same_tensor_type,
+)
 
 aten = torch.ops.aten
-CONV_OPS = {aten.conv3d.default, aten.conv2d.default, aten.convolution.default}
 
 
 @dataclass

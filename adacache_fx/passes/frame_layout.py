@@ -1,4 +1,5 @@
-"""frame_layout: the (batch, latent frames) layout of the metric residual, for motion regularization.
+"""frame_layout: the (batch, latent frames) layout of the metric residual, for a policy that reads motion
+(``Needs.frames``: MoReg).
 
 Matches the first convolution that reads a graph input: a 3-D convolution over ``[B, C, T, H, W]``
 gives ``T`` directly; a 2-D one over frames folded into the batch gives ``T = out_batch / B`` with
@@ -7,19 +8,21 @@ metric residual holds exactly ``B x T x tokens per frame`` tokens. Rewrites noth
 
 Under context parallelism over ``world`` ranks the metric residual may hold a rank's chunk of them
 (``1 / world``: the patch embedding runs before the split); it is then a shard, and MoReg adds the frame
-pairs that straddle two ranks' chunks (:class:`~adacache_fx.parallel.SequenceShard`). With
-``MoRegConfig(frames=T)`` (no token count to compare with) it is taken to be a shard.
+pairs that straddle two ranks' chunks (:class:`~adacache_fx.parallel.SequenceShard`). With a forced
+frame count (``MoRegConfig(frames=T)``: no token count to compare with) it is taken to be a shard.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
-from .graph_utils import PassError, fake
+from ..parallel import SequenceShard
+from .graph_utils import CONV_OPS, PassError, fake
+from .reduce_metric import group_name
 
 aten = torch.ops.aten
-CONV_OPS = {aten.conv3d.default, aten.conv2d.default, aten.convolution.default}
 
 
 def _source_placeholder(node: fx.Node) -> fx.Node | None:
@@ -61,21 +64,22 @@ def first_batch(graph: fx.Graph) -> int | None:
     return None
 
 
-def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str,
-                 world: int = 1) -> tuple[int, int, bool]:
-    """``(batch, frames, sharded)`` of the metric residual ``site_value`` for MoReg, or a PassError saying
-    what to set. ``world``: the ranks of the context-parallel group (1: one process); ``sharded``: the
-    residual holds one rank's chunk of the tokens."""
+def motion_layout(graph: fx.Graph, needs, site_value: fx.Node, site_path: str,
+                  world: int = 1) -> tuple[int, int, bool]:
+    """``(batch, frames, sharded)`` of the metric residual ``site_value`` for a rule that reads motion
+    (``needs``: its :class:`~adacache_fx.policies.FrameNeeds`), or a PassError saying what to set.
+    ``world``: the ranks of the context-parallel group (1: one process); ``sharded``: the residual holds
+    one rank's chunk of the tokens."""
     value = fake(site_value)
-    if moreg.frames is not None:
-        batch, frames, per_frame = first_batch(graph), moreg.frames, None
+    if needs.count is not None:
+        batch, frames, per_frame = first_batch(graph), needs.count, None
     else:
         inferred = infer_frame_layout(graph)
         if inferred is None:
             raise PassError(
                 "MoReg needs the number of latent frames T, and this model has no convolutional patch "
                 "embedding to infer it from (it packs its tokens with a linear layer, as LTX-Video and Flux "
-                "do): set MoRegConfig(frames=T) for a video model; an image model has no motion to "
+                f"do): set {needs.setting} for a video model; an image model has no motion to "
                 "regularize (use moreg=None)"
             )
         batch, frames, per_frame = inferred
@@ -92,9 +96,26 @@ def moreg_layout(graph: fx.Graph, moreg, site_value: fx.Node, site_path: str,
             f"MoReg cannot lay out the metric residual of shape {tuple(value.shape)} (at {site_path}"
             f"{f', a shard of {world} ranks' if world > 1 else ''}) as [batch={batch}, frames={frames}, tokens "
             f"per frame={per_frame}, channels]: it holds other tokens (e.g. text concatenated to the video) or "
-            "no frames. Choose a metric_block whose stream holds only video tokens, or set "
-            "MoRegConfig(frames=T) to force the layout"
+            f"no frames. Choose a metric_block whose stream holds only video tokens, or set {needs.setting} "
+            "to force the layout"
         )
-    if max(moreg.strides) >= frames:
-        raise PassError(f"MoReg strides {moreg.strides} must be smaller than the {frames} latent frames")
+    if needs.max_stride >= frames:
+        raise PassError(f"MoReg strides up to {needs.max_stride} must be smaller than the {frames} latent frames")
     return batch, frames, sharded
+
+
+def run(ctx) -> str:
+    """The stage: :func:`motion_layout` of metric site 0 when the policy reads motion."""
+    needs = ctx.needs.frames
+    if needs is None:
+        return "no motion read: skipped"
+    name = group_name(ctx.graph_module, ctx.process_group)
+    group = dist.distributed_c10d._resolve_process_group(name) if name and dist.is_initialized() else None
+    world = 1 if group is None else dist.get_world_size(group)
+    site = ctx.sites[0]
+    value = site.value if site.value is not None else site.stream.out
+    batch, frames, sharded = motion_layout(ctx.graph, needs, value, site.block.path, world)
+    ctx.frame_layout = (batch, frames)
+    if sharded:
+        ctx.shard = SequenceShard(name, dist.get_rank(group), world)
+    return f"metric residual laid out as (batch, frames) = {ctx.frame_layout}" + (f", {ctx.shard}" if sharded else "")

@@ -29,6 +29,15 @@ PASSTHROUGH_OPS = {
 }
 
 ADD_OPS = {aten.add.Tensor}
+#: The patch-embedding convolutions (frame layout, latent stream).
+CONV_OPS = {aten.conv3d.default, aten.conv2d.default, aten.convolution.default}
+#: The higher-order op each cached region becomes.
+COND = torch.ops.higher_order.cond
+
+
+def cond_nodes(graph: fx.Graph) -> list[fx.Node]:
+    """The ``torch.cond`` nodes of a graph, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is COND]
 
 
 class PassError(RuntimeError):

@@ -91,3 +91,8 @@ def hoist_buffer_writes(gm: fx.GraphModule) -> list[str]:
     graph.lint()
     gm.recompile()
     return buffers
+
+
+def run(ctx) -> str:
+    moved = hoist_buffer_writes(ctx.graph_module)
+    return f"values written into {moved} computed before the blocks" if moved else "no buffer written: skipped"

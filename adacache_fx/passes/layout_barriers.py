@@ -7,20 +7,16 @@ in eager mode and under ``torch.export``, a layout-fixing custom op under ``torc
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from ..ops import layout_barrier
-
-cond = torch.ops.higher_order.cond
+from .graph_utils import cond_nodes
 
 
 def insert_layout_barriers(gm: fx.GraphModule) -> int:
     """Rewrite ``gm`` in place; return the number of barriers inserted."""
     count = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not cond:
-            continue
+    for node in cond_nodes(gm.graph):
         pred, true_fn, false_fn, operands = node.args
         pinned = []
         for operand in operands:
@@ -36,3 +32,7 @@ def insert_layout_barriers(gm: fx.GraphModule) -> int:
     gm.graph.lint()
     gm.recompile()
     return count
+
+
+def run(ctx) -> str:
+    return f"{insert_layout_barriers(ctx.graph_module)} layout barriers"

@@ -1,4 +1,4 @@
-"""plan_regions: choose the regions that a cached step skips, and the metric sites inside them.
+"""plan_regions: choose the regions that a cached step skips (the metric sites: :mod:`.plan_metric`).
 
 A region is a run of consecutive blocks plus the glue between them that depends on them. Every value
 it hands to the rest of the graph must be a stream update ``out = inp + residual`` (see
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from .find_blocks import Block
-from .find_streams import Stream, pair_streams, primary_stream
+from .find_streams import Stream, pair_streams
 from .graph_utils import PassError, fake, live_ins, passthrough_source, positions
 from .hoist_buffer_writes import written_buffer
 
@@ -179,38 +179,11 @@ def plan_regions(graph: fx.Graph, blocks: list[Block], granularity: str = "stack
     return regions
 
 
-def plan_metric(
-    graph: fx.Graph, blocks: list[Block], regions: list[Region], metric_blocks, metric_branch: int
-) -> list[MetricSite]:
-    """Locate the residual(s) that drive the decision: branch ``metric_branch`` of each metric block."""
-    pos = positions(graph)
-    if metric_blocks is None:
-        metric_blocks = (len(blocks) // 2,)
-    sites = []
-    for index in metric_blocks:
-        if not -len(blocks) <= index < len(blocks):
-            raise PassError(f"metric_block {index} is out of range: the stack has {len(blocks)} blocks")
-        block = blocks[index]
-        streams, _ = pair_streams(block.nodes, pos)
-        if not streams:
-            raise PassError(f"metric block {block.path} has no residual stream")
-        stream = primary_stream(streams, graph, blocks[:index % len(blocks)], pos)
-        if stream.adds:
-            if metric_branch >= len(stream.adds):
-                raise PassError(
-                    f"metric_branch {metric_branch} is out of range: block {block.path} has "
-                    f"{len(stream.adds)} residual branches on its main stream"
-                )
-            value = stream.adds[metric_branch][2]
-        elif metric_branch == 0:
-            value = None  # no residual add found: the whole block's residual out - inp
-        else:
-            raise PassError(f"block {block.path} has no separable residual branches; use metric_branch=0")
-        if value is not None:
-            region = next((i for i, r in enumerate(regions) if value in r.nodes), None)
-        else:
-            region = next((i for i, r in enumerate(regions) if block in r.blocks), None)
-        if region is None:
-            raise PassError(f"the metric residual of block {block.path} is not inside a cached region")
-        sites.append(MetricSite(block, region, value, stream))
-    return sites
+def run(ctx) -> str:
+    """The stage: the regions over the blocks an early signal leaves cached (all of them, or those
+    after the first block for FirstBlockCache)."""
+    from .plan_signal import cached_blocks
+
+    blocks = cached_blocks(ctx.blocks, ctx.needs.early_signal)
+    ctx.regions = plan_regions(ctx.graph, blocks, ctx.config.granularity)
+    return f"{len(ctx.regions)} regions ({ctx.config.granularity}): {[r.name for r in ctx.regions]}"

@@ -5,7 +5,7 @@ holds ``_c10d_functional`` collectives, or the caller names the process group. E
 shard of the sequence, and the metric parts :meth:`~adacache_fx.policies.base.Policy.measure` returns
 are sums over that shard.
 
-Rewrites: the parts handed to ``adacache_update`` into
+Rewrites: the parts handed to the policy's ``update`` (found in ``ctx.calls``) into
 ``split(wait_tensor(all_reduce(cat(parts), "sum", group)))``: one functional all-reduce per step, in the
 main graph (computed and cached steps alike, so every rank issues the same collectives), before the
 policy turns the parts into the next schedule. A policy with an early signal (FirstBlockCache) reads
@@ -72,14 +72,15 @@ def group_name(gm: fx.GraphModule, group=None) -> str | None:
     return names[0] if names else None
 
 
-def reduce_metric(gm: fx.GraphModule, group=None) -> int:
+def reduce_metric(ctx) -> int:
     """Insert the all-reduce(s) of the metric parts; return how many collectives were added per step.
 
-    An early signal's parts (the fourth argument of ``adacache_decide``) are reduced right before the
-    decision, and ``adacache_update`` receives the reduced ones; the parts of the metric sites inside
-    regions, if any, are reduced before ``adacache_update``, with the forecast gain's sums if fitted. Each
-    is one all-reduce in the main graph."""
-    name = group_name(gm, group)
+    An early signal's parts (``decide``'s fourth argument, ``ctx.calls.signal_sites``) are reduced right
+    before the decision, and ``update`` receives the reduced ones; the parts of the metric sites inside
+    regions, if any, are reduced before ``update``, with the forecast gain's sums if fitted. Each is one
+    all-reduce in the main graph."""
+    gm = ctx.graph_module
+    name = group_name(gm, ctx.process_group)
     if name is None:
         return 0
     if not dist.is_available() or not dist.is_initialized():
@@ -87,15 +88,13 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
             "the model runs under context parallelism (collectives in its graph) but torch.distributed is "
             "not initialized: call torch.distributed.init_process_group() first (torchrun sets up the ranks)"
         )
-    graph = gm.graph
-    policy = gm.adacache_policy
-    decide = _call(graph, "adacache_decide")
-    update = _call(graph, "adacache_update")
+    graph, policy, calls = gm.graph, ctx.policy, ctx.calls
+    decide, update, gain = calls.decide, calls.update, calls.gain
     s, compute, parts, *rest = update.args
     parts, added, todo = list(parts), 0, list(range(len(parts)))  # site j's parts, the sites left to reduce
-    if len(decide.args) > 3:  # an early signal: the decision reads this step's parts, reduce them first
+    if calls.signal_sites:  # the decision reads this step's parts: reduce them first
         step, num_steps, state, signal, *more = decide.args
-        sites = [parts.index(part) for part in signal]  # update receives the same nodes as site j's parts
+        sites = calls.signal_sites
         with graph.inserting_before(decide):
             reduced = _all_reduce(graph, list(signal), [policy.num_parts(j) for j in sites], name)
         decide.args = (step, num_steps, state, reduced, *more)
@@ -104,7 +103,6 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
         todo = [j for j in todo if j not in sites]
         added += 1
     # forecast_gain="fit": the gain's two sums are over this rank's tokens too (reduced with the parts)
-    gain = next((n for n in graph.nodes if n.op == "call_module" and n.target == "adacache_forecast_gain"), None)
     sums = [gain.args[0]] if gain is not None else []
     if todo or sums:
         with graph.inserting_before(gain if gain is not None else update):
@@ -121,8 +119,9 @@ def reduce_metric(gm: fx.GraphModule, group=None) -> int:
     return added
 
 
-def _call(graph: fx.Graph, target: str) -> fx.Node:
-    return next(n for n in graph.nodes if n.op == "call_module" and n.target == target)
+def run(ctx) -> str:
+    added = reduce_metric(ctx)
+    return f"{added} all-reduce(s) of the metric parts per step" if added else "no collectives: skipped"
 
 
 def _all_reduce(graph: fx.Graph, parts: list[fx.Node], sizes: list[int], name: str) -> list[fx.Node]:

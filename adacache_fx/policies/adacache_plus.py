@@ -26,9 +26,9 @@ may add a forecast. Steps are counted ``s = 1..N`` within a generation (per cach
   method ``adacache-plus-forecast``); the whole forecast helps most videos and ruins a few.
 
 The threshold is on the scale of the model's metric: :func:`adacache_fx.calibrate_plus` fits it for a
-target speedup in computed steps from uncached metric trajectories. History rows are
-``(computed, c, acc, run)``: ``c`` measured at this step (NaN on cached steps and step 1), the
-accumulated predicted change and the length of the reuse run after this step (0 on compute steps).
+target speedup in computed steps from uncached metric trajectories. The history columns are ``c``
+measured at this step (NaN on cached steps and step 1), ``acc`` the accumulated predicted change and
+``run`` the length of the reuse run after this step (0 on compute steps).
 The metric parts of a site are ``(||p - p_prev||_1, ||p_prev||_1)``.
 """
 
@@ -41,10 +41,9 @@ import torch
 
 from ..config import CacheConfig
 from ..state import StateSpec
-from . import register_policy
-from .adacache import ResidualDistance, relative
-from .base import Policy, advance_step
-from .retention import RetentionWindow
+from .base import Policy
+from .common import RetentionWindow, advance_step, mean_distance, nan_where_not
+from .registry import register_policy
 
 
 @dataclass(frozen=True)
@@ -91,10 +90,9 @@ class AdaCachePlusPolicy(Policy):
 
     history_columns = ("c", "acc", "run")
 
-    def __init__(self, config: AdaCachePlusConfig, num_sites: int, frame_layout=None, shard=None):
-        super().__init__()
+    def __init__(self, config: AdaCachePlusConfig, facts=None):
+        super().__init__(config, facts)
         self.threshold, self.max_skip, self.final_steps = config.threshold, config.max_skip_steps, config.final_steps
-        self.distance = ResidualDistance()
         # max(1, int(retention_ratio * N + 0.5), warmup_steps), as config.retention_steps on the host
         self.retention_steps = RetentionWindow(config.retention_ratio, max(1, config.warmup_steps))
 
@@ -102,10 +100,7 @@ class AdaCachePlusPolicy(Policy):
         return (StateSpec("plus_c", (), torch.float32, math.inf), StateSpec("plus_acc", (), torch.float32, 0.0),
                 StateSpec("plus_run", (), torch.int64, 0), StateSpec("plus_last", (), torch.int64, 1))
 
-    def num_parts(self, site: int) -> int:
-        return 2
-
-    def decide(self, step, num_steps, state):
+    def decide(self, step, num_steps, state, signal=None):
         s, fresh = advance_step(step, num_steps)
         c = torch.where(fresh, torch.full_like(state["plus_c"], math.inf), state["plus_c"])
         acc = torch.where(fresh, torch.zeros_like(state["plus_acc"]), state["plus_acc"])
@@ -117,20 +112,14 @@ class AdaCachePlusPolicy(Policy):
                  "plus_last": state["plus_last"]}
         return s, ~skip, state
 
-    def measure(self, site, p, p_prev):
-        return self.distance(p, p_prev)
-
-    def update(self, s, compute, parts, state, history):
-        distances = [relative(part[:2]) for part in parts]
-        distance = distances[0] if len(distances) == 1 else torch.stack(distances).mean()
+    def update(self, s, compute, parts, state, num_steps):
+        distance = mean_distance(parts)
         has_metric = compute & (s > 1)
         since = (s - state["plus_last"]).clamp_min(1).to(torch.float32)
         measured = distance / since
         c = torch.where(has_metric, measured, state["plus_c"])
         acc = torch.where(compute, torch.zeros_like(state["plus_acc"]), state["plus_acc"])
         run = torch.where(compute, torch.zeros_like(state["plus_run"]), state["plus_run"])
-        row = torch.stack([compute.to(torch.float32), torch.where(has_metric, measured, torch.full_like(measured, math.nan)),
-                           acc, run.to(torch.float32)])
-        history = history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+        row = {"c": nan_where_not(has_metric, measured), "acc": acc, "run": run.to(torch.float32)}
         return {"plus_c": c, "plus_acc": acc, "plus_run": run,
-                "plus_last": torch.where(compute, s, state["plus_last"])}, history
+                "plus_last": torch.where(compute, s, state["plus_last"])}, row

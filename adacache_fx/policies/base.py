@@ -2,81 +2,122 @@
 
 A policy is tensor code that runs inside the rewritten graph, in three places:
 
-* :meth:`Policy.decide`, at the top of the graph: advance the step and return the 0-dim bool
-  ``compute`` that every region's ``torch.cond`` takes;
+* :meth:`Policy.decide`, at the top of the graph: advance the step and return the bool ``compute`` that
+  every region's ``torch.cond`` takes;
 * :meth:`Policy.measure`, inside each compute branch that holds a metric site: reduce the site's
-  residual ``p`` and the one kept from the last compute step to a 1-D float32 vector of *metric parts*
-  (sums, not ratios: parts from shards of a sequence add up, so a distributed run can all-reduce them);
-* :meth:`Policy.update`, at the bottom: turn the parts into the next schedule and the step's history row.
+  residual ``p`` and the one kept from the last compute step to float32 *metric parts*, the last
+  dimension (sums, not ratios: parts from shards of a sequence add up, so a distributed run can
+  all-reduce them);
+* :meth:`Policy.update`, at the bottom: turn the parts into the next schedule, and name what the step's
+  history row records (``{column: value}``, the columns of :attr:`Policy.history_columns`; the rewrite
+  writes the row).
 
-A policy that decides from a signal of the *current* step (FirstBlockCache, TeaCache) sets
-:attr:`Policy.early_signal` to where that signal is read (``"first_block"``: the residual ``out - inp``
-of the first block's latent stream). The rewrite then leaves the first block outside every cached region
-(it runs on every step), makes the signal metric site 0, calls :meth:`Policy.measure` on it in the main
-graph right after the first block (``p_prev`` is the signal kept from an earlier step, see
-:attr:`Policy.remember_signal`), and passes the parts to :meth:`Policy.decide` as ``signal`` (a list, one
-vector per signal site); :meth:`Policy.update` receives them again in ``parts``. A policy without an early
-signal is called as before (``decide`` without ``signal``).
+What a policy needs from the graph it declares in :meth:`Policy.needs` (a :class:`Needs`): a metric
+residual, an early signal of the current step, the frame layout of the metric residual. The rewrite
+plans exactly that and builds the policy once with what it found (:class:`GraphFacts`).
 
-A policy keeps its own scalar state (declared by :meth:`Policy.state_specs`); the rewrite threads it
-through the graph as explicit state, so torch.compile and ONNX export need nothing policy-specific. A
-new policy is one module implementing this class plus one ``register_policy`` line (see
-``policies/__init__.py``).
+The state is explicit (:meth:`Policy.state_specs`), and the code is elementwise over it: the same
+policy decides one generation (0-dim state) in the graph, or many recorded runs at once (state of
+shape ``[runs]``) in :func:`~adacache_fx.policies.replay.replay`, which calibration uses. A new policy
+is one module: a config (a :class:`~adacache_fx.CacheConfig` subclass), a subclass of this class, and
+``@register_policy(TheConfig)`` on it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..state import DEFAULT_REPORT_COLUMNS, StateSpec
+from ..parallel import SequenceShard
+from ..state import StateSpec
 
 
-def advance_step(step: torch.Tensor, num_steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, fresh)``: the 1-based step this call runs, and whether it starts a new generation (no step
-    done yet, ``step`` 0 after a reset, or the last one finished, ``step >= num_steps``)."""
-    fresh = (step == 0) | (step >= num_steps)
-    return torch.where(fresh, torch.ones_like(step), step + 1), fresh
+@dataclass(frozen=True)
+class FrameNeeds:
+    """A rule that reads the motion of the metric residual needs its ``(batch, frames)`` layout:
+    ``count`` forces the number of latent frames (None: inferred from the patch embedding), the largest
+    frame stride must stay below it, and errors name ``setting`` (where the user sets ``count``)."""
+
+    count: int | None = None
+    max_stride: int = 1
+    setting: str = "MoRegConfig(frames=T)"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a policy reads from the graph (its metric sites, in this order: the early signal's, then the
+    metric residuals').
+
+    ``metric``: a metric residual inside the cached regions (``metric_block`` / ``metric_branch``),
+    measured on compute steps; ``early_signal``: where a signal of the *current* step is read before
+    :meth:`Policy.decide`
+    (``"first_block"``: the first block's residual, that block then runs uncached; ``"modulated_input"``:
+    the input of the first block's first linear layer on its stream), with ``remember_signal`` saying
+    when the kept signal is replaced (``"compute"`` steps only, or ``"every"`` step); ``frames``: the
+    ``(batch, frames)`` layout of the metric residual (:class:`FrameNeeds`; None: not needed)."""
+
+    metric: bool = True
+    early_signal: str | None = None
+    remember_signal: str = "compute"
+    frames: FrameNeeds | None = None
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What the rewrite found for a policy: ``num_sites`` metric sites, the ``frame_layout`` ``(batch,
+    frames)`` of site 0 (when :attr:`Needs.frames`), and under context parallelism the ``shard`` of the
+    sequence that site holds (:class:`~adacache_fx.parallel.SequenceShard`)."""
+
+    num_sites: int = 1
+    frame_layout: tuple[int, int] | None = None
+    shard: SequenceShard | None = None
 
 
 class Policy(nn.Module):
     """Base class of decision rules. ``state`` dicts map the names of :meth:`state_specs` to tensors."""
 
-    #: Where the early signal of the current step is read before :meth:`decide`, or None (decide from
-    #: earlier steps only). ``"first_block"``: the residual of the first block, which then runs uncached.
-    early_signal: str | None = None
-    #: When the kept signal ``p_prev`` is replaced by this step's: ``"compute"`` (on compute steps only,
-    #: as FirstBlockCache) or ``"every"`` step (as TeaCache).
-    remember_signal: str = "compute"
-    #: Whether :meth:`decide` / :meth:`update` read the metric residual. False (MagCache, whose rule
-    #: reads calibrated ratios only): the rewrite plans no metric site, so nothing is measured or kept.
-    uses_metric: bool = True
-    #: Names of history columns 1-3 (column 0 is ``computed``) as :class:`~adacache_fx.state.Report`
-    #: prints them; None for a column the policy leaves constant.
-    history_columns: tuple[str | None, str | None, str | None] = DEFAULT_REPORT_COLUMNS
+    #: Names of the history columns after ``computed``, as reports print them.
+    history_columns: tuple[str, ...] = ()
+
+    def __init__(self, config, facts: GraphFacts | None = None):
+        super().__init__()
+        self.config = config
+        self.facts = facts or GraphFacts()
+
+    @classmethod
+    def needs(cls, config) -> Needs:
+        """What the rule reads from the graph for ``config`` (default: a metric residual)."""
+        return Needs()
 
     def state_specs(self) -> tuple[StateSpec, ...]:
-        """The scalar state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""
+        """The state this policy keeps between steps (besides ``step``, ``num_steps``, ``history``)."""
         raise NotImplementedError
 
     def num_parts(self, site: int) -> int:
         """Length of the metric-parts vector :meth:`measure` returns for metric site ``site``."""
-        raise NotImplementedError
+        return 2
 
     def decide(self, step: torch.Tensor, num_steps: torch.Tensor, state: dict, signal: list | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(s, compute, state)``: the 1-based step being run, whether it computes, the updated state.
         ``step`` is the last step done (0 after a reset; a step >= N means a new generation starts).
-        ``signal``: with an :attr:`early_signal`, this step's metric parts of the signal sites (their
-        ``p_prev`` is stale on the first step of a generation); otherwise not passed."""
+        ``signal``: with an early signal, this step's metric parts of the signal sites (their ``p_prev``
+        is stale on the first step of a generation); None otherwise."""
         raise NotImplementedError
 
     def measure(self, site: int, p: torch.Tensor, p_prev: torch.Tensor) -> torch.Tensor:
-        """Metric parts (1-D float32) of site ``site`` on a compute step: ``p`` now, ``p_prev`` at the last compute step."""
-        raise NotImplementedError
+        """Metric parts (float32, parts last) of site ``site`` on a compute step: ``p`` now, ``p_prev`` at
+        the last compute step (default: the relative L1 distance's, :func:`~.common.distance_parts`)."""
+        from .common import distance_parts
 
-    def update(self, s, compute, parts: list[torch.Tensor], state: dict, history: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """``(state, history)`` after step ``s``: ``parts`` has one vector per site (zeros on cached steps)."""
+        return distance_parts(p, p_prev)
+
+    def update(self, s, compute, parts: list[torch.Tensor], state: dict, num_steps: torch.Tensor
+               ) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(state, row)`` after step ``s``: ``parts`` has one vector per site (zeros on cached steps);
+        ``row`` maps each of :attr:`history_columns` to this step's value (NaN where nothing was measured)."""
         raise NotImplementedError
 
 

@@ -20,7 +20,7 @@ and ``"branch"`` cache the same residual per block or per residual branch of blo
 same decision: the output equals the stack's up to float rounding (the per-block residuals telescope),
 for more cache memory. ``metric_block`` / ``metric_branch`` do not apply (the signal is the first
 block's residual) and are refused. ``warmup_steps`` forces steps 1..k to compute (diffusers has none).
-The history rows are ``(computed, diff, NaN, 1)``; ``diff`` is recorded on every step after the first.
+The history column ``diff`` is recorded on every step after the first.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ import torch
 
 from ..config import CacheConfig
 from ..state import StateSpec
-from .adacache import ResidualDistance, relative
-from .base import Policy, advance_step
+from .base import Needs, Policy
+from .common import advance_step, nan_where_not, relative
+from .registry import register_policy
 
 
 @dataclass(frozen=True)
@@ -64,30 +65,15 @@ class FirstBlockCacheConfig(CacheConfig):
                              "metric_branch do not apply")
 
 
-class RelativeSignalPolicy(Policy):
-    """A rule on the relative L1 change of an early signal against the kept one (FirstBlockCache,
-    TeaCache): its metric parts are ``(||p - p_prev||_1, ||p_prev||_1)`` in float32 (sums: reducible
-    across ranks); the config gives ``threshold`` and ``warmup_steps``."""
-
-    def __init__(self, config: CacheConfig, num_sites: int, frame_layout=None):
-        super().__init__()
-        self.threshold = config.threshold
-        self.warmup_steps = config.warmup_steps
-        self.distance = ResidualDistance()
-
-    def num_parts(self, site: int) -> int:
-        return 2
-
-    def measure(self, site, p, p_prev):
-        return self.distance(p, p_prev)
-
-
-class FirstBlockCachePolicy(RelativeSignalPolicy):
+@register_policy(FirstBlockCacheConfig)
+class FirstBlockCachePolicy(Policy):
     """FirstBlockCache's rule on the early signal of the first block (see the module docstring)."""
 
-    early_signal = "first_block"
-    remember_signal = "compute"
-    history_columns = ("diff", None, None)
+    history_columns = ("diff",)
+
+    @classmethod
+    def needs(cls, config) -> Needs:
+        return Needs(metric=False, early_signal="first_block", remember_signal="compute")
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("diff", (), torch.float32, float("nan")),)  # this step's relative change
@@ -95,11 +81,8 @@ class FirstBlockCachePolicy(RelativeSignalPolicy):
     def decide(self, step, num_steps, state, signal=None):
         s, _ = advance_step(step, num_steps)
         diff = relative(signal[0])
-        compute = (s <= max(1, self.warmup_steps)) | (diff > self.threshold)
+        compute = (s <= max(1, self.config.warmup_steps)) | (diff > self.config.threshold)
         return s, compute, {"diff": diff}
 
-    def update(self, s, compute, parts, state, history):
-        diff = state["diff"]
-        nan = torch.full_like(diff, float("nan"))
-        row = torch.stack([compute.to(torch.float32), torch.where(s > 1, diff, nan), nan, torch.ones_like(diff)])
-        return state, history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+    def update(self, s, compute, parts, state, num_steps):
+        return state, {"diff": nan_where_not(s > 1, state["diff"])}

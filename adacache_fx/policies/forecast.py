@@ -26,13 +26,16 @@ metric parts.
 
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass, field
+
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..state import StateSpec
 
-#: Forecast orders implemented: 0 (reuse), 1 (linear), 2 (quadratic).
-ORDERS = (0, 1, 2)
+aten = torch.ops.aten
 
 
 class ExtrapolationWeight(nn.Module):
@@ -86,3 +89,169 @@ FORECAST_STATE = (StateSpec("last_compute", (), torch.int64, 0), StateSpec("prev
 SECOND_ORDER_STATE = (StateSpec("older_compute", (), torch.int64, 0),)
 #: The state ``forecast_gain="fit"`` keeps: the gain the cached steps use (1.0 until a first fit).
 GAIN_STATE = (StateSpec("forecast_gain", (), torch.float32, 1.0),)
+
+
+class Forecast:
+    """What a cached step adds, as graph code: order 0 (:class:`Reuse`) adds the cached residual, and
+    keeps no state and takes no operands; :class:`Linear` and :class:`Quadratic` forecast it from the
+    last two or three compute steps. ``gain``: the config's ``forecast_gain`` (a share, or ``"fit"``).
+
+    The rewrite asks a forecast for its state (:meth:`state_specs`), the extra caches it keeps per cached
+    tensor (:attr:`history`), the weights a step's cached branches use (:meth:`insert_weights`, top of
+    the graph), the value a cached branch adds (:meth:`reuse`), and with a fitted gain the sums a compute
+    branch measures (:meth:`gain_parts`) and the gain they refit (:meth:`insert_gain`, bottom)."""
+
+    order = 0
+    #: The compute-step records the weights are computed from (state names).
+    records: tuple[str, ...] = ()
+
+    def __init__(self, gain: float | str = 1.0):
+        self.gain = gain
+
+    @property
+    def fit_gain(self) -> bool:
+        return self.order >= 1 and self.gain == "fit"
+
+    @property
+    def history(self) -> tuple[str, ...]:
+        """The caches kept per cached tensor besides the last one: ``prev`` (order >= 1), ``older`` (2)."""
+        return ("prev", "older")[: self.order]
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return ()
+
+    def weight_module(self) -> nn.Module | None:
+        return None
+
+    def insert_weights(self, gm: fx.GraphModule, graph: fx.Graph, after: fx.Node, s: fx.Node, compute: fx.Node,
+                       state: dict[str, fx.Node]) -> ForecastNodes:
+        """The weights of this step's cached branches, computed after ``after`` (see :class:`ForecastNodes`)."""
+        return ForecastNodes()
+
+    def reuse(self, graph: fx.Graph, cache: fx.Node, prev: fx.Node | None, older: fx.Node | None,
+              weights: list[fx.Node], dtype) -> fx.Node:
+        """The value a cached step uses: ``cache``; ``cache + w (cache - prev)`` with a linear forecast;
+        ``cache + u (cache - prev) + v (prev - older)`` with a quadratic one."""
+        if prev is None or not dtype.is_floating_point:
+            return cache
+        value = cache
+        for term in forecast_terms(graph, cache, prev, older, weights, dtype):
+            value = graph.call_function(aten.add.Tensor, (value, term))
+        return value
+
+    def gain_parts(self, graph: fx.Graph, new, caches, previous, older, weights) -> fx.Node:
+        return gain_parts(graph, new, caches, previous, older, weights)
+
+    def insert_gain(self, gm: fx.GraphModule, graph: fx.Graph, parts: list[fx.Node], gain: fx.Node) -> fx.Node:
+        """The refitted gain from the regions' summed ``parts`` (``forecast_gain="fit"``)."""
+        gm.add_submodule("adacache_forecast_gain", ForecastGain())
+        total = parts[0]
+        for more in parts[1:]:
+            total = graph.call_function(aten.add.Tensor, (total, more))
+        return graph.call_module("adacache_forecast_gain", (total, gain))
+
+
+class Reuse(Forecast):
+    """Order 0: a cached step adds the cached residual (AdaCache)."""
+
+
+class Linear(Forecast):
+    """Order 1: TaylorSeer's first order over the last two compute steps (:class:`ExtrapolationWeight`)."""
+
+    order = 1
+    records = ("last_compute", "prev_compute")
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return FORECAST_STATE + (GAIN_STATE if self.fit_gain else ())
+
+    def weight_module(self) -> nn.Module:
+        return ExtrapolationWeight()
+
+    def insert_weights(self, gm, graph, after, s, compute, state):
+        gm.add_submodule("adacache_extrapolation", self.weight_module())
+        with graph.inserting_after(after):
+            node = graph.call_module("adacache_extrapolation", (s, compute, *[state[name] for name in self.records]))
+        with graph.inserting_before(node.next):
+            items = [graph.call_function(operator.getitem, (node, k)) for k in range(self.order + len(self.records))]
+        raw = items[: self.order]
+        records = dict(zip(self.records, items[self.order:]))
+        if self.gain == 1.0:
+            return ForecastNodes(raw, raw, records)
+        with graph.inserting_before(items[-1].next):
+            gain = self.gain
+            if self.fit_gain:  # a new generation starts from the whole forecast again
+                fitted = state["forecast_gain"]
+                first = graph.call_function(aten.eq.Scalar, (s, 1))
+                gain = graph.call_function(aten.where.self, (first, graph.call_function(
+                    aten.full_like.default, (fitted, 1.0)), fitted))
+            weights = [graph.call_function(aten.mul.Tensor, (w, gain)) for w in raw]
+        return ForecastNodes(weights, raw, records, gain if self.fit_gain else None)
+
+
+class Quadratic(Linear):
+    """Order 2: TaylorSeer's second order over the last three compute steps (:class:`TaylorWeights`)."""
+
+    order = 2
+    records = ("last_compute", "prev_compute", "older_compute")
+
+    def state_specs(self) -> tuple[StateSpec, ...]:
+        return FORECAST_STATE + SECOND_ORDER_STATE + (GAIN_STATE if self.fit_gain else ())
+
+    def weight_module(self) -> nn.Module:
+        return TaylorWeights()
+
+
+def forecast_for(config) -> Forecast:
+    """The forecast of ``config.extrapolation_order`` with its ``forecast_gain``."""
+    return (Reuse, Linear, Quadratic)[config.extrapolation_order](config.forecast_gain)
+
+
+@dataclass
+class ForecastNodes:
+    """What :meth:`Forecast.insert_weights` put in the graph: ``weights`` the cached branches use (times a
+    fixed gain), ``raw`` the weights before the gain (a fitted gain compares with them), ``records`` the
+    updated compute-step records (state), ``gain`` the gain in force this step (``forecast_gain="fit"``)."""
+
+    weights: list = field(default_factory=list)
+    raw: list = field(default_factory=list)
+    records: dict = field(default_factory=dict)
+    gain: fx.Node | None = None
+
+
+def forecast_terms(graph: fx.Graph, cache: fx.Node, prev: fx.Node, older: fx.Node | None, weights: list[fx.Node],
+                   dtype) -> list[fx.Node]:
+    """What a forecast adds to ``cache``, in ``dtype``: ``[w * (cache - prev)]``, and ``v * (prev - older)``
+    with a quadratic one."""
+
+    def term(a, b, weight):
+        weight = graph.call_function(aten._to_copy.default, (weight,), {"dtype": dtype})
+        return graph.call_function(aten.mul.Tensor, (graph.call_function(aten.sub.Tensor, (a, b)), weight))
+
+    return [term(cache, prev, weights[0])] + ([term(prev, older, weights[1])] if older is not None else [])
+
+
+def gain_parts(graph: fx.Graph, new: list[fx.Node], caches: list[fx.Node], previous: list[fx.Node],
+               older: list[fx.Node | None], weights: list[fx.Node]) -> fx.Node:
+    """``[sum <n - c, d>, sum ||d||^2]`` over the cached tensors, all in float32: the sums the forecast
+    gain is fitted from (``n`` this step's, ``c`` the cached, ``d = w (c - p) [+ v (p - o)]`` the change the
+    forecast adds, computed in float32 so that a bf16 cache's rounding does not count as a change)."""
+    from ..passes.graph_utils import PassError
+
+    if not caches:
+        raise PassError("forecast_gain='fit' needs a floating-point cached tensor in every region", "insert_cache")
+
+    def f32(node):
+        return graph.call_function(aten._to_copy.default, (node,), {"dtype": torch.float32})
+
+    dot = norm = None
+    for n, c, p, o in zip(new, caches, previous, older):
+        c32 = f32(c)
+        err = graph.call_function(aten.sub.Tensor, (f32(n), c32))
+        step, *more = forecast_terms(graph, c32, f32(p), None if o is None else f32(o), weights, torch.float32)
+        for term in more:
+            step = graph.call_function(aten.add.Tensor, (step, term))
+        d = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (err, step)),))
+        q = graph.call_function(aten.sum.default, (graph.call_function(aten.mul.Tensor, (step, step)),))
+        dot = d if dot is None else graph.call_function(aten.add.Tensor, (dot, d))
+        norm = q if norm is None else graph.call_function(aten.add.Tensor, (norm, q))
+    return graph.call_function(aten.stack.default, ([dot, norm],))

@@ -19,10 +19,9 @@ The rule is diffusers' ``hooks/mag_cache.py`` (``MagCacheHeadHook``), step for s
 
 Each cache context (the ``"cond"`` / ``"uncond"`` calls of CFG) keeps its own accumulators and step index,
 as diffusers' per-context hook state does, and indexes the same ratios by its own step. The decision
-needs no measurement (``uses_metric = False``): the rewrite plans no metric site, so no residual is
-measured or kept for it. History rows are
-``(computed, err, ratio, steps)``: the accumulators after this step's accumulation, before a reset
-(``(0, 1, 0)`` during the retention).
+needs no measurement (``Needs(metric=False)``): the rewrite plans no metric site, so no residual is
+measured or kept for it. The history columns ``err``, ``ratio``, ``steps`` hold the accumulators after
+this step's accumulation, before a reset (``(0, 1, 0)`` during the retention).
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ import torch
 
 from ..config import CacheConfig
 from ..state import StateSpec
-from . import register_policy
-from .base import Policy, advance_step
-from .retention import RetentionWindow
+from .base import Needs, Policy
+from .common import RetentionWindow, advance_step, lookup
+from .registry import register_policy
 
 
 @dataclass(frozen=True)
@@ -82,11 +81,10 @@ class MagCacheConfig(CacheConfig):
 class MagCachePolicy(Policy):
     """MagCache's rule (module doc), as configured by a :class:`MagCacheConfig`."""
 
-    uses_metric = False  # the rule reads the calibrated ratios only
     history_columns = ("err", "ratio", "steps")
 
-    def __init__(self, config: MagCacheConfig, num_sites: int, frame_layout=None):
-        super().__init__()
+    def __init__(self, config: MagCacheConfig, facts=None):
+        super().__init__(config, facts)
         self.threshold, self.max_skip = config.threshold, config.max_skip_steps
         self.warmup_steps = config.warmup_steps
         self.register_buffer("ratios", torch.tensor(config.mag_ratios, dtype=torch.float32), persistent=False)
@@ -96,8 +94,9 @@ class MagCachePolicy(Policy):
         return (StateSpec("mag_ratio", (), torch.float32, 1.0), StateSpec("mag_err", (), torch.float32, 0.0),
                 StateSpec("mag_steps", (), torch.int64, 0))
 
-    def num_parts(self, site: int) -> int:
-        raise AssertionError("MagCache plans no metric site")
+    @classmethod
+    def needs(cls, config) -> Needs:
+        return Needs(metric=False)  # the rule reads the calibrated ratios only
 
     def ratio_at(self, i: torch.Tensor, num_steps: torch.Tensor) -> torch.Tensor:
         """``ratios`` resampled to N, at 0-based step ``i`` (nearest neighbour, as diffusers)."""
@@ -105,9 +104,9 @@ class MagCachePolicy(Policy):
         scale = torch.full((), float(last), device=i.device) / (num_steps - 1).clamp_min(1).to(torch.float32)
         index = torch.round(i.to(torch.float32) * scale).to(torch.int64).clamp(0, last)
         index = torch.where(num_steps == 1, torch.full_like(index, last), index)
-        return self.ratios.index_select(0, index.reshape(1)).reshape(())
+        return lookup(self.ratios, index)
 
-    def decide(self, step, num_steps, state):
+    def decide(self, step, num_steps, state, signal=None):
         s, fresh = advance_step(step, num_steps)
         ratio = torch.where(fresh, torch.ones_like(state["mag_ratio"]), state["mag_ratio"])
         err = torch.where(fresh, torch.zeros_like(state["mag_err"]), state["mag_err"])
@@ -124,13 +123,9 @@ class MagCachePolicy(Policy):
                  "mag_steps": torch.where(active, new_steps, steps)}
         return s, ~skip, state
 
-    def measure(self, site, p, p_prev):
-        raise AssertionError("MagCache plans no metric site")
-
-    def update(self, s, compute, parts, state, history):
+    def update(self, s, compute, parts, state, num_steps):
         ratio, err, steps = state["mag_ratio"], state["mag_err"], state["mag_steps"]
-        row = torch.stack([compute.to(torch.float32), err, ratio, steps.to(torch.float32)])
-        history = history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
+        row = {"err": err, "ratio": ratio, "steps": steps.to(torch.float32)}
         return {"mag_ratio": torch.where(compute, torch.ones_like(ratio), ratio),
                 "mag_err": torch.where(compute, torch.zeros_like(err), err),
-                "mag_steps": torch.where(compute, torch.zeros_like(steps), steps)}, history
+                "mag_steps": torch.where(compute, torch.zeros_like(steps), steps)}, row

@@ -25,9 +25,9 @@ Each cache context (CFG's ``"cond"`` / ``"uncond"`` calls) keeps its own accumul
 official Wan2.1 code keeps its even and odd calls apart. The polynomial maps the input change to the
 *output* change of the model; :func:`adacache_fx.calibrate_teacache` fits it to a model (degree 4 by
 least squares on uncached generations, as TeaCache's calibration). The default ``(1.0, 0.0)`` is the
-identity: the accumulated raw input change. History rows are ``(computed, rel, acc, 1)``: the step's
-raw change (NaN on step 1) and the accumulator after its addition, before the reset of a compute step
-(0 on the forced steps).
+identity: the accumulated raw input change. The history columns are ``rel``, the step's raw change (NaN
+on step 1), and ``acc``, the accumulator after its addition, before the reset of a compute step (0 on
+the forced steps).
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ import torch
 
 from ..config import CacheConfig
 from ..state import StateSpec
-from . import register_policy
-from .adacache import relative
-from .base import advance_step
-from .first_block import RelativeSignalPolicy
+from .base import Needs, Policy
+from .common import advance_step, nan_where_not, relative
+from .registry import register_policy
 
 
 @dataclass(frozen=True)
@@ -83,16 +82,14 @@ class TeaCacheConfig(CacheConfig):
 
 
 @register_policy(TeaCacheConfig)
-class TeaCachePolicy(RelativeSignalPolicy):
+class TeaCachePolicy(Policy):
     """TeaCache's rule on the modulated input of the first block (see the module docstring)."""
 
-    early_signal = "modulated_input"
-    remember_signal = "every"
-    history_columns = ("rel", "acc", None)
+    history_columns = ("rel", "acc")
 
-    def __init__(self, config: TeaCacheConfig, num_sites: int, frame_layout=None):
-        super().__init__(config, num_sites, frame_layout)
-        self.coefficients = config.coefficients
+    @classmethod
+    def needs(cls, config) -> Needs:
+        return Needs(metric=False, early_signal="modulated_input", remember_signal="every")
 
     def state_specs(self) -> tuple[StateSpec, ...]:
         return (StateSpec("tea_rel", (), torch.float32, float("nan")),  # this step's raw change
@@ -101,22 +98,20 @@ class TeaCachePolicy(RelativeSignalPolicy):
     def rescale(self, x: torch.Tensor) -> torch.Tensor:
         """``poly(x)`` by Horner's rule, in float32."""
         y = torch.zeros_like(x)
-        for c in self.coefficients:
+        for c in self.config.coefficients:
             y = y * x + c
         return y
 
     def decide(self, step, num_steps, state, signal=None):
         s, fresh = advance_step(step, num_steps)
         rel = relative(signal[0])
-        forced = (s <= max(1, self.warmup_steps)) | (s == num_steps)
+        forced = (s <= max(1, self.config.warmup_steps)) | (s == num_steps)
         acc = torch.where(fresh, torch.zeros_like(state["tea_acc"]), state["tea_acc"]) + self.rescale(rel)
         acc = torch.where(forced, torch.zeros_like(acc), acc)
-        compute = forced | ~(acc < self.threshold)  # a NaN accumulator computes (and resets)
+        compute = forced | ~(acc < self.config.threshold)  # a NaN accumulator computes (and resets)
         return s, compute, {"tea_rel": rel, "tea_acc": acc}
 
-    def update(self, s, compute, parts, state, history):
+    def update(self, s, compute, parts, state, num_steps):
         rel, acc = state["tea_rel"], state["tea_acc"]
-        nan = torch.full_like(rel, float("nan"))
-        row = torch.stack([compute.to(torch.float32), torch.where(s > 1, rel, nan), acc, torch.ones_like(rel)])
-        history = history.index_copy(0, (s - 1).reshape(1), row.reshape(1, -1))
-        return {"tea_rel": rel, "tea_acc": torch.where(compute, torch.zeros_like(acc), acc)}, history
+        return ({"tea_rel": rel, "tea_acc": torch.where(compute, torch.zeros_like(acc), acc)},
+                {"rel": nan_where_not(s > 1, rel), "acc": acc})

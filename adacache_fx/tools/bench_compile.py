@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import presets
 from ..api import report, reset, transform
-from ..config import AdaCacheConfig
+from ..policies import AdaCacheConfig
 from .fixtures import speed_wan
 from .timing import measure
 

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from .. import presets
-from ..config import AdaCacheConfig
+from ..policies import AdaCacheConfig
 from .fixtures import sample_transformer, speed_wan
 
 
@@ -131,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     peers = sub.add_parser("bench", help="AdaCache against the peers (diffusers cache hooks, cache-dit) on the reference model")
     _lazy("adacache_fx.tools.bench", "add_bench_arguments")(peers)
     peers.set_defaults(func=_lazy("adacache_fx.tools.bench", "cli_bench"))
+
+    corpus = sub.add_parser(
+        "corpus", help="diffusers' own tiny test configurations of every transformer class through the transform: "
+                       "never-skip exactness, state left unchanged, default schedule, repeat and reset (a table)",
+        description="Build the tiny configuration diffusers' test suite uses for each transformer class (seeded, "
+                    "float32), and check, one subprocess per configuration: the transform with every step computed "
+                    "equals the model; capture leaves the model's state as it found it; the default policy's "
+                    "computed steps over N calls; a second generation and a reset mid-generation reproduce them; "
+                    "optionally torch.compile(fullgraph=True). Prints a progress line per configuration, then the "
+                    "table; --out writes corpus.md and corpus.csv.",
+    )
+    _lazy("adacache_fx.tools.corpus.cli", "add_corpus_arguments")(corpus)
+    corpus.set_defaults(func=_lazy("adacache_fx.tools.corpus.cli", "cli_corpus"))
     return parser
 
 

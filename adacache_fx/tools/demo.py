@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .. import presets
-from ..config import AdaCacheConfig, MoRegConfig
+from ..policies import AdaCacheConfig, MoRegConfig
 from .metrics import psnr, ssim
 from .timing import measure_interleaved
 
@@ -137,12 +137,12 @@ def plot_schedules(path: Path, rows: list[DemoRow], codebook_thresholds) -> None
         computed = [r.computed for r in row.schedule.steps]
         ax.bar(steps, [1 if c else 0.25 for c in computed], color=["tab:blue" if c else "lightgray" for c in computed],
                width=0.8, label="computed (blue) / cached (gray)")
-        metric = [r.metric if r.metric is not None else math.nan for r in row.schedule.steps]
+        metric = [r["metric"] if r["metric"] is not None else math.nan for r in row.schedule.steps]
         ax2 = ax.twinx()
         ax2.plot(steps, metric, "o-", color="tab:red", label="metric c")
         for t in codebook_thresholds:
             ax2.axhline(t, color="tab:red", alpha=0.15, lw=0.8)
-        ax2.step(steps, [r.rate / 10 for r in row.schedule.steps], where="post", color="tab:green", label="rate / 10")
+        ax2.step(steps, [r["rate"] / 10 for r in row.schedule.steps], where="post", color="tab:green", label="rate / 10")
         ax.set_yticks([])
         ax.set_title(f"{row.variant}: {row.caption} ({row.computed}/{row.steps} computed)", fontsize=9)
         ax2.legend(loc="upper right", fontsize=7)

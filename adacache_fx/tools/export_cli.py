@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import presets
-from ..config import AdaCacheConfig
+from ..policies import AdaCacheConfig
 from .fixtures import build
 
 #: Built-in tiny random-weight models (``fixtures.build``), or the trained reference model.

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import presets
-from ..config import AdaCacheConfig, MoRegConfig
+from ..policies import AdaCacheConfig, MoRegConfig
 
 SPEED_CLASSES = ("still", "slow", "fast")
 #: Captions the calibrated variant's codebook is fitted on: drawn apart from the evaluation set.

@@ -22,9 +22,14 @@ from ...calibrate import (
     max_speedup,
     record_teacache,
 )
-from ...config import AdaCacheConfig, MoRegConfig
-from ...policies import AdaCachePlusConfig, MagCacheConfig, TeaCacheConfig
-from ...policies.first_block import FirstBlockCacheConfig
+from ...policies import (
+    AdaCacheConfig,
+    AdaCachePlusConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    MoRegConfig,
+    TeaCacheConfig,
+)
 from .captions import CALIBRATION_CAPTIONS
 from .registry import Setting, register
 from .rows import BASELINE
