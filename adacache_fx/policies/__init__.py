@@ -18,6 +18,7 @@ from ..config import CacheConfig
 from .adacache import AdaCacheConfig, AdaCachePolicy, MoRegConfig
 from .adacache_plus import AdaCachePlusConfig, AdaCachePlusPolicy
 from .base import FrameNeeds, GraphFacts, Needs, Policy, PolicyCall
+from .easycache import EasyCacheConfig, EasyCachePolicy
 from .first_block import FirstBlockCacheConfig, FirstBlockCachePolicy
 from .magcache import MagCacheConfig, MagCachePolicy
 from .registry import make_policy, policy_class, register_policy
