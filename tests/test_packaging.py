@@ -87,7 +87,7 @@ def test_the_command_line_imports_and_every_subcommand_has_help():
         "import contextlib, io\n"
         "from adacache_fx.tools.cli import build_parser\n"
         "parser = build_parser()\n"
-        "for argv in ([], ['demo'], ['speed'], ['compile-bench'], ['export'], ['bench']):\n"
+        "for argv in ([], ['demo'], ['speed'], ['compile-bench'], ['export'], ['bench'], ['corpus']):\n"
         "    text = io.StringIO()\n"
         "    with contextlib.redirect_stdout(text):\n"
         "        try:\n"
@@ -97,8 +97,8 @@ def test_the_command_line_imports_and_every_subcommand_has_help():
         "    print(text.getvalue().splitlines()[0])\n"
     )
     usages = out.splitlines()
-    assert len(usages) == 6 and all(line.startswith("usage: adacache-fx") for line in usages)
-    assert [u.split()[2] for u in usages[1:]] == ["demo", "speed", "compile-bench", "export", "bench"]
+    assert len(usages) == 7 and all(line.startswith("usage: adacache-fx") for line in usages)
+    assert [u.split()[2] for u in usages[1:]] == ["demo", "speed", "compile-bench", "export", "bench", "corpus"]
 
 
 def test_export_no_longer_offers_the_command_line_helpers():
