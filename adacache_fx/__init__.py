@@ -10,7 +10,7 @@ reference model, CLI) are separate subpackages.
 
 from . import policies as _policies
 from . import presets
-from .api import Report, StepRecord, report, reset, transform
+from .api import Report, StepRecord, release, report, reset, transform
 from .backends import compile
 from .calibrate import calibrate, calibrate_magnitudes, calibrate_plus, calibrate_teacache
 from .capture import CaptureError
@@ -52,6 +52,7 @@ __all__ = [
     "disable",
     "enable",
     "presets",
+    "release",
     "report",
     "reset",
     "transform",

@@ -57,6 +57,11 @@ def reset(model, num_steps: int | None = None) -> None:
     cached_model(model).reset(num_steps)
 
 
+def release(model, context: str) -> None:
+    """Free the state of a cache context (a finished request; :meth:`CachedModel.release`)."""
+    cached_model(model).release(context)
+
+
 def report(model, context: str | None = None) -> Report:
     """Per-step records of the current generation (computed or cached, metric c, motion m, rate).
 

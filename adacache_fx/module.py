@@ -171,14 +171,20 @@ class CachedModel(nn.Module):
 
     # -- cache contexts and generations -----------------------------------------------------------
     @contextlib.contextmanager
-    def cache_context(self, name: str, **loop_info):
-        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG).
+    def cache_context(self, name: str, num_steps: int | None = None, **loop_info):
+        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG, or one
+        request of a server).
 
-        Accepts the keyword arguments diffusers pipelines pass (``step_index``,
-        ``num_inference_steps``, ...): ``num_inference_steps`` sets N, and ``step_index=0`` starts a
-        new generation in this context.
+        ``num_steps``: this context's own N (a request's step count; the same program, compiled graph or
+        ONNX file serves every N); a different N than the context had starts a new generation in it.
+        :meth:`release` frees a context. Also accepts the keyword arguments diffusers pipelines pass
+        (``step_index``, ``num_inference_steps``, ...): ``num_inference_steps`` sets N for every
+        context, and ``step_index=0`` starts a new generation in this context.
         """
         previous = self._store.active
+        if num_steps is not None:
+            self._store.set_steps(name, num_steps)
+            self._check_step_count(num_steps)
         self._store.switch(name)
         steps = loop_info.get("num_inference_steps")
         if loop_info.get("step_index") == 0 and steps is not None:
@@ -187,6 +193,11 @@ class CachedModel(nn.Module):
             yield
         finally:
             self._store.switch(previous)
+
+    def release(self, context: str) -> None:
+        """Free a cache context's state (a finished request): its tensors and its own N are dropped;
+        using the name again starts afresh. Raises KeyError for a context that holds nothing."""
+        self._store.release(context)
 
     @property
     def active_context(self) -> str:

@@ -147,6 +147,8 @@ class StateStore:
         self._last_key: dict[str, Hashable] = {}
         self._epoch = 0  # counts resets: a context used in an older epoch than another one is stale
         self._used: dict[str, int] = {}
+        self._steps: dict[str, int] = {}  # contexts with their own N (a server's requests)
+        self._stale: set[Hashable] = set()  # bound sets whose context storage was released
 
     # -- layouts and storage ---------------------------------------------------------------------
     def add_layout(self, key: Hashable, layout: StateLayout, device: torch.device | str = "cpu") -> None:
@@ -160,20 +162,49 @@ class StateStore:
         """The cache contexts that ran a call (since the last change of N), in the order they were first used."""
         return list(self._last_key)
 
+    def steps_for(self, context: str | None = None) -> int | None:
+        """N of ``context`` (default: the active one): its own, else the store's."""
+        return self._steps.get(self.active if context is None else context, self.num_steps)
+
+    def set_steps(self, context: str, num_steps: int) -> None:
+        """Give ``context`` its own N; a different N than it had drops its state (a new generation)."""
+        check_num_steps(num_steps)
+        if self.steps_for(context) != num_steps and context in self._storage:
+            self._drop(context)
+        self._steps[context] = num_steps
+
+    def release(self, context: str) -> None:
+        """Forget ``context``: its tensors are freed (no bound set keeps them) and its N forgotten."""
+        if context not in self._storage and context not in self._steps and context not in self._last_key:
+            raise KeyError(f"no cache context {context!r} (contexts: {self.contexts})")
+        self._drop(context)
+        self._steps.pop(context, None)
+
+    def _drop(self, context: str) -> None:
+        self._storage.pop(context, None)
+        self._last_key.pop(context, None)
+        self._used.pop(context, None)
+        if context == self.active:  # the bound sets point at the dropped tensors: let them go now
+            for key, bound in self._bound.items():
+                for tensor in bound.values():
+                    tensor.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+                self._stale.add(key)
+
     def get(self, key: Hashable, context: str | None = None) -> dict[str, torch.Tensor]:
         """The state of ``key`` in ``context`` (default: the active one), allocated on first use."""
         context = self.active if context is None else context
         states = self._storage.setdefault(context, {})
         state = states.get(key)
         if state is None:
-            if self.num_steps is None:
+            num_steps = self.steps_for(context)
+            if num_steps is None:
                 raise ValueError(
                     "adacache_fx does not know the number of denoising steps N: set "
                     "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
                     "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
                 )
             layout, device = self._layouts[key]
-            state = states[key] = layout.allocate(self.num_steps, device)
+            state = states[key] = layout.allocate(num_steps, device)
         return state
 
     def replace(self, key: Hashable, state: dict[str, torch.Tensor], context: str | None = None) -> None:
@@ -215,11 +246,19 @@ class StateStore:
         if bound is None:
             storage = self.get(key)
             bound = {name: torch.empty(0, dtype=t.dtype, device=t.device) for name, t in storage.items()}
+            if "history" in bound:  # its rows are N: a compiled graph serves every N (a request's own)
+                torch._dynamo.maybe_mark_dynamic(bound["history"], 0)
             self._bound[key] = bound
+            self._rebind(key)
+        elif key in self._stale:
             self._rebind(key)
         return bound
 
-    def _rebind(self, key: Hashable) -> None:
+    def _rebind(self, key: Hashable, lazy: bool = False) -> None:
+        if lazy and key not in self._storage.get(self.active, {}) and self.steps_for() is None:
+            self._stale.add(key)  # a context without N yet: bound on its first call (which needs N)
+            return
+        self._stale.discard(key)
         storage, bound = self.get(key), self._bound[key]
         with torch.no_grad():
             for name, tensor in storage.items():
@@ -229,7 +268,7 @@ class StateStore:
         """Make ``context`` the active one and re-point every bound set at its storage."""
         self.active = context
         for key in self._bound:
-            self._rebind(key)
+            self._rebind(key, lazy=True)  # (allocates the context's state on first use, with its N)
 
     # -- generations -----------------------------------------------------------------------------
     def begin_generation(self, num_steps: int | None = None) -> None:
@@ -246,6 +285,7 @@ class StateStore:
         self._epoch += 1
         if num_steps is not None and check_num_steps(num_steps, minimum) != self.num_steps:
             self.num_steps = num_steps
+            self._steps.clear()  # a new N for every context
             self._storage.clear()
             self._last_key.clear()
             for key in self._bound:
@@ -262,6 +302,7 @@ class StateStore:
         self._bound.clear()
         self._last_key.clear()
         self._used.clear()
+        self._stale.clear()
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ class StatefulRunner:
             raise ValueError(f"unknown state tensors {unknown}; this model's state is {self.layout.names}")
         for name, value in state.items():
             spec = self.layout.spec(name)
-            expected = (spec.shape_for(self.num_steps), dtype_name(spec.dtype))
+            expected = (spec.shape_for(self._store.steps_for(context)), dtype_name(spec.dtype))
             if not isinstance(value, torch.Tensor) or (tuple(value.shape), dtype_name(value.dtype)) != expected:
                 got = (tuple(value.shape), dtype_name(value.dtype)) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state tensor {name!r}: expected shape {expected[0]} dtype {expected[1]}, got {got}")
@@ -87,14 +87,24 @@ class StatefulRunner:
             current[name].copy_(value)
 
     @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG)."""
+    def cache_context(self, name: str, num_steps: int | None = None):
+        """Use a separate cache state inside the block (e.g. ``"cond"`` and ``"uncond"`` of CFG, or one
+        request of a server); ``num_steps``: this context's own N (the file serves every N)."""
         previous = self._store.active
+        if num_steps is not None:
+            if self._store.steps_for(name) != num_steps:
+                self._spare.pop(name, None)  # sized for the old N
+            self._store.set_steps(name, num_steps)
         self._store.active = name
         try:
             yield
         finally:
             self._store.active = previous
+
+    def release(self, context: str) -> None:
+        """Free a cache context's state (both of its tensor sets) and its own N."""
+        self._store.release(context)
+        self._spare.pop(context, None)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
@@ -152,7 +162,7 @@ class StatefulRunner:
         current = self._store.get(_PROGRAM)
         following = self._spare.get(self._store.active)
         if following is None:  # a state never written back is shared by both sets
-            fresh = self.layout.allocate(self.num_steps, self.device)
+            fresh = self.layout.allocate(self._store.steps_for(), self.device)
             following = {spec.name: fresh[spec.name] if spec.returned else current[spec.name] for spec in self.layout}
         outputs = {
             out["name"]: torch.empty(out["shape"], dtype=dtype_from_name(out["dtype"]), device=self.device)
