@@ -246,3 +246,24 @@ def test_an_eager_only_fast_path_is_named_once_and_exact_without_it():
         assert ax.check(reference, **make_inputs(0)).notes == []
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
+
+
+@pytest.mark.parametrize("granularity", ["stack", "block"])
+def test_a_region_output_keeps_the_layout_the_model_computed_it_in(granularity):
+    """AceStep's last layer returns a transposed-layout stream; a branch output is contiguous, and the
+    RMSNorm after the stack summed in another order (4.8e-7 off) until the layout was restored."""
+    pytest.importorskip("diffusers")
+    from adacache_fx.tools.corpus import CONFIGS
+    from adacache_fx.tools.corpus.runner import build as build_config
+    from adacache_fx.tools.corpus.runner import call
+
+    config = next(c for c in CONFIGS if c.name == "AceStepTransformer1DModel")
+    model = build_config(config)
+    reference = copy.deepcopy(model)
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER, granularity=granularity))
+    with torch.no_grad():
+        for sigma in (1.0, 0.7, 0.4):
+            got, expected = call(cached, config, sigma), call(reference, config, sigma)
+            assert torch.equal(got[0], expected[0])
+    program = cached.program()
+    assert any(n.target is torch.ops.aten.empty_strided.default for n in program.graph_module.graph.nodes)

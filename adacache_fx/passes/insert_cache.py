@@ -61,6 +61,32 @@ def _fresh(graph: fx.Graph, value: fx.Node, original: fx.Node) -> fx.Node:
     return value
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Its elements fill its storage once, in some order of its dimensions (a permuted layout)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _restore_layout(graph: fx.Graph, value: fx.Node, original: fx.Node) -> fx.Node:
+    """``value`` (a region output, contiguous as branch outputs are) in the strides ``original`` had in
+    the model, so the ops after the region see the layout they saw there and round as they did (a
+    reduction over a transposed layout sums in another order: AceStep's RMSNorm after its stack)."""
+    meta = fake(original)
+    if meta is None or meta.is_contiguous() or not _dense(meta):
+        return value
+    with graph.inserting_after(value):
+        empty = graph.call_function(aten.empty_strided.default, (list(meta.shape), list(meta.stride())),
+                                    {"dtype": meta.dtype, "device": meta.device})
+    with graph.inserting_after(empty):
+        restored = graph.call_function(aten.copy.default, (empty, value))
+    restored.meta = dict(original.meta)
+    return restored
+
+
 def _zero_parts(graph: fx.Graph, like: fx.Node, count: int) -> fx.Node:
     return graph.call_function(aten.new_zeros.default, (like, [count]), {"dtype": torch.float32})
 
@@ -263,6 +289,7 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
         inside = set(region.nodes)
         originals = [s.out for s in region.streams] + list(region.values)
         for old, new in zip(originals, out["streams"] + out["values"]):
+            new = _restore_layout(graph, new, old)
             old.replace_all_uses_with(new, delete_user_cb=lambda user, inside=inside: user not in inside)
             replaced[old] = new
         # a stream caches its residual; a value itself (kept apart when forecast)

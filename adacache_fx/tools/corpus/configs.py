@@ -152,9 +152,9 @@ CONFIGS: tuple[CorpusConfig, ...] = (
         {"hidden_states": Randn((2, 8, 8)), "timestep": _t1(2), "timestep_r": _t1(2),
          "encoder_hidden_states": Randn((2, 10, 32)), "context_latents": Randn((2, 8, 16))},
         _src("test_models_transformer_ace_step", "AceStepTransformer1DModelTesterConfig"),
-        tolerance=1e-6, notes=(
-            "never-skip differs by 4.8e-7 (stack granularity; 2.4e-7 block, 0 branch): torch.export's module and "
-            "the captured graph are exact, the rewritten graph is not (eager twin and torch.compile alike)",),
+        notes=(
+            "its last layer returns a transposed-layout stream: the region's output keeps that layout (it was "
+            "4.8e-7 off at 2db6eac, when the RMSNorm after the stack read a contiguous copy)",),
     ),
     CorpusConfig(
         "AllegroTransformer", "AllegroTransformer3DModel",
