@@ -206,7 +206,7 @@ class CachedModel(nn.Module):
 
     @property
     def contexts(self) -> list[str]:
-        """The cache contexts that hold state, in the order they were first used."""
+        """The cache contexts that ran a call (since the last change of N), in the order first used."""
         return self._store.contexts
 
     @property
@@ -238,10 +238,7 @@ class CachedModel(nn.Module):
         self._steps_checked.add(num_steps)
         from .policies.replay import nothing_to_skip
 
-        try:
-            forced = nothing_to_skip(self.adacache_config, num_steps)
-        except (ValueError, IndexError, RuntimeError):  # a rule that cannot be replayed at another N
-            return  # (MagCache's per-step ratios): the report shows its schedule
+        forced = nothing_to_skip(self.adacache_config, num_steps)
         if forced is not None:
             warnings.warn(
                 f"adacache_fx: with {num_steps} steps, {type(self.adacache_config).__name__} computes every "

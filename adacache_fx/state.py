@@ -54,6 +54,7 @@ class StateSpec:
     returned: bool = True
     cache: bool = False
     columns: tuple[str, ...] = ()
+    checked: str | None = None  # the column a compute step after the first must hold a finite value in
 
     def shape_for(self, num_steps: int) -> tuple[int, ...]:
         return (num_steps, 1 + len(self.columns)) if self.shape is None else tuple(self.shape)
@@ -62,14 +63,14 @@ class StateSpec:
         return {
             "name": self.name, "shape": None if self.shape is None else list(self.shape),
             "dtype": dtype_name(self.dtype), "fill": float(self.fill), "returned": self.returned, "cache": self.cache,
-            "columns": list(self.columns),
+            "columns": list(self.columns), "checked": self.checked,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> StateSpec:
         shape = None if data["shape"] is None else tuple(int(d) for d in data["shape"])
         return cls(data["name"], shape, dtype_from_name(data["dtype"]), float(data["fill"]), bool(data["returned"]),
-                   bool(data["cache"]), tuple(data.get("columns", ())))
+                   bool(data["cache"]), tuple(data.get("columns", ())), data.get("checked"))
 
 
 @dataclass(frozen=True)
@@ -185,10 +186,8 @@ class StateStore:
         self._last_key.pop(context, None)
         self._used.pop(context, None)
         if context == self.active:  # the bound sets point at the dropped tensors: let them go now
-            for key, bound in self._bound.items():
-                for tensor in bound.values():
-                    tensor.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
-                self._stale.add(key)
+            for key in self._bound:
+                self._unbind(key)
 
     def get(self, key: Hashable, context: str | None = None) -> dict[str, torch.Tensor]:
         """The state of ``key`` in ``context`` (default: the active one), allocated on first use."""
@@ -199,9 +198,10 @@ class StateStore:
             num_steps = self.steps_for(context)
             if num_steps is None:
                 raise ValueError(
-                    "adacache_fx does not know the number of denoising steps N: set "
-                    "AdaCacheConfig(num_steps=N), call adacache_fx.reset(model, num_steps=N) before the "
-                    "generation, or use adacache_fx.enable(pipe) with a diffusers pipeline"
+                    f"adacache_fx does not know the number of denoising steps N of cache context {context!r}: "
+                    "set num_steps=N in the config, call adacache_fx.reset(model, num_steps=N) before the "
+                    "generation, give the context its own (model.cache_context(name, num_steps=N)), or use "
+                    "adacache_fx.enable(pipe) with a diffusers pipeline"
                 )
             layout, device = self._layouts[key]
             state = states[key] = layout.allocate(num_steps, device)
@@ -254,9 +254,16 @@ class StateStore:
             self._rebind(key)
         return bound
 
+    def _unbind(self, key: Hashable) -> None:
+        """Point ``key``'s bound set at nothing (it keeps no context's tensors); :meth:`bound` rebinds it."""
+        with torch.no_grad():
+            for tensor in self._bound[key].values():
+                tensor.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        self._stale.add(key)
+
     def _rebind(self, key: Hashable, lazy: bool = False) -> None:
-        if lazy and key not in self._storage.get(self.active, {}) and self.steps_for() is None:
-            self._stale.add(key)  # a context without N yet: bound on its first call (which needs N)
+        if lazy and key not in self._storage.get(self.active, {}):
+            self._unbind(key)  # allocated (with the context's N) on the first call that uses it
             return
         self._stale.discard(key)
         storage, bound = self.get(key), self._bound[key]
@@ -265,10 +272,11 @@ class StateStore:
                 bound[name].set_(tensor)
 
     def switch(self, context: str) -> None:
-        """Make ``context`` the active one and re-point every bound set at its storage."""
+        """Make ``context`` the active one and re-point every bound set at its storage (a signature
+        the context has not run yet is allocated on its first call there)."""
         self.active = context
         for key in self._bound:
-            self._rebind(key, lazy=True)  # (allocates the context's state on first use, with its N)
+            self._rebind(key, lazy=True)
 
     # -- generations -----------------------------------------------------------------------------
     def begin_generation(self, num_steps: int | None = None) -> None:
@@ -289,7 +297,7 @@ class StateStore:
             self._storage.clear()
             self._last_key.clear()
             for key in self._bound:
-                self._rebind(key)
+                self._unbind(key)
             return
         for states in self._storage.values():
             for state in states.values():
@@ -310,8 +318,8 @@ class StateStore:
 class StepRecord:
     """One step of a generation: whether it computed, and what the policy recorded, by the policy's own
     column names (``record["metric"]``; None where nothing was measured). ``nonfinite`` marks a compute
-    step after the first whose first column (AdaCache's metric) is NaN or infinite (AdaCache then chose
-    its most conservative rate)."""
+    step after the first whose checked column (the policy's ``checked_column``: AdaCache's metric) is NaN
+    or infinite (AdaCache then chose its most conservative rate)."""
 
     step: int
     computed: bool
@@ -377,14 +385,15 @@ def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: st
                 metric_sites: list[str]) -> Report:
     """Read a state's history on the host (after a generation, never inside one); its columns are
     named by the layout's history spec (the policy's ``history_columns``)."""
-    columns = layout.spec("history").columns
+    spec = layout.spec("history")
+    columns = spec.columns
     done = int(state["step"])
     steps = []
     for i, (computed, *values) in enumerate(state["history"][:done].tolist()):
         computed = bool(computed)
-        has_metric = computed and i > 0  # every compute step after the first measures the metric
-        first = values[0] if values else 0.0
-        steps.append(StepRecord(i + 1, computed, dict(zip(columns, map(_finite_or_none, values))),
-                                nonfinite=has_metric and not math.isfinite(first)))
+        row = dict(zip(columns, values))
+        # every compute step after the first measures the policy's checked column (AdaCache's metric)
+        nonfinite = spec.checked is not None and computed and i > 0 and not math.isfinite(row[spec.checked])
+        steps.append(StepRecord(i + 1, computed, {k: _finite_or_none(v) for k, v in row.items()}, nonfinite))
     cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
     return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites), columns)

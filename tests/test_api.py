@@ -1,5 +1,7 @@
 """The stateful module behaves like the model; contexts, resets, reports; bad input gets clear errors."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import first_tensor, hand_reference, max_diff, run_steps
@@ -240,3 +242,16 @@ def test_runs_with_grad_enabled_and_returns_no_graph():
         expected = model(**make_inputs(0))
     assert not out.requires_grad
     assert float((out - expected).abs().max()) < 1e-5
+
+
+def test_too_few_steps_to_skip_is_said_once_naming_the_forced_steps(wan):
+    model, _ = wan
+    with pytest.warns(UserWarning, match=r"with 4 steps, AdaCacheConfig computes every step .*steps \[1, 2, 3, 4\]"):
+        cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached.reset(4)  # said once per N
+        ax.transform(model, ax.AdaCacheConfig(num_steps=5))  # steps 3 can be cached
+        ax.transform(model, ax.AdaCacheConfig(num_steps=4, codebook=presets.NEVER))  # what was asked for
+    with pytest.warns(UserWarning, match=r"with 3 steps, EasyCacheConfig computes every step"):
+        ax.transform(model, ax.EasyCacheConfig(num_steps=3))

@@ -127,3 +127,13 @@ def test_config_round_trips_and_validates():
         ax.EasyCacheConfig(threshold=math.nan)
     with pytest.raises(ValueError, match="retention_ratio"):
         ax.EasyCacheConfig(retention_ratio=1.5)
+
+
+def test_report_flags_no_step_for_the_nan_it_records_by_design():
+    """EasyCache records pred = NaN where k is unknown (its forced steps): not a non-finite metric."""
+    model, make_inputs = build("wan")
+    cached = ax.transform(model, ax.EasyCacheConfig(num_steps=8))
+    run_steps(cached, make_inputs, 8)
+    report = ax.report(cached)
+    assert report.steps[1]["pred"] is None and not any(r.nonfinite for r in report.steps)
+    assert "non-finite" not in str(report)

@@ -4,12 +4,12 @@ one ONNX file) serves every N."""
 
 import copy
 import gc
-import weakref
 
 import pytest
 import torch
 import torch._dynamo.testing
 from helpers import first_tensor, run_steps
+from torch.multiprocessing.reductions import StorageWeakRef
 
 import adacache_fx as ax
 from adacache_fx.tools.fixtures import build
@@ -57,11 +57,11 @@ def test_interleaved_requests_equal_their_solo_runs(wan):
 def test_a_released_request_frees_its_tensors_and_starts_afresh(wan):
     model, make_inputs = wan
     cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(codebook=CODEBOOK))
-    interleaved(cached, make_inputs, {"a": 6, "b": 8})
-    held = [weakref.ref(t) for t in cached.state("a").values()]
+    interleaved(cached, make_inputs, {"a": 8, "b": 6})  # "a" runs last: the bound sets pointed at it
+    held = [StorageWeakRef(t.untyped_storage()) for t in cached.state("a").values()]
     ax.release(cached, "a")
     gc.collect()
-    assert all(ref() is None for ref in held)  # nothing (bound sets included) keeps them
+    assert all(ref.expired() for ref in held)  # nothing (bound sets included) keeps their memory
     assert cached.contexts == ["b"]
     with pytest.raises(KeyError, match="no cache context 'a'"):
         ax.release(cached, "a")
@@ -80,10 +80,27 @@ def test_releasing_the_active_context_inside_it(wan):
     cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(codebook=CODEBOOK))
     with cached.cache_context("a", num_steps=6), torch.no_grad():
         cached(**make_inputs(0))
-        held = [weakref.ref(t) for t in cached.state().values()]
+        held = [StorageWeakRef(t.untyped_storage()) for t in cached.state().values()]
         cached.release("a")
         gc.collect()
-        assert all(ref() is None for ref in held)
+        assert all(ref.expired() for ref in held)
+
+
+def test_a_context_allocates_only_the_signatures_it_runs(wan):
+    model, make_inputs = wan
+    cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=6, codebook=CODEBOOK))
+    small = make_inputs(0)
+    large = dict(small, hidden_states=torch.randn(1, 4, 2, 16, 32))
+    with torch.no_grad():
+        with cached.cache_context("small"):
+            cached(**small)
+        with cached.cache_context("large"):
+            cached(**large)
+        with cached.cache_context("small"):  # entering it again allocates nothing for the other signature
+            cached(**make_inputs(1))
+    assert len(cached.programs) == 2
+    assert [len(cached._store._storage.get(c, {})) for c in ("small", "large")] == [1, 1]
+    assert "default" not in cached._store._storage or not cached._store._storage["default"]
 
 
 def test_compiled_serves_every_n_without_a_new_capture(wan):
@@ -122,5 +139,7 @@ def test_onnx_runner_serves_interleaved_requests(wan, tmp_path):
         expected, computed = solo(model, make_inputs, n)
         assert runner.report(name).computed_steps == computed
         assert max(float((a - b).abs().max()) for a, b in zip(outputs[name], expected)) < 1e-5
+    held = [StorageWeakRef(t.untyped_storage()) for t in runner.state("a").values()]
     runner.release("a")
-    assert runner.contexts == ["b"]
+    gc.collect()
+    assert runner.contexts == ["b"] and all(ref.expired() for ref in held)

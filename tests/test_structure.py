@@ -144,14 +144,17 @@ def test_store_keeps_contexts_apart_and_rebinds_without_copies():
     store.use("k")
     bound["cache_0_0"].fill_(1.0)
     store.switch("uncond")
-    assert store.contexts == ["default"]  # uncond holds storage (bound) but ran nothing yet
+    assert bound["cache_0_0"].numel() == 0  # a context that never ran "k": nothing allocated, nothing kept
+    assert store.contexts == ["default"]
     store.use("k")
+    assert store.bound("k") is bound  # bound on first use there (as every call prepares it)
     assert float(bound["cache_0_0"].sum()) == 0.0  # uncond's own storage
     bound["step"].fill_(3)
-    store.switch("default")
+    store.switch("default")  # a context that ran "k": re-pointed at once, no copy
     assert float(bound["cache_0_0"].sum()) == 6.0 and int(bound["step"]) == 0
     assert store.contexts == ["default", "uncond"]
     store.reset(6)  # a new N reallocates every context
+    store.bound("k")
     assert bound["history"].shape == (6, 4) and float(bound["cache_0_0"].sum()) == 0.0
 
 

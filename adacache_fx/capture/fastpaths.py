@@ -20,9 +20,14 @@ def eager_fast_paths(model: nn.Module) -> list[str]:
         return []
     found = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) and module.batch_first:
-            found.append(name or type(module).__name__)
-        elif isinstance(module, nn.TransformerEncoderLayer):
+        attention = module if isinstance(module, nn.MultiheadAttention) else getattr(module, "self_attn", None)
+        if not isinstance(module, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            continue
+        # the conditions of MultiheadAttention.forward's fast path that the module fixes (the call's: query
+        # is key is value, no masks of the wrong kind, are left: a cross-attention call does not take it)
+        if (not module.training and isinstance(attention, nn.MultiheadAttention) and attention.batch_first
+                and attention._qkv_same_embed_dim and attention.num_heads % 2 == 0 and attention.bias_k is None
+                and not attention.add_zero_attn):
             found.append(name or type(module).__name__)
     return found
 
@@ -33,7 +38,8 @@ def fast_path_note(model: nn.Module) -> str | None:
     if not found:
         return None
     shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-    return (f"{type(model).__name__} has modules with an eager-only fast path ({shown}: nn.MultiheadAttention "
-            "under torch.no_grad() runs torch._native_multi_head_attention, which no trace records): the "
-            "transform computes the standard path, equal to the eager model within rounding (~1e-7), not "
-            "bitwise; torch.backends.mha.set_fastpath_enabled(False) makes both take the standard path")
+    return (f"{type(model).__name__} has modules with an eager-only fast path ({shown}: nn.MultiheadAttention's "
+            "self-attention calls under torch.no_grad() run torch._native_multi_head_attention, which no trace "
+            "records): the transform computes the standard path, equal to the eager model within rounding "
+            "(~1e-7 in float32, a rounding step in bf16), not bitwise; "
+            "torch.backends.mha.set_fastpath_enabled(False) makes both take the standard path")

@@ -38,7 +38,7 @@ from ..state import dtype_name
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
 METADATA_KEY = "adacache_fx"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the history spec names its columns (and its checked one)
 _TENSOR = object()  # marks where a tensor goes in the flat inputs of the export wrapper
 
 

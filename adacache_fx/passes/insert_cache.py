@@ -181,7 +181,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
 
 
 def _state_specs(policy, forecast, regions: list[Region], sites: list[MetricSite]) -> list[StateSpec]:
-    history = StateSpec("history", None, torch.float32, float("nan"), columns=tuple(policy.history_columns))
+    history = StateSpec("history", None, torch.float32, float("nan"), columns=tuple(policy.history_columns),
+                        checked=policy.checked_column)
     specs = [*STEP_STATE, *policy.state_specs(), history]
     for j, site in enumerate(sites):
         value = fake(site.value if site.value is not None else site.stream.out)

@@ -278,6 +278,7 @@ class AdaCachePolicy(Policy):
     """AdaCache (with optional MoReg and a forced schedule), as configured by an ``AdaCacheConfig``."""
 
     history_columns = ("metric", "motion", "rate")
+    checked_column = "metric"
 
     def __init__(self, config: AdaCacheConfig, facts=None):
         super().__init__(config, facts)

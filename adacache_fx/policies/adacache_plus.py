@@ -89,6 +89,7 @@ class AdaCachePlusPolicy(Policy):
     """The AdaCache+ rule (module doc), as configured by an :class:`AdaCachePlusConfig`."""
 
     history_columns = ("c", "acc", "run")
+    checked_column = "c"
 
     def __init__(self, config: AdaCachePlusConfig, facts=None):
         super().__init__(config, facts)

@@ -80,6 +80,9 @@ class Policy(nn.Module):
 
     #: Names of the history columns after ``computed``, as reports print them.
     history_columns: tuple[str, ...] = ()
+    #: the column every compute step after the first measures: a non-finite value there is reported
+    #: (``StepRecord.nonfinite``); None when the policy records NaN there by design
+    checked_column: str | None = None
 
     def __init__(self, config, facts: GraphFacts | None = None):
         super().__init__()
@@ -106,6 +109,11 @@ class Policy(nn.Module):
         ``signal``: with an early signal, this step's metric parts of the signal sites (their ``p_prev``
         is stale on the first step of a generation); None otherwise."""
         raise NotImplementedError
+
+    def replay_parts(self, site: int, since: torch.Tensor) -> torch.Tensor:
+        """The parts :meth:`measure` would return at ``site`` for a recorded relative change ``since``
+        (``[runs]``), as :mod:`~.replay` feeds them: ``(since, 1)``, a distance over a norm of 1."""
+        return torch.stack([since, torch.ones_like(since)], dim=-1)
 
     def measure(self, site: int, p: torch.Tensor, p_prev: torch.Tensor) -> torch.Tensor:
         """Metric parts (float32, parts last) of site ``site`` on a compute step: ``p`` now, ``p_prev`` at

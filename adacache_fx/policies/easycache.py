@@ -101,6 +101,12 @@ class EasyCachePolicy(Policy):
         p, p_prev = p.float(), p_prev.float()
         return torch.stack([(p - p_prev).abs().sum(), p_prev.abs().sum(), p.abs().sum()])
 
+    def replay_parts(self, site, since):
+        if site == 0:
+            return super().replay_parts(site, since)
+        one = torch.ones_like(since)
+        return torch.stack([since, one, one], dim=-1)  # relative change; |v_l| = |v_s| = 1
+
     def decide(self, step, num_steps, state, signal=None):
         s, fresh = advance_step(step, num_steps)
         change = signal[0][..., 0]  # ||x_s - x_{s-1}||_1 (stale on step 1, which computes)

@@ -70,6 +70,7 @@ class FirstBlockCachePolicy(Policy):
     """FirstBlockCache's rule on the early signal of the first block (see the module docstring)."""
 
     history_columns = ("diff",)
+    checked_column = "diff"
 
     @classmethod
     def needs(cls, config) -> Needs:

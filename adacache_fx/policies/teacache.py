@@ -86,6 +86,7 @@ class TeaCachePolicy(Policy):
     """TeaCache's rule on the modulated input of the first block (see the module docstring)."""
 
     history_columns = ("rel", "acc")
+    checked_column = "rel"
 
     @classmethod
     def needs(cls, config) -> Needs:
