@@ -379,7 +379,6 @@ class CachedModel(nn.Module):
         last = self._store.last(context)
         return None if last is None else last[1]
 
-
     def program(self, context: str | None = None) -> Program | None:
         """The program of the signature last used in ``context`` (default: the active one)."""
         last = self._store.last(context)

@@ -21,7 +21,9 @@ Signals, found from the graph: the input ``x`` is the first block's timestep-mod
 every step before the decision, as TeaCache's: ``Needs.early_signal="modulated_input"``); the output
 ``v`` is the metric residual (``metric_block`` / ``metric_branch``, by default the middle block's first
 residual branch), measured on compute steps. The means' element counts cancel in the prediction, so
-the rule runs on sums (``||.||_1``), reducible across ranks. One deviation: ``|x_s - x_l|`` is taken as
+the rule runs on sums (``||.||_1``), reducible across ranks. Deviations from the official code: its
+signals are the raw latent and the whole model's output, here the first block's modulated input and a
+block's residual (found in any DiT's graph, and inside the cached region's reach); and ``|x_s - x_l|`` is taken as
 the sum of the step-to-step changes in between (the input's path length, equal to the distance when the
 latent drifts one way, as it does while denoising), so that only step-to-step changes are kept. The
 history columns are ``pred``, this step's predicted change (NaN where ``k`` is unknown), and ``err``,

@@ -218,10 +218,8 @@ def _generation(cached, config: CorpusConfig, num_steps: int) -> list:
 
 
 def _snapshot(model):
-    try:
-        from adacache_fx.snapshot import ModelSnapshot
-    except ImportError:  # the core without snapshots: the state check is skipped
-        return None
+    from adacache_fx.snapshot import ModelSnapshot
+
     return ModelSnapshot.take(model)
 
 
@@ -253,12 +251,8 @@ def _state_check(transformed, eager, marks_t, marks_e) -> tuple[list[str], list[
 
 
 def _metric(record, report) -> float | None:
-    """The decision metric a step recorded (AdaCache's c): ``record.metric``, or the first of the policy's
-    columns where records hold them by name."""
-    if hasattr(record, "metric"):
-        return record.metric
-    columns = getattr(report, "columns", ())
-    return getattr(record, "values", {}).get(columns[0]) if columns else None
+    """The decision metric a step recorded (AdaCache's c): the first of the policy's columns."""
+    return record.values.get(report.columns[0]) if report.columns else None
 
 
 def _warnings_of(caught) -> list[str]:
