@@ -312,7 +312,12 @@ class CachedModel(nn.Module):
         try:
             result = rewrite(captured.graph_module, self.adacache_config, group)
         except PassError as error:
-            raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
+            hint = ""
+            if captured.static_inputs:  # a stream made a constant of the capture has no residual to cache
+                hint = (f" (the capture specialized {list(captured.static_inputs)}, inputs the model reads on the "
+                        "host: if one of them is the latent the blocks update, the forward branches on its "
+                        "values, which no capture can follow)")
+            raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}{hint}") from error
         program = Program(captured, result)
         for hook in list(self._program_hooks.values()):
             hook(program)

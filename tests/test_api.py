@@ -234,6 +234,14 @@ def test_capture_failure_names_the_model_and_what_to_do():
         cached(torch.randn(16385, 4))  # larger than an input capture may specialize (SPECIALIZE_MAX_NUMEL)
 
 
+def test_a_specialized_stream_is_named_in_the_error():
+    """A small latent the forward branches on is specialized (a constant): the error says so."""
+    cached = ax.transform(DataDependent(), ax.AdaCacheConfig(num_steps=4))
+    with pytest.raises(ax.TransformError, match=r"specialized \['arg0'\].*the forward branches on its values"):
+        with torch.no_grad():
+            cached(torch.randn(2, 4))
+
+
 def test_runs_with_grad_enabled_and_returns_no_graph():
     model, make_inputs = build("stdit")
     cached = ax.transform(model, ax.AdaCacheConfig(num_steps=4))
