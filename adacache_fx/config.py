@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from .state import check_num_steps
 
 GRANULARITIES = ("stack", "block", "branch")
+BATCH_DECISIONS = ("shared", "per_sample")
 #: Version of the dictionaries written by ``to_dict``; ``from_dict`` reads this version.
 CONFIG_VERSION = 1
 
@@ -57,6 +58,12 @@ class CacheConfig:
             ``arg2`` for a positional one): their values are constants of each capture and part of its
             input signature, like shapes. Such inputs are also found automatically when the export
             needs them; naming them saves that first failed export.
+        batch_decisions: ``"shared"`` (the default): a batch shares one decision per step, its metric
+            summed over the batch (as the official code decides a batched CFG pair). ``"per_sample"``:
+            each batch row (dimension 0 of the cached values) has its own decisions, metric, caches
+            and history, and computes and skips as that video alone would; the region computes when
+            any row needs it (AdaCache and AdaCache+; no MoReg or forecast yet). ``report(model)``
+            then gives one report per row.
     """
 
     num_steps: int | None = None
@@ -67,6 +74,7 @@ class CacheConfig:
     extrapolation_order: int = 0
     forecast_gain: float | str = 1.0
     static_inputs: Sequence[str] = ()
+    batch_decisions: str = "shared"
 
     def __post_init__(self):
         if self.num_steps is not None:
@@ -92,6 +100,8 @@ class CacheConfig:
         if isinstance(self.static_inputs, str) or not all(isinstance(n, str) for n in self.static_inputs):
             raise TypeError(f"static_inputs must be a sequence of input names, got {self.static_inputs!r}")
         object.__setattr__(self, "static_inputs", tuple(self.static_inputs))
+        if self.batch_decisions not in BATCH_DECISIONS:
+            raise ValueError(f"batch_decisions must be one of {BATCH_DECISIONS}, got {self.batch_decisions!r}")
 
     def to_dict(self) -> dict:
         """A JSON-compatible dict (``json.dumps`` writes the ``inf`` of a catch-all threshold as

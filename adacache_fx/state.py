@@ -55,22 +55,26 @@ class StateSpec:
     cache: bool = False
     columns: tuple[str, ...] = ()
     checked: str | None = None  # the column a compute step after the first must hold a finite value in
+    batch: int | None = None  # per-sample decisions: a history row per video (``[N, B, columns]``)
 
     def shape_for(self, num_steps: int) -> tuple[int, ...]:
-        return (num_steps, 1 + len(self.columns)) if self.shape is None else tuple(self.shape)
+        if self.shape is not None:
+            return tuple(self.shape)
+        rows = (self.batch,) if self.batch is not None else ()
+        return (num_steps, *rows, 1 + len(self.columns))
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "shape": None if self.shape is None else list(self.shape),
             "dtype": dtype_name(self.dtype), "fill": float(self.fill), "returned": self.returned, "cache": self.cache,
-            "columns": list(self.columns), "checked": self.checked,
+            "columns": list(self.columns), "checked": self.checked, "batch": self.batch,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> StateSpec:
         shape = None if data["shape"] is None else tuple(int(d) for d in data["shape"])
         return cls(data["name"], shape, dtype_from_name(data["dtype"]), float(data["fill"]), bool(data["returned"]),
-                   bool(data["cache"]), tuple(data.get("columns", ())), data.get("checked"))
+                   bool(data["cache"]), tuple(data.get("columns", ())), data.get("checked"), data.get("batch"))
 
 
 @dataclass(frozen=True)
@@ -382,14 +386,23 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str],
-                metric_sites: list[str]) -> Report:
+                metric_sites: list[str]) -> Report | list[Report]:
     """Read a state's history on the host (after a generation, never inside one); its columns are
-    named by the layout's history spec (the policy's ``history_columns``)."""
+    named by the layout's history spec (the policy's ``history_columns``). With per-sample decisions,
+    one report per batch row."""
+    spec = layout.spec("history")
+    if spec.batch is not None:
+        return [_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites)
+                for b in range(spec.batch)]
+    return _read_rows(state, state["history"], layout, context, regions, metric_sites)
+
+
+def _read_rows(state, history, layout, context, regions, metric_sites) -> Report:
     spec = layout.spec("history")
     columns = spec.columns
     done = int(state["step"])
     steps = []
-    for i, (computed, *values) in enumerate(state["history"][:done].tolist()):
+    for i, (computed, *values) in enumerate(history[:done].tolist()):
         computed = bool(computed)
         row = dict(zip(columns, values))
         # every compute step after the first measures the policy's checked column (AdaCache's metric)

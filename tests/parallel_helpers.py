@@ -45,6 +45,8 @@ def run_config(model, make_inputs, config, enable_parallelism=None):
             cached.enable_parallelism(config=enable_parallelism)
     outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
     report = adacache_fx.report(cached)
+    if isinstance(report, list):  # per-sample decisions: the batch's first (here only) row
+        report = report[0]
     first = report.column(report.columns[0])  # the policy's metric (AdaCache's c, FirstBlockCache's diff...)
     history = torch.tensor([float("nan") if v is None else v for v in first])
     return outputs, history, [r.step for r in report.steps if r.computed], cached

@@ -41,7 +41,7 @@ VARIANTS = {  # config options of each case; wan's "stack" last (its graph's col
     "flux": {"stack": {}},
     "wan": {"block": {"granularity": "block"}, "branch": {"granularity": "branch"},
             "forecast": {"extrapolation_order": 1}, "fitted gain": {"extrapolation_order": 1, "forecast_gain": "fit"},
-            "stack": {}},
+            "per sample": {"batch_decisions": "per_sample"}, "stack": {}},
 }
 CASES = [(family, variant) for family in FAMILIES for variant in VARIANTS[family]] + [("wan", "transform first")]
 TIMEOUT_S = 240  # the whole spawn; each collective times out after 60 s

@@ -3,7 +3,7 @@
 ``torch.cond`` takes and returns flat tuples. Both branches of a region are built, and the outputs read,
 through one :class:`BranchLayout`, so no code counts positions by hand::
 
-    operands: inputs | caches | previous_caches | older_caches | weight | fit_weight | site_memory
+    operands: inputs | caches | previous_caches | older_caches | weight | fit_weight | site_memory | row_mask
     outputs:  streams | values | residuals | value_caches | previous_caches | older_caches | site_memory
               | metric_parts | gain_parts
 
@@ -14,6 +14,7 @@ through one :class:`BranchLayout`, so no code counts positions by hand::
 * ``streams`` / ``values``: the region's outputs; ``residuals``: ``out - inp`` of each stream;
 * ``value_caches``: the computed values kept apart from the (extrapolated) outputs, with a forecast;
 * ``site_memory``: the metric residual of each metric site in the region (the next ``p_prev``);
+* ``row_mask`` (per-sample decisions only): the ``[B]`` bools of the rows that compute this step;
 * ``metric_parts``: each site's 1-D metric parts from the policy (zeros on a cached step);
 * ``fit_weight`` / ``gain_parts`` (``forecast_gain="fit"`` only): the forecast weights before the gain,
   and the two sums the gain is fitted from (``[<r - c, f - c>, ||f - c||^2]``; zeros on a cached step).
@@ -68,9 +69,10 @@ class BranchLayout:
 
     @classmethod
     def for_region(cls, num_inputs: int, num_streams: int, num_values: int, num_sites: int, order: int,
-                   fit_gain: bool = False):
+                   fit_gain: bool = False, per_sample: bool = False):
         """``order``: the forecast order (0 reuse, 1 linear, 2 quadratic; a bool reads as 0 or 1);
-        ``fit_gain``: the forecast gain is fitted online (``forecast_gain="fit"``)."""
+        ``fit_gain``: the forecast gain is fitted online (``forecast_gain="fit"``); ``per_sample``: the
+        branches take the rows' decisions (``row_mask``, per-sample decisions)."""
         order = int(order)
         fit = order >= 1 and fit_gain
         caches = num_streams + num_values
@@ -78,7 +80,7 @@ class BranchLayout:
         older = caches if order >= 2 else 0
         operands = Groups((("inputs", num_inputs), ("caches", caches), ("previous_caches", kept),
                            ("older_caches", older), ("weight", order), ("fit_weight", order if fit else 0),
-                           ("site_memory", num_sites)))
+                           ("site_memory", num_sites), ("row_mask", 1 if per_sample else 0)))
         outputs = Groups((("streams", num_streams), ("values", num_values), ("residuals", num_streams),
                           ("value_caches", num_values if order else 0), ("previous_caches", kept),
                           ("older_caches", older), ("site_memory", num_sites), ("metric_parts", num_sites),

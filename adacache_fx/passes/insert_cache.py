@@ -35,6 +35,7 @@ from .branch_layout import BranchLayout
 from .context import PolicyNodes
 from .graph_utils import COND, fake, is_view
 from .insert_signal import insert_parts, remember
+from .per_sample import RowMeasure, batch_size, mix, per_row
 from .plan_regions import MetricSite, Region
 
 aten = torch.ops.aten
@@ -87,8 +88,9 @@ def _restore_layout(graph: fx.Graph, value: fx.Node, original: fx.Node) -> fx.No
     return restored
 
 
-def _zero_parts(graph: fx.Graph, like: fx.Node, count: int) -> fx.Node:
-    return graph.call_function(aten.new_zeros.default, (like, [count]), {"dtype": torch.float32})
+def _zero_parts(graph: fx.Graph, like: fx.Node, count: int, batch: int | None = None) -> fx.Node:
+    shape = [count] if batch is None else [batch, count]
+    return graph.call_function(aten.new_zeros.default, (like, shape), {"dtype": torch.float32})
 
 
 def _clones(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
@@ -96,10 +98,11 @@ def _clones(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
 
 
 def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], layout: BranchLayout, policy,
-                    forecast) -> tuple[fx.GraphModule, fx.GraphModule]:
+                    forecast, batch: int | None = None) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Return ``(compute_gm, cached_gm)`` taking and returning ``layout``'s operands and outputs.
 
-    ``sites``: ``(index, site)`` of the metric sites inside the region, ``index`` numbering all sites.
+    ``sites``: ``(index, site)`` of the metric sites inside the region, ``index`` numbering all sites;
+    ``batch``: B with per-sample decisions (a row that reuses keeps its cache inside the compute branch).
     """
     order = layout.order
     n_caches = len(region.streams) + len(region.values)
@@ -112,6 +115,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
             older_caches=[f"cache_older_{k}" for k in range(n_caches)] if order >= 2 else [],
             weight=["w", "v"][:order], fit_weight=["fit_w", "fit_v"][:order] if layout.fit_gain else [],
             site_memory=[f"p_prev_{j}" for j, _ in sites],
+            row_mask=["rows"] if batch is not None else [],
         )
         return layout.operands.unpack([graph.placeholder(name) for name in names])
 
@@ -126,6 +130,13 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     outs = [_fresh(compute, env[s.out], s.out) for s in region.streams]
     values = [_fresh(compute, env[v], v) for v in region.values]
     residuals = [compute.call_function(aten.sub.Tensor, (env[s.out], env[s.inp])) for s in region.streams]
+    if batch is not None:  # rows that reuse: inp + their cache, the cache kept (as on a cached step)
+        rows, n = ops["row_mask"][0], len(region.streams)
+        ndims = [fake(s.out).dim() for s in region.streams] + [fake(v).dim() for v in region.values]
+        reused = [compute.call_function(aten.add.Tensor, (env[s.inp], c)) for s, c in zip(region.streams, ops["caches"])]
+        outs = [mix(compute, rows, o, r, d) for o, r, d in zip(outs, reused, ndims)]
+        residuals = [mix(compute, rows, r, c, d) for r, c, d in zip(residuals, ops["caches"], ndims)]
+        values = [mix(compute, rows, v, c, d) for v, c, d in zip(values, ops["caches"][n:], ndims[n:])]
     memory, parts = [], []
     for (j, site), p_prev in zip(sites, ops["site_memory"]):
         if site.value is not None:
@@ -134,8 +145,13 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
                 p = compute.call_function(aten.clone.default, (p,))
         else:
             p = compute.call_function(aten.sub.Tensor, (env[site.stream.out], env[site.stream.inp]))
+        part = compute.call_module("adacache_measure", (j, p, p_prev))
+        if batch is not None:  # a row that reuses measures nothing and keeps its memory
+            ndim = fake(site.value if site.value is not None else site.stream.out).dim()
+            p = mix(compute, rows, p, p_prev, ndim)
+            part = mix(compute, rows, part, compute.call_function(aten.zeros_like.default, (part,)), 2)
         memory.append(p)
-        parts.append(compute.call_module("adacache_measure", (j, p, p_prev)))
+        parts.append(part)
     dtypes = [fake(v).dtype for v in [s.out for s in region.streams] + list(region.values)]
     gain_parts = []
     if layout.fit_gain:  # how well the forecast from the earlier compute steps predicts this step's
@@ -171,7 +187,7 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
         previous_caches=_clones(cached, ops["previous_caches"]),
         older_caches=_clones(cached, ops["older_caches"]),
         site_memory=_clones(cached, ops["site_memory"]),
-        metric_parts=[_zero_parts(cached, like, policy.num_parts(j)) for j, _ in sites],
+        metric_parts=[_zero_parts(cached, like, policy.num_parts(j), batch) for j, _ in sites],
         gain_parts=[_zero_parts(cached, like, 2)] if layout.fit_gain else [],
     )))
 
@@ -180,10 +196,14 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     return compute_gm, cached_gm
 
 
-def _state_specs(policy, forecast, regions: list[Region], sites: list[MetricSite]) -> list[StateSpec]:
+def _state_specs(policy, forecast, regions: list[Region], sites: list[MetricSite],
+                 batch: int | None = None) -> list[StateSpec]:
     history = StateSpec("history", None, torch.float32, float("nan"), columns=tuple(policy.history_columns),
-                        checked=policy.checked_column)
-    specs = [*STEP_STATE, *policy.state_specs(), history]
+                        checked=policy.checked_column, batch=batch)
+    policy_specs = list(policy.state_specs())
+    if batch is not None:  # a row of policy state per video
+        policy_specs = [replace(spec, shape=per_row(spec.shape, batch)) for spec in policy_specs]
+    specs = [*STEP_STATE, *policy_specs, history]
     for j, site in enumerate(sites):
         value = fake(site.value if site.value is not None else site.stream.out)
         specs.append(StateSpec(f"p_prev_{j}", tuple(value.shape), value.dtype, 0.0, cache=True))
@@ -205,8 +225,9 @@ class HistoryRow(torch.nn.Module):
         self.columns = tuple(columns)
 
     def forward(self, history, s, compute, row):
-        values = torch.stack([compute.to(torch.float32), *(row[name].to(torch.float32) for name in self.columns)])
-        return history.index_copy(0, (s - 1).reshape(1), values.reshape(1, -1))
+        columns = torch.broadcast_tensors(compute.to(torch.float32), *(row[name].to(torch.float32) for name in self.columns))
+        values = torch.stack(columns, dim=-1)  # [columns], or [B, columns] with per-sample decisions
+        return history.index_copy(0, (s - 1).reshape(1), values.unsqueeze(0))
 
 
 def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
@@ -215,7 +236,8 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
     gm, graph, regions, sites = ctx.graph_module, ctx.graph, ctx.regions, ctx.sites
     forecast = ctx.forecast
     policy = ctx.policy = make_policy(ctx.config, GraphFacts(len(sites), ctx.frame_layout, ctx.shard))
-    specs = _state_specs(policy, forecast, regions, sites)
+    batch = batch_size(ctx)
+    specs = _state_specs(policy, forecast, regions, sites, batch)
     policy_names = [spec.name for spec in policy.state_specs()]
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -227,6 +249,8 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
     gm.add_submodule("adacache_policy", policy)
     for method in ("decide", "measure", "update"):
         gm.add_submodule(f"adacache_{method}", PolicyCall(policy, method))
+    if batch is not None:
+        gm.add_submodule("adacache_measure", RowMeasure(policy, batch))
     decide_args = (state["step"], state["num_steps"], {name: state[name] for name in policy_names})
     anchor = state[specs[-1].name]
     early = [(j, site) for j, site in enumerate(sites) if site.region is None]  # the early signal's sites
@@ -237,6 +261,11 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
         decide = graph.call_module("adacache_decide", decide_args)
     s, compute, decided = _getitems(graph, decide, range(3))
     policy_state = dict(zip(policy_names, _getitems(graph, decided, policy_names)))
+    predicate = compute
+    if batch is not None:  # each row's decision; the regions compute when any row does
+        with _after(graph, compute):
+            compute = graph.call_function(aten.expand.default, (compute, [batch]))
+            predicate = graph.call_function(aten.any.default, (compute,))
     new_state: dict[str, fx.Node] = {"step": s}
     parts: dict[int, fx.Node] = {}  # metric parts by site index
     if early:
@@ -269,9 +298,9 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
                         for j, site in enumerate(sites) if site.region == r]
         n_caches = len(region.streams) + len(region.values)
         layout = BranchLayout.for_region(len(region.inputs), len(region.streams), len(region.values),
-                                         len(region_sites), forecast.order, forecast.fit_gain)
+                                         len(region_sites), forecast.order, forecast.fit_gain, batch is not None)
         branch_layouts.append(layout)
-        compute_gm, cached_gm = _build_branches(gm, region, region_sites, layout, policy, forecast)
+        compute_gm, cached_gm = _build_branches(gm, region, region_sites, layout, policy, forecast, batch)
         gm.add_submodule(f"adacache_region{r}_compute", compute_gm)
         gm.add_submodule(f"adacache_region{r}_cached", cached_gm)
         operands = layout.operands.pack(
@@ -280,11 +309,12 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
             older_caches=caches(r, "older", n_caches) if forecast.order >= 2 else [],
             weight=weights.weights, fit_weight=weights.raw if forecast.fit_gain else [],
             site_memory=[state[f"p_prev_{j}"] for j, _ in region_sites],
+            row_mask=[compute] if batch is not None else [],
         )
         with _after(graph, region.nodes[-1]):
             true_fn = graph.get_attr(f"adacache_region{r}_compute")
             false_fn = graph.get_attr(f"adacache_region{r}_cached")
-            node = graph.call_function(COND, (compute, true_fn, false_fn, tuple(operands)))
+            node = graph.call_function(COND, (predicate, true_fn, false_fn, tuple(operands)))
         items = _getitems(graph, node, range(len(layout.outputs)))
         out = layout.outputs.unpack(items)
         inside = set(region.nodes)

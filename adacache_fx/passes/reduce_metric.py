@@ -126,8 +126,8 @@ def run(ctx) -> str:
 
 def _all_reduce(graph: fx.Graph, parts: list[fx.Node], sizes: list[int], name: str) -> list[fx.Node]:
     """``split(wait_tensor(all_reduce(cat(parts), "sum", name)), sizes)``, at the insertion point."""
-    flat = graph.call_function(aten.cat.default, (parts,))
+    flat = graph.call_function(aten.cat.default, (parts, -1))  # parts last ([B, P] with per-sample decisions)
     reduced = graph.call_function(c10d.all_reduce.default, (flat, "sum", name))
     reduced = graph.call_function(c10d.wait_tensor.default, (reduced,))
-    split = graph.call_function(aten.split_with_sizes.default, (reduced, sizes))
+    split = graph.call_function(aten.split_with_sizes.default, (reduced, sizes, -1))
     return [graph.call_function(operator.getitem, (split, k)) for k in range(len(sizes))]

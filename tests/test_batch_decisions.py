@@ -1,0 +1,127 @@
+"""Per-video decisions in a batch (``batch_decisions="per_sample"``): every row's computed steps and
+output equal that video run alone (within batched-matmul rounding), where a shared decision does not;
+eager, compiled fullgraph, ONNX Runtime, block granularity; refusals named."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo.testing
+from helpers import run_steps
+
+import adacache_fx as ax
+from adacache_fx.tools.fixtures import build
+
+N = 20
+# the smooth video's metric sits near 0.12 - 0.27, the noisy one's near 0.35 - 0.57 (tiny Wan, 2 layers)
+CODEBOOK = {0.3: 3, 0.45: 2, 1.0: 1}
+ROUNDING = 1e-5  # a batch of two runs other matmul blockings than one video
+
+
+@pytest.fixture(scope="module")
+def videos():
+    """``(model, inputs_a, inputs_b, inputs_ab)``: a smooth video, a noisy one, and the two as a batch."""
+    model, make_inputs = build("wan", num_layers=2)
+    text_b = torch.randn(make_inputs(0)["encoder_hidden_states"].shape, generator=torch.Generator().manual_seed(7))
+
+    def inputs_b(s):
+        k = dict(make_inputs(s))
+        noise = torch.randn(k["hidden_states"].shape, generator=torch.Generator().manual_seed(5000 + s))
+        k["hidden_states"] = k["hidden_states"] + 0.5 * noise
+        k["encoder_hidden_states"] = text_b
+        return k
+
+    def inputs_ab(s):
+        a, b = make_inputs(s), inputs_b(s)
+        return {k: torch.cat([a[k], b[k]]) if isinstance(a[k], torch.Tensor) else a[k] for k in a}
+
+    return model, make_inputs, inputs_b, inputs_ab
+
+
+def solo(model, make_inputs, **options):
+    cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK, **options))
+    return run_steps(cached, make_inputs, N), ax.report(cached).computed_steps
+
+
+def rows_diff(outputs, expected, row):
+    return max(float((o[row : row + 1] - e).abs().max()) for o, e in zip(outputs, expected))
+
+
+@pytest.mark.parametrize("granularity", ["stack", "block"])
+def test_each_row_decides_as_its_video_alone_where_shared_does_not(videos, granularity):
+    model, inputs_a, inputs_b, inputs_ab = videos
+    (out_a, steps_a), (out_b, steps_b) = (solo(model, f, granularity=granularity) for f in (inputs_a, inputs_b))
+    assert steps_a != steps_b and len(steps_a) < N and len(steps_b) < N  # the two videos need other steps
+    cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(
+        num_steps=N, codebook=CODEBOOK, granularity=granularity, batch_decisions="per_sample"))
+    outputs = run_steps(cached, inputs_ab, N)
+    report_a, report_b = ax.report(cached)
+    assert report_a.computed_steps == steps_a and report_b.computed_steps == steps_b
+    assert rows_diff(outputs, out_a, 0) < ROUNDING and rows_diff(outputs, out_b, 1) < ROUNDING
+    state = cached.state()
+    assert state["rate"].shape == (2,) and state["history"].shape == (N, 2, 4)
+
+    shared = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK,
+                                                                  granularity=granularity))
+    outputs = run_steps(shared, inputs_ab, N)
+    assert max(rows_diff(outputs, out_a, 0), rows_diff(outputs, out_b, 1)) > 1e-3  # someone's steps were skipped
+
+
+def test_compiled_fullgraph_and_onnx(videos, tmp_path):
+    model, inputs_a, inputs_b, inputs_ab = videos
+    expected = [solo(model, f) for f in (inputs_a, inputs_b)]
+    cached = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK,
+                                                                  batch_decisions="per_sample"))
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(cached, backend=counter, fullgraph=True)
+    outputs = run_steps(compiled, inputs_ab, N)
+    assert counter.frame_count == 1
+    for row, (out, steps) in enumerate(expected):
+        assert ax.report(cached)[row].computed_steps == steps
+        assert rows_diff(outputs, out, row) < ROUNDING
+
+    pytest.importorskip("onnxruntime")
+    from adacache_fx.export import OnnxRunner, to_onnx
+
+    fresh = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK,
+                                                                 batch_decisions="per_sample"))
+    to_onnx(fresh, (), tmp_path / "batch.onnx", kwargs=inputs_ab(0))
+    runner = OnnxRunner(tmp_path / "batch.onnx")
+    outputs = run_steps(runner, inputs_ab, N)
+    for row, (out, steps) in enumerate(expected):
+        assert runner.report()[row].computed_steps == steps
+        assert rows_diff(outputs, out, row) < ROUNDING
+
+
+def test_bf16_rows_decide_in_float32(videos):
+    model, inputs_a, _, inputs_ab = videos
+    model = copy.deepcopy(model).to(torch.bfloat16)
+
+    def cast(make):
+        return lambda s: {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+                          for k, v in make(s).items()}
+
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK, batch_decisions="per_sample"))
+    outputs = run_steps(cached, cast(inputs_ab), N)
+    assert all(o.dtype == torch.bfloat16 for o in outputs)
+    reports = ax.report(cached)
+    assert cached.state()["history"].dtype == torch.float32 and len(reports) == 2
+    assert all(r.num_computed < N for r in reports)
+
+
+@pytest.mark.parametrize("config,match", [
+    (ax.TeaCacheConfig(num_steps=6, batch_decisions="per_sample"), "early signal"),
+    (ax.AdaCacheConfig(num_steps=6, moreg=ax.MoRegConfig(), batch_decisions="per_sample"), "MoReg"),
+    (ax.AdaCacheConfig(num_steps=6, extrapolation_order=1, batch_decisions="per_sample"), "forecast"),
+])
+def test_what_is_not_per_row_yet_is_refused_by_name(videos, config, match):
+    model, _, _, inputs_ab = videos
+    cached = ax.transform(copy.deepcopy(model), config)
+    with pytest.raises(ax.TransformError, match=match), torch.no_grad():
+        cached(**inputs_ab(0))
+
+
+def test_bad_value_is_refused():
+    with pytest.raises(ValueError, match="batch_decisions must be one of"):
+        ax.AdaCacheConfig(batch_decisions="rows")
