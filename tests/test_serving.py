@@ -143,3 +143,26 @@ def test_onnx_runner_serves_interleaved_requests(wan, tmp_path):
     runner.release("a")
     gc.collect()
     assert runner.contexts == ["b"] and all(ref.expired() for ref in held)
+
+
+def test_the_serving_example_prints_its_tables(capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "serve.py"
+    spec = importlib.util.spec_from_file_location("serve_example", path)
+    serve = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = serve  # (its dataclasses look their module up)
+    spec.loader.exec_module(serve)
+    threads = torch.get_num_threads()
+    try:
+        assert serve.main(["--requests", "3", "--batch", "2", "--steps", "6", "8", "--repeats", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert {"uncached", "shared", "per_sample"} <= set(rows)
+    assert rows["uncached"].split("|")[4].strip() == "1.00x"
+    requests = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 2 |"))]
+    assert len(requests) == 3 and all(line.count("[1, 2") == 2 for line in requests)
