@@ -62,8 +62,8 @@ class CacheConfig:
             summed over the batch (as the official code decides a batched CFG pair). ``"per_sample"``:
             each batch row (dimension 0 of the cached values) has its own decisions, metric, caches
             and history, and computes and skips as that video alone would; the region computes when
-            any row needs it (AdaCache and AdaCache+; no MoReg or forecast yet). ``report(model)``
-            then gives one report per row.
+            any row needs it (every policy, MoReg included; no forecast yet). ``report(model)`` then
+            gives one report per row.
     """
 
     num_steps: int | None = None

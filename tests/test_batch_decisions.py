@@ -3,6 +3,7 @@ output equal that video run alone (within batched-matmul rounding), where a shar
 eager, compiled fullgraph, ONNX Runtime, block granularity; refusals named."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,10 @@ ROUNDING = 1e-5  # a batch of two runs other matmul blockings than one video
 
 @pytest.fixture(scope="module")
 def videos():
+    return make_videos()
+
+
+def make_videos():
     """``(model, inputs_a, inputs_b, inputs_ab)``: a smooth video, a noisy one, and the two as a batch."""
     model, make_inputs = build("wan", num_layers=2)
     text_b = torch.randn(make_inputs(0)["encoder_hidden_states"].shape, generator=torch.Generator().manual_seed(7))
@@ -110,9 +115,28 @@ def test_bf16_rows_decide_in_float32(videos):
     assert all(r.num_computed < N for r in reports)
 
 
+@pytest.mark.parametrize("config", [
+    ax.AdaCacheConfig(num_steps=N, codebook=CODEBOOK, moreg=ax.MoRegConfig()),  # motion measured per row
+    ax.AdaCachePlusConfig(num_steps=N, threshold=0.5),
+    ax.TeaCacheConfig(num_steps=N, threshold=0.3),  # an early signal, kept per row
+    ax.FirstBlockCacheConfig(num_steps=N, threshold=0.2),
+    ax.EasyCacheConfig(num_steps=N, threshold=0.3),
+], ids=lambda c: type(c).__name__)
+def test_every_policy_decides_per_row(videos, config):
+    model, inputs_a, inputs_b, inputs_ab = videos
+    expected = []
+    for make in (inputs_a, inputs_b):
+        cached = ax.transform(copy.deepcopy(model), config)
+        expected.append((run_steps(cached, make, N), ax.report(cached).computed_steps))
+    assert min(len(steps) for _, steps in expected) < N  # one of the videos skips
+    cached = ax.transform(copy.deepcopy(model), replace(config, batch_decisions="per_sample"))
+    outputs = run_steps(cached, inputs_ab, N)
+    for row, (out, steps) in enumerate(expected):
+        assert ax.report(cached)[row].computed_steps == steps
+        assert rows_diff(outputs, out, row) < ROUNDING
+
+
 @pytest.mark.parametrize("config,match", [
-    (ax.TeaCacheConfig(num_steps=6, batch_decisions="per_sample"), "early signal"),
-    (ax.AdaCacheConfig(num_steps=6, moreg=ax.MoRegConfig(), batch_decisions="per_sample"), "MoReg"),
     (ax.AdaCacheConfig(num_steps=6, extrapolation_order=1, batch_decisions="per_sample"), "forecast"),
 ])
 def test_what_is_not_per_row_yet_is_refused_by_name(videos, config, match):

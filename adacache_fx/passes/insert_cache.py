@@ -235,8 +235,11 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
     ``ctx.calls``; return its state layout and each region's branch layout."""
     gm, graph, regions, sites = ctx.graph_module, ctx.graph, ctx.regions, ctx.sites
     forecast = ctx.forecast
-    policy = ctx.policy = make_policy(ctx.config, GraphFacts(len(sites), ctx.frame_layout, ctx.shard))
     batch = batch_size(ctx)
+    frames = ctx.frame_layout
+    if batch is not None and frames is not None:  # each row's motion measured alone (RowMeasure)
+        frames = (1, frames[1])
+    policy = ctx.policy = make_policy(ctx.config, GraphFacts(len(sites), frames, ctx.shard))
     specs = _state_specs(policy, forecast, regions, sites, batch)
     policy_names = [spec.name for spec in policy.state_specs()]
 
@@ -269,8 +272,10 @@ def insert_cache(ctx) -> tuple[StateLayout, list[BranchLayout]]:
     new_state: dict[str, fx.Node] = {"step": s}
     parts: dict[int, fx.Node] = {}  # metric parts by site index
     if early:
+        ndims = None if batch is None else [len(spec.shape) for spec in specs
+                                            for j, _ in early if spec.name == f"p_prev_{j}"]
         kept = remember(graph, decided, compute, signal_ps, [state[f"p_prev_{j}"] for j, _ in early],
-                        ctx.needs.remember_signal)
+                        ctx.needs.remember_signal, ndims)
         for (j, _), memory, part in zip(early, kept, signal_parts):
             new_state[f"p_prev_{j}"], parts[j] = memory, part
     weights = forecast.insert_weights(gm, graph, policy_state[policy_names[-1]] if policy_names else decided, s,

@@ -85,14 +85,23 @@ def _in_place_writers(nodes: set[fx.Node]) -> list[fx.Node]:
 
 
 def remember(graph: fx.Graph, anchor: fx.Node, compute: fx.Node, ps: list[fx.Node], previous: list[fx.Node],
-             when: str) -> list[fx.Node]:
-    """The kept signals after this step, inserted after ``anchor``."""
+             when: str, ndims: list[int] | None = None) -> list[fx.Node]:
+    """The kept signals after this step, inserted after ``anchor``; ``ndims``: the signals' dimensions
+    when ``compute`` holds a decision per batch row (per-sample decisions)."""
     if when == "every":
         return list(ps)
     if when != "compute":
         raise ValueError(f"remember_signal must be 'compute' or 'every', got {when!r}")
-    with graph.inserting_after(anchor):
-        return [graph.call_function(aten.where.self, (compute, p, prev)) for p, prev in zip(ps, previous)]
+    kept = []
+    for k, (p, prev) in enumerate(zip(ps, previous)):
+        mask = compute
+        if ndims is not None:  # a decision per batch row: broadcast over its row of the signal
+            with graph.inserting_after(anchor):
+                mask = anchor = graph.call_function(aten.view.default, (compute, [-1] + [1] * (ndims[k] - 1)))
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(aten.where.self, (mask, p, prev))
+        kept.append(anchor)
+    return kept
 
 
 def _later(graph: fx.Graph, a: fx.Node, b: fx.Node) -> bool:

@@ -7,9 +7,10 @@ needs it (the ``torch.cond`` predicate is ``compute.any()``); inside the compute
 would reuse takes ``stream_in + its cached residual`` and keeps its caches, metric memory and state,
 so every row computes and skips as that video alone would.
 
-Matches: the batch, dimension 0 of every stream, value and metric residual of the regions (refused,
-with the reason, when one differs, or with an early-signal policy, MoReg or a forecast, which are not
-per-row yet).
+Matches: the batch, dimension 0 of every stream, value, metric residual and early signal (refused,
+with the reason, when one differs, or with a forecast, whose weights are not per-row yet). Every metric
+part is measured on each row alone (:class:`RowMeasure`; MoReg's motion on a batch of one), an early
+signal is kept per row.
 """
 
 from __future__ import annotations
@@ -27,16 +28,10 @@ def batch_size(ctx) -> int | None:
     config = ctx.config
     if getattr(config, "batch_decisions", "shared") != "per_sample":
         return None
-    needs, name = ctx.needs, type(config).__name__
-    if not needs.metric or needs.early_signal is not None:
-        raise PassError(f"batch_decisions='per_sample' is built for policies that measure a metric inside the "
-                        f"cached region (AdaCache, AdaCache+), not {name} (an early signal is not per-row yet)")
-    if needs.frames is not None:
-        raise PassError("batch_decisions='per_sample' does not take MoReg yet (its motion is measured per batch)")
     if ctx.forecast.order >= 1:
         raise PassError("batch_decisions='per_sample' does not take a forecast (extrapolation_order >= 1) yet")
     values = [s.out for r in ctx.regions for s in r.streams] + [v for r in ctx.regions for v in r.values]
-    values += [site.value for site in ctx.sites if site.value is not None]
+    values += [site.value if site.value is not None else site.stream.out for site in ctx.sites]
     shapes = [tuple(fake(v).shape) for v in values]
     batch = shapes[0][0] if shapes and shapes[0] else None
     odd = [s for s in shapes if not s or s[0] != batch]
