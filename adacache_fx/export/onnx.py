@@ -35,6 +35,7 @@ from ..capture import named_leaves
 from ..config import CacheConfig, config_from_dict
 from ..passes.reduce_metric import collectives
 from ..state import dtype_name
+from .prepare import prepare
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 
 METADATA_KEY = "adacache_fx"
@@ -56,6 +57,7 @@ class ExportInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict, repr=False)
     profile: dict[str, int] = field(default_factory=dict)  # what the target's profile changed
+    prepared: dict[str, str] = field(default_factory=dict)  # each export-preparation stage's summary
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
@@ -245,13 +247,15 @@ def to_onnx(
                 "torch.distributed collectives (all-to-all, all-gather, the metric's all-reduce), which have "
                 "no ONNX op; export the model without enable_parallelism"
             )
+        with stage("prepare for ONNX"):  # on a copy: the CachedModel's graph is left as it is
+            prepared = prepare(program.graph_module)
         named = named_leaves(args, kwargs)
         static = program.captured.static_inputs  # baked in: their placeholders are unused
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor) and name not in static]
         device = tensors[0][1].device if tensors else torch.device("cpu")
         layout = program.layout
         state = list(layout.allocate(num_steps, device).values())  # a fresh generation's, not the live one
-        wrapper = _StatefulProgram(program.graph_module, [
+        wrapper = _StatefulProgram(prepared.graph_module, [
             None if name in static else _TENSOR if isinstance(leaf, torch.Tensor) else leaf for name, leaf in named
         ])
         inputs = tuple(t for _, t in tensors) + tuple(state)
@@ -307,7 +311,7 @@ def to_onnx(
         )
     return ExportInfo(
         path, [name for name, _ in tensors], output_names[:n_user], layout.names,
-        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile,
+        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile, prepared.summaries,
     )
 
 
