@@ -22,7 +22,7 @@ import contextlib
 import importlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from ..passes.reduce_metric import collectives
 from ..state import dtype_name
 from .prepare import prepare
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
+from .validate import validate as validate_file
 
 METADATA_KEY = "adacache_fx"
 FORMAT_VERSION = 2
@@ -58,6 +59,7 @@ class ExportInfo:
     metadata: dict = field(default_factory=dict, repr=False)
     profile: dict[str, int] = field(default_factory=dict)  # what the target's profile changed
     prepared: dict[str, str] = field(default_factory=dict)  # each export-preparation stage's summary
+    validated: tuple[str, ...] = ()  # the checks the file passed
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
@@ -199,6 +201,7 @@ def to_onnx(
     external_data: bool | None = None,
     progress: Callable[[str, float], None] | None = None,
     target: str | None = None,
+    validate: bool | Sequence[str] = True,
 ) -> ExportInfo:
     """Export a transformed model for one input signature to an ONNX file, state as inputs and outputs.
 
@@ -218,11 +221,16 @@ def to_onnx(
         target: ``"tensorrt"`` applies the TensorRT profile (:mod:`adacache_fx.export.profiles`: default-valued
             attributes dropped in every subgraph, opset capped, shared constants duplicated per branch);
             None or ``"onnxruntime"``: the exporter's output as is.
+        validate: the ONNX Runtime providers to create a session with before returning (True: the CPU
+            provider; False: none). ``onnx.checker`` and strict shape inference always run.
 
     The graph is exported with ``torch.export`` (strict: non-strict export cannot trace the policy
     submodules inside ``torch.cond`` branches) and ``torch.onnx.export(dynamo=True)``; each cached
-    region becomes an ``If`` node, checked against the number of regions, and the file passes
-    ``onnx.checker``. Run it with :class:`OnnxRunner`.
+    region becomes an ``If`` node, checked against the number of regions. Before the export, the
+    export-preparation passes (:mod:`adacache_fx.export.prepare`) rewrite a copy of the cached graph
+    into ops ONNX Runtime implements; after it, the file passes ``onnx.checker``, strict shape inference
+    and an ONNX Runtime session (:mod:`.validate`), or :class:`~.validate.ExportValidationError` names the
+    op, the module and line it came from, and what to do. Run it with :class:`OnnxRunner`.
     """
     import onnx
 
@@ -300,8 +308,9 @@ def to_onnx(
             proto = onnx.load(str(path), load_external_data=False)
             profile = apply_tensorrt_profile(proto)
             onnx.save(proto, str(path))
-    with stage("onnx.checker"):
-        onnx.checker.check_model(str(path))
+    providers = ("CPUExecutionProvider",) if validate is True else tuple(validate or ())
+    with stage("onnx.checker + shape inference + ORT session" if providers else "onnx.checker + shape inference"):
+        validated = validate_file(path, providers)
         graph = onnx.load(str(path), load_external_data=False).graph
         num_if = sum(node.op_type == "If" for node in graph.node)
     if num_if != len(program.rewrite.regions):
@@ -312,6 +321,7 @@ def to_onnx(
     return ExportInfo(
         path, [name for name, _ in tensors], output_names[:n_user], layout.names,
         len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile, prepared.summaries,
+        validated,
     )
 
 
