@@ -55,7 +55,7 @@ def test_validate_false_skips_only_the_session_which_would_refuse_the_file(tmp_p
     cached, make_inputs = _quantized_model()
     with pytest.warns(UserWarning, match="fast path"):
         info = to_onnx(cached, make_inputs(0), tmp_path / "quantized.onnx", validate=False)
-    assert info.validated == ("onnx.checker", "shape inference")
+    assert info.validated == ("onnx.checker", "shape inference (shapes only)")
     with pytest.raises(Exception, match="NOT_IMPLEMENTED"):
         ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
     with pytest.raises(ExportValidationError, match="Max node 'node_maximum'"):
@@ -86,3 +86,15 @@ def test_bfloat16_is_refused_with_its_op_and_the_dtypes_that_run(tmp_path):
     origin = caught.value.origin
     assert (origin.op_type, origin.torch_op, origin.module) == ("Conv", "aten.conv3d.default", "embed")
     assert "tensor(bfloat16)" in str(caught.value) and "float32 or float16" in str(caught.value)
+
+
+def test_a_bfloat16_file_for_tensorrt_is_checked_for_shapes_not_schema_types(tmp_path):
+    """TensorRT's parser takes a bfloat16 Conv that the ONNX schema (and ONNX Runtime's CPU provider) does not."""
+    model, make_inputs = tiny_dit()
+    cached = ax.transform(model.to(torch.bfloat16), ax.AdaCacheConfig(num_steps=8))
+    inputs = {k: v.to(torch.bfloat16) for k, v in make_inputs(0).items()}
+    with pytest.warns(UserWarning, match="fast path"):
+        info = to_onnx(cached, inputs, tmp_path / "bf16.onnx", target="tensorrt")
+    assert info.validated == ("onnx.checker", "shape inference (shapes only)")
+    with pytest.raises(ExportValidationError, match="fails shape inference at Conv node"):
+        validate(info.path)  # the CPU provider's check, typed

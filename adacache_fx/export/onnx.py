@@ -201,7 +201,7 @@ def to_onnx(
     external_data: bool | None = None,
     progress: Callable[[str, float], None] | None = None,
     target: str | None = None,
-    validate: bool | Sequence[str] = True,
+    validate: bool | Sequence[str] | None = None,
 ) -> ExportInfo:
     """Export a transformed model for one input signature to an ONNX file, state as inputs and outputs.
 
@@ -221,8 +221,10 @@ def to_onnx(
         target: ``"tensorrt"`` applies the TensorRT profile (:mod:`adacache_fx.export.profiles`: default-valued
             attributes dropped in every subgraph, opset capped, shared constants duplicated per branch);
             None or ``"onnxruntime"``: the exporter's output as is.
-        validate: the ONNX Runtime providers to create a session with before returning (True: the CPU
-            provider; False: none). ``onnx.checker`` and strict shape inference always run.
+        validate: the ONNX Runtime providers to create a session with before returning: True (or None
+            without a target): the CPU provider; a list: those; False (or None with ``target="tensorrt"``):
+            none, and shape inference then checks shapes, not the ONNX schema's types (TensorRT's parser
+            takes bfloat16 where the schema does not). ``onnx.checker`` and strict shape inference always run.
 
     The graph is exported with ``torch.export`` (strict: non-strict export cannot trace the policy
     submodules inside ``torch.cond`` branches) and ``torch.onnx.export(dynamo=True)``; each cached
@@ -308,6 +310,8 @@ def to_onnx(
             proto = onnx.load(str(path), load_external_data=False)
             profile = apply_tensorrt_profile(proto)
             onnx.save(proto, str(path))
+    if validate is None:
+        validate = target != "tensorrt"
     providers = ("CPUExecutionProvider",) if validate is True else tuple(validate or ())
     with stage("onnx.checker + shape inference + ORT session" if providers else "onnx.checker + shape inference"):
         validated = validate_file(path, providers)

@@ -122,7 +122,8 @@ def _advice(stage: str, detail: str, origin: NodeOrigin | None, providers) -> st
         return (
             f"{by} has no {op} for the input types of this node. 1. Compute it in a type that is implemented "
             f"(float32 or float16: cast around it in the model), or export the model in float32 or float16 "
-            f"(bfloat16 files do not run on ONNX Runtime's CPU provider). 2. If the op can be rewritten from the "
+            f"(bfloat16 files do not run on ONNX Runtime's CPU provider; for TensorRT export with "
+            f"target='tensorrt', whose parser takes them). 2. If the op can be rewritten from the "
             f"graph, add an export-preparation pass (adacache_fx/export/prepare/). 3. If you will run the file "
             f"on another provider, validate with that one: to_onnx(..., validate=['CUDAExecutionProvider'])."
         )
@@ -161,8 +162,10 @@ def _without_value_info(model):
 
 def validate(path: str | Path, providers=("CPUExecutionProvider",)) -> tuple[str, ...]:
     """Check an exported file: ``onnx.checker``, strict shape inference, and an ONNX Runtime session with
-    ``providers`` (skipped if onnxruntime is not installed or ``providers`` is empty, or if none of
-    ``providers`` is available here). Returns the checks done; raises :class:`ExportValidationError`."""
+    ``providers`` (skipped if onnxruntime is not installed; warned and skipped if none of ``providers`` is
+    available here). With no providers (a file for TensorRT, whose parser decides which dtypes an op
+    takes: bfloat16 ``Conv``), shape inference checks shapes, not the ONNX schema's type constraints.
+    Returns the checks done; raises :class:`ExportValidationError`."""
     import onnx
 
     path = Path(path)
@@ -173,13 +176,14 @@ def validate(path: str | Path, providers=("CPUExecutionProvider",)) -> tuple[str
     except onnx.checker.ValidationError as error:
         _fail("onnx.checker", path, model, error)
     done.append("onnx.checker")
+    providers = list(providers or ())
+    typed = bool(providers)
     try:
-        onnx.shape_inference.infer_shapes(_without_value_info(model), check_type=True, strict_mode=True,
+        onnx.shape_inference.infer_shapes(_without_value_info(model), check_type=typed, strict_mode=True,
                                           data_prop=True)
     except onnx.shape_inference.InferenceError as error:
         _fail("shape inference", path, model, error)
-    done.append("shape inference")
-    providers = list(providers or ())
+    done.append("shape inference" if typed else "shape inference (shapes only)")
     try:
         import onnxruntime as ort
     except ImportError:
