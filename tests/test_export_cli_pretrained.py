@@ -50,6 +50,7 @@ def test_saved_wan_from_sizes_and_a_policy_file(tmp_path):
                         str(tmp_path / "policy.json"), "--out", str(out))
     assert code == 0, output
     assert "WanTransformer3DModel" in output and "AdaCacheConfig from" in output
+    assert "prepared for ONNX: nothing to rewrite; checked: onnx.checker, shape inference, onnxruntime" in output
     assert _first_step_error(output) < 1e-5
     metadata = read_metadata(out)
     assert config_from_dict(metadata["config"]) == POLICY

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import adacache_fx as ax
-from adacache_fx.export import OnnxRunner, to_onnx
+from adacache_fx.export import OnnxRunner, read_metadata, to_onnx
+from adacache_fx.export.prepare import graph_modules
 from adacache_fx.tools.fixtures import build
 from adacache_fx.tools.fixtures.families import FAMILIES
 
@@ -14,6 +15,7 @@ STEPS = 8
 CODEBOOK = {0.25: 3, 0.45: 2, 1.0: 1}
 #: What the export-preparation stages must rewrite for a family to load in ONNX Runtime.
 PREPARED = {"allegro": {"squeeze_dims": 3}, "pixart": {"squeeze_dims": 1}, "hunyuan_video": {"where_dtypes": 1}}
+REWRITTEN = {torch.ops.aten.squeeze.dim, torch.ops.aten.masked_fill.Scalar}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -24,6 +26,11 @@ def test_family_exports_and_runs_in_onnx_runtime_like_torch(family, tmp_path):
     counts = {stage: int(summary.split()[0]) for stage, summary in info.prepared.items()}
     assert counts == {"squeeze_dims": 0, "where_dtypes": 0, **PREPARED.get(family, {})}
     assert info.validated == ("onnx.checker", "shape inference", "onnxruntime CPUExecutionProvider")
+    assert read_metadata(info.path)["prepared"] == info.prepared
+    if family in PREPARED:  # rewritten for ONNX on a copy: the torch program keeps its own ops
+        graph = cached.prepare_call((), make_inputs(0))[0].graph_module
+        kept = sum(n.target in REWRITTEN for m in graph_modules(graph) for n in m.graph.nodes)
+        assert kept >= sum(PREPARED[family].values())
     runner = OnnxRunner(info.path)
     ax.reset(cached, num_steps=STEPS)
     with torch.no_grad():

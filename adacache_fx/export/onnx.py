@@ -296,7 +296,7 @@ def to_onnx(
                 verbose=False,
             )
 
-    metadata = {**_metadata(cached, program, named, user_outputs), "target": target}
+    metadata = {**_metadata(cached, program, named, user_outputs), "target": target, "prepared": prepared.summaries}
     with stage("save"):
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:

@@ -240,6 +240,8 @@ def cli_export(args: argparse.Namespace) -> int:
         print(f"adacache-fx export: {error}")
         return 1
     print(f"  {info.num_if_nodes} If node(s) for regions {info.metadata['regions']}; state {info.state_names}")
+    rewritten = [summary for summary in info.prepared.values() if not summary.startswith("0 ")]
+    print(f"  prepared for ONNX: {'; '.join(rewritten) or 'nothing to rewrite'}; checked: {', '.join(info.validated)}")
     if args.verify:
         started = time.perf_counter()
         runner = OnnxRunner(onnx_path)
