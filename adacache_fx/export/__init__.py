@@ -11,13 +11,16 @@ stack in ONNX Runtime and TensorRT as in torch. Files are specialized to the exa
 from .onnx import ExportInfo, read_metadata, to_onnx
 from .runner import OnnxRunner, StatefulRunner
 from .tensorrt import TensorRTRunner, build_tensorrt_engine
+from .validate import ExportValidationError, validate
 
 __all__ = [
     "ExportInfo",
+    "ExportValidationError",
     "OnnxRunner",
     "StatefulRunner",
     "TensorRTRunner",
     "build_tensorrt_engine",
     "read_metadata",
     "to_onnx",
+    "validate",
 ]

@@ -22,7 +22,7 @@ import contextlib
 import importlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,9 @@ from ..capture import named_leaves
 from ..config import CacheConfig, config_from_dict
 from ..passes.reduce_metric import collectives
 from ..state import dtype_name
+from .prepare import prepare
 from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
+from .validate import validate as validate_file
 
 METADATA_KEY = "adacache_fx"
 FORMAT_VERSION = 3  # 3: the history spec names its columns (and its checked one)
@@ -56,6 +58,8 @@ class ExportInfo:
     seconds: dict[str, float] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict, repr=False)
     profile: dict[str, int] = field(default_factory=dict)  # what the target's profile changed
+    prepared: dict[str, str] = field(default_factory=dict)  # each export-preparation stage's summary
+    validated: tuple[str, ...] = ()  # the checks the file passed
 
 
 # -- naming and (un)flattening the user call ------------------------------------------------------------
@@ -197,6 +201,7 @@ def to_onnx(
     external_data: bool | None = None,
     progress: Callable[[str, float], None] | None = None,
     target: str | None = None,
+    validate: bool | Sequence[str] | None = None,
 ) -> ExportInfo:
     """Export a transformed model for one input signature to an ONNX file, state as inputs and outputs.
 
@@ -216,11 +221,18 @@ def to_onnx(
         target: ``"tensorrt"`` applies the TensorRT profile (:mod:`adacache_fx.export.profiles`: default-valued
             attributes dropped in every subgraph, opset capped, shared constants duplicated per branch);
             None or ``"onnxruntime"``: the exporter's output as is.
+        validate: the ONNX Runtime providers to create a session with before returning: True (or None
+            without a target): the CPU provider; a list: those; False (or None with ``target="tensorrt"``):
+            none, and shape inference then checks shapes, not the ONNX schema's types (TensorRT's parser
+            takes bfloat16 where the schema does not). ``onnx.checker`` and strict shape inference always run.
 
     The graph is exported with ``torch.export`` (strict: non-strict export cannot trace the policy
     submodules inside ``torch.cond`` branches) and ``torch.onnx.export(dynamo=True)``; each cached
-    region becomes an ``If`` node, checked against the number of regions, and the file passes
-    ``onnx.checker``. Run it with :class:`OnnxRunner`.
+    region becomes an ``If`` node, checked against the number of regions. Before the export, the
+    export-preparation passes (:mod:`adacache_fx.export.prepare`) rewrite a copy of the cached graph
+    into ops ONNX Runtime implements; after it, the file passes ``onnx.checker``, strict shape inference
+    and an ONNX Runtime session (:mod:`.validate`), or :class:`~.validate.ExportValidationError` names the
+    op, the module and line it came from, and what to do. Run it with :class:`OnnxRunner`.
     """
     import onnx
 
@@ -245,13 +257,15 @@ def to_onnx(
                 "torch.distributed collectives (all-to-all, all-gather, the metric's all-reduce), which have "
                 "no ONNX op; export the model without enable_parallelism"
             )
+        with stage("prepare for ONNX"):  # on a copy: the CachedModel's graph is left as it is
+            prepared = prepare(program.graph_module)
         named = named_leaves(args, kwargs)
         static = program.captured.static_inputs  # baked in: their placeholders are unused
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor) and name not in static]
         device = tensors[0][1].device if tensors else torch.device("cpu")
         layout = program.layout
         state = list(layout.allocate(num_steps, device).values())  # a fresh generation's, not the live one
-        wrapper = _StatefulProgram(program.graph_module, [
+        wrapper = _StatefulProgram(prepared.graph_module, [
             None if name in static else _TENSOR if isinstance(leaf, torch.Tensor) else leaf for name, leaf in named
         ])
         inputs = tuple(t for _, t in tensors) + tuple(state)
@@ -282,7 +296,7 @@ def to_onnx(
                 verbose=False,
             )
 
-    metadata = {**_metadata(cached, program, named, user_outputs), "target": target}
+    metadata = {**_metadata(cached, program, named, user_outputs), "target": target, "prepared": prepared.summaries}
     with stage("save"):
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:
@@ -296,8 +310,11 @@ def to_onnx(
             proto = onnx.load(str(path), load_external_data=False)
             profile = apply_tensorrt_profile(proto)
             onnx.save(proto, str(path))
-    with stage("onnx.checker"):
-        onnx.checker.check_model(str(path))
+    if validate is None:
+        validate = target != "tensorrt"
+    providers = ("CPUExecutionProvider",) if validate is True else tuple(validate or ())
+    with stage("onnx.checker + shape inference + ORT session" if providers else "onnx.checker + shape inference"):
+        validated = validate_file(path, providers)
         graph = onnx.load(str(path), load_external_data=False).graph
         num_if = sum(node.op_type == "If" for node in graph.node)
     if num_if != len(program.rewrite.regions):
@@ -307,7 +324,8 @@ def to_onnx(
         )
     return ExportInfo(
         path, [name for name, _ in tensors], output_names[:n_user], layout.names,
-        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile,
+        len(program.rewrite.regions), num_if, num_steps, stage.seconds, metadata, profile, prepared.summaries,
+        validated,
     )
 
 
