@@ -62,8 +62,9 @@ def release(model, context: str) -> None:
     cached_model(model).release(context)
 
 
-def report(model, context: str | None = None) -> Report:
-    """Per-step records of the current generation (computed or cached, metric c, motion m, rate).
+def report(model, context: str | None = None) -> Report | list[Report]:
+    """Per-step records of the current generation (computed or cached, metric c, motion m, rate); one
+    report per batch row with ``batch_decisions="per_sample"``.
 
     Reads the state from the device: call it after a generation, not inside the loop.
     """

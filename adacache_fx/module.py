@@ -389,8 +389,9 @@ class CachedModel(nn.Module):
         last = self._store.last(context)
         return None if last is None else self._programs.get(last[0])
 
-    def report(self, context: str | None = None) -> Report:
-        """Per-step records of the current generation in ``context``; reads the state on the host."""
+    def report(self, context: str | None = None) -> Report | list[Report]:
+        """Per-step records of the current generation in ``context`` (a list, one per batch row, with
+        ``batch_decisions="per_sample"``); reads the state on the host."""
         context = self._store.active if context is None else context
         last = self._store.last(context)
         if last is None:
