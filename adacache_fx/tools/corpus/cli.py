@@ -23,6 +23,9 @@ def add_corpus_arguments(parser) -> None:
     parser.add_argument("--compile", nargs="?", const="aot_eager", default=None, metavar="BACKEND",
                         help="also torch.compile(fullgraph=True) the transformed model (backend aot_eager, "
                              "or the one given, e.g. inductor): graphs, graph breaks, outputs against eager")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also export the default-policy transform with to_onnx and run it in OnnxRunner: "
+                             "exported (and validated), the same computed steps, the outputs' max difference")
     parser.add_argument("--steps", type=int, default=NUM_STEPS, help=f"N of the default policy (default {NUM_STEPS})")
     parser.add_argument("--never-skip-calls", type=int, default=NEVER_SKIP_CALLS,
                         help=f"calls compared with the untransformed model (default {NEVER_SKIP_CALLS})")
@@ -111,6 +114,8 @@ def _command(args) -> str:
         parts.append("--video")
     if args.compile:
         parts += ["--compile", args.compile]
+    if getattr(args, "onnx", False):
+        parts.append("--onnx")
     for flag, value, default in (("--steps", args.steps, NUM_STEPS), ("--never-skip-calls", args.never_skip_calls,
                                  NEVER_SKIP_CALLS), ("--timeout", args.timeout, TIMEOUT_S), ("--jobs", args.jobs, 1)):
         if value != default:
@@ -138,7 +143,8 @@ def cli_corpus(args) -> int:
     total = len(configs)
 
     def run(config):
-        return run_isolated(config.name, args.timeout, args.compile, args.steps, args.never_skip_calls)
+        return run_isolated(config.name, args.timeout, args.compile, args.steps, args.never_skip_calls,
+                            getattr(args, "onnx", False))
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {pool.submit(run, c): c for c in configs}
@@ -151,7 +157,7 @@ def cli_corpus(args) -> int:
                   f"({r.seconds:.1f} s)", flush=True)
     ordered = [results[c.name] for c in configs]
     seconds = time.perf_counter() - start
-    table = markdown(ordered, with_compile=bool(args.compile))
+    table = markdown(ordered, with_compile=bool(args.compile), with_onnx=getattr(args, "onnx", False))
     print()
     print(table)
     print()

@@ -15,7 +15,9 @@ c. **default**: ``AdaCacheConfig(num_steps=N)`` over N calls, timesteps spaced o
 d. **repeat**: after ``adacache_fx.reset`` a second generation reproduces (c)'s schedule and outputs;
 e. **reset**: a reset in the middle of a third generation, then a full generation, reproduces (c) too;
 f. **compile** (optional): ``torch.compile(transformed, fullgraph=True)`` over a generation: graphs,
-   graph breaks, recompiles (Dynamo's counters) and the difference from (c).
+   graph breaks, recompiles (Dynamo's counters) and the difference from (c);
+g. **onnx** (optional): (c)'s transform through ``to_onnx`` and ``OnnxRunner`` (:mod:`.onnx_check`):
+   exported and validated, the same computed steps, the outputs' difference from (c).
 
 A step that raises stops the run and records the error class, its first line, the adacache_fx phase it came
 from (capture / rewrite / call) and the deepest diffusers frame (file and line) it passed through.
@@ -82,6 +84,10 @@ class Result:
     compile_breaks: int | None = None
     compile_recompiles: int | None = None
     compile_diff: float | None = None
+    onnx_status: str | None = None  # pass / fail: export / fail: run / fail: mismatch (with --onnx)
+    onnx_steps: list[int] | None = None
+    onnx_diff: float | None = None
+    onnx_error: str | None = None
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -261,7 +267,7 @@ def _warnings_of(caught) -> list[str]:
 
 
 def run_config(config: CorpusConfig, num_steps: int = NUM_STEPS, never_skip_calls: int = NEVER_SKIP_CALLS,
-               compile_backend: str | None = None) -> Result:
+               compile_backend: str | None = None, onnx: bool = False) -> Result:
     """Run the checks (module docstring) on one configuration, in this process."""
     import adacache_fx as ax
 
@@ -274,7 +280,7 @@ def run_config(config: CorpusConfig, num_steps: int = NUM_STEPS, never_skip_call
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _run_checks(ax, config, result, num_steps, never_skip_calls, compile_backend)
+            _run_checks(ax, config, result, num_steps, never_skip_calls, compile_backend, onnx)
         result.warnings = _warnings_of(caught)
     except _Stop:
         if result.where is None and "data-dependent" in (result.error or ""):
@@ -292,10 +298,12 @@ def _guarded(result: Result, stage: str, fn, *args):
         raise _Stop from error
 
 
-def _run_checks(ax, config, result: Result, num_steps: int, never_skip_calls: int, backend: str | None) -> None:
+def _run_checks(ax, config, result: Result, num_steps: int, never_skip_calls: int, backend: str | None,
+                onnx: bool = False) -> None:
     pristine = _guarded(result, "build", build, config)
     # copies made before any call: each transform starts from the model as built, as a user's would
     never_model, default_model = copy.deepcopy(pristine), copy.deepcopy(pristine)
+    onnx_model = copy.deepcopy(pristine) if onnx else None
     eager = pristine
 
     # (a) never-skip against the untransformed model, and (b) the state the capture leaves
@@ -360,6 +368,15 @@ def _run_checks(ax, config, result: Result, num_steps: int, never_skip_calls: in
         result.compile_backend = backend
         _guarded(result, "compile", _compile_check, ax, cached, config, num_steps, backend, first, result)
 
+    # (g) ONNX export and ONNX Runtime (recorded beside the status, which it does not change)
+    if onnx:
+        from .onnx_check import onnx_check
+
+        found = onnx_check(ax, onnx_model, config, num_steps, first, result.computed, sigmas(num_steps), call,
+                           max_diff)
+        for key, value in found.items():
+            setattr(result, key, value)
+
 
 def _compile_check(ax, cached, config, num_steps, backend, first, result: Result) -> None:
     import torch._dynamo
@@ -384,7 +401,7 @@ def _compile_check(ax, cached, config, num_steps, backend, first, result: Result
 
 
 def run_isolated(name: str, timeout: float = TIMEOUT_S, compile_backend: str | None = None,
-                 num_steps: int = NUM_STEPS, never_skip_calls: int = NEVER_SKIP_CALLS) -> Result:
+                 num_steps: int = NUM_STEPS, never_skip_calls: int = NEVER_SKIP_CALLS, onnx: bool = False) -> Result:
     """:func:`run_config` in a fresh Python process with one torch thread (a model's global caches and
     Dynamo's state stay out of the next configuration); ``timeout`` seconds at most."""
     config = BY_NAME[name]
@@ -392,6 +409,8 @@ def run_isolated(name: str, timeout: float = TIMEOUT_S, compile_backend: str | N
                "--never-skip-calls", str(never_skip_calls)]
     if compile_backend:
         command += ["--compile", compile_backend]
+    if onnx:
+        command.append("--onnx")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     start = time.perf_counter()
     try:
@@ -415,10 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=NUM_STEPS)
     parser.add_argument("--never-skip-calls", type=int, default=NEVER_SKIP_CALLS)
     parser.add_argument("--compile", default=None, metavar="BACKEND")
+    parser.add_argument("--onnx", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run_config(BY_NAME[args.name], args.steps, args.never_skip_calls, args.compile)
+    result = run_config(BY_NAME[args.name], args.steps, args.never_skip_calls, args.compile, args.onnx)
     print(_RESULT_MARK + json.dumps(asdict(result)), flush=True)
     return 0
 

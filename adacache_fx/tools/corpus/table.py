@@ -63,9 +63,20 @@ def error_label(r: Result, width: int | None = 160) -> str:
     return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
-def markdown(results: list[Result], with_compile: bool = False) -> str:
+def onnx_label(r: Result) -> str:
+    if r.onnx_status is None:
+        return ""
+    if r.onnx_status == "pass":
+        return f"pass, same steps, diff {diff_label(r.onnx_diff)}"
+    detail = f"{r.onnx_error}" if r.onnx_error else f"steps {r.onnx_steps}, diff {diff_label(r.onnx_diff)}"
+    return f"{r.onnx_status}: {detail}".replace("|", "\\|")[:200]
+
+
+def markdown(results: list[Result], with_compile: bool = False, with_onnx: bool = False) -> str:
     header = ["configuration", "class", "video", "result", "never-skip max diff", "state after capture",
               "computed steps (default)", "repeat / reset", "error", "where (diffusers 0.42.1)", "s"]
+    if with_onnx:
+        header.insert(8, "ONNX Runtime (exported, same steps, max diff)")
     if with_compile:
         header.insert(8, "compile")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -73,6 +84,8 @@ def markdown(results: list[Result], with_compile: bool = False) -> str:
         row = [r.name, f"`{r.cls}`", "yes" if r.video else "", result_label(r), diff_label(r.never_skip_diff),
                state_label(r), computed_label(r), repeat_label(r), error_label(r),
                f"`{r.where}`" if r.where else "", f"{r.seconds:.1f}"]
+        if with_onnx:
+            row.insert(8, onnx_label(r))
         if with_compile:
             row.insert(8, compile_label(r))
         lines.append("| " + " | ".join(row) + " |")
@@ -85,8 +98,13 @@ def summary(results: list[Result]) -> str:
         counts[r.status] = counts.get(r.status, 0) + 1
     skipping = sum(1 for r in results if r.computed is not None and len(r.computed) < r.num_steps)
     parts = [f"{counts.get(s, 0)} {s}" for s in ("pass", "fail", "skip", "timeout", "crash") if counts.get(s)]
-    return (f"{len(results)} configurations: " + ", ".join(parts)
+    text = (f"{len(results)} configurations: " + ", ".join(parts)
             + f"; the default policy computed fewer than N steps on {skipping}")
+    exported = [r for r in results if r.onnx_status is not None]
+    if exported:
+        passed = sum(1 for r in exported if r.onnx_status == "pass")
+        text += f"; ONNX Runtime: {passed} of {len(exported)} exported and ran with the same steps"
+    return text
 
 
 def to_csv(results: list[Result]) -> str:
