@@ -137,3 +137,13 @@ def test_help_describes_the_corpus_subcommand(capsys):
         main(["corpus", "--help"])
     out = capsys.readouterr().out
     assert "diffusers' test suite" in out and "--only" in out and "--video" in out and "--compile" in out
+
+
+def test_cli_corpus_onnx_exports_and_runs_a_configuration(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(["corpus", "--only", "DiTTransformer2D", "--steps", "6", "--never-skip-calls", "2", "--onnx",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| DiTTransformer2D |"))
+    assert "| pass, same steps, diff " in row
+    assert "ONNX Runtime: 1 of 1 exported and ran with the same steps" in out
