@@ -7,7 +7,7 @@ from torch import nn
 from .config import CacheConfig
 from .module import CachedModel
 from .policies import AdaCacheConfig, policy_class
-from .state import Report, StepRecord
+from .report import Report, StepRecord
 
 __all__ = ["Report", "StepRecord", "cached_model", "report", "reset", "transform"]
 

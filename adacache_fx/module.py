@@ -11,6 +11,7 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -30,7 +31,8 @@ from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
-from .state import Report, StateLayout, StateStore, read_report
+from .report import Report, read_report
+from .state import StateLayout, StateStore
 
 
 class TransformError(RuntimeError):
@@ -238,7 +240,12 @@ class CachedModel(nn.Module):
         self._steps_checked.add(num_steps)
         from .policies.replay import nothing_to_skip
 
-        forced = nothing_to_skip(self.adacache_config, num_steps)
+        try:
+            forced = nothing_to_skip(self.adacache_config, num_steps)
+        except Exception as error:  # noqa: BLE001 - a rule written for one run only cannot be replayed on many
+            logging.getLogger("adacache_fx").debug("few-step check skipped: %s cannot be replayed (%s: %s)",
+                                                   type(self.adacache_config).__name__, type(error).__name__, error)
+            return
         if forced is not None:
             warnings.warn(
                 f"adacache_fx: with {num_steps} steps, {type(self.adacache_config).__name__} computes every "

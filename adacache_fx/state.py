@@ -1,4 +1,4 @@
-"""The state of a transformed model: its layout, the store that owns its tensors, and the report.
+"""The state of a transformed model: its layout and the store that owns its tensors.
 
 The rewritten graph is a pure function ``(inputs..., state...) -> (outputs..., new state...)``. This
 module is the one place that knows what the state is:
@@ -7,16 +7,14 @@ module is the one place that knows what the state is:
   rewritten program's state tensors, in graph order (serializable, so an exported file carries it);
 * :class:`StateStore`: the tensors themselves, one set per (cache context, input signature):
   allocation, new generations, reset, and the stable *bound* tensors a compiled graph reads;
-* :func:`read_report`: the per-step history read back on the host after a generation.
-
-:class:`~adacache_fx.CachedModel` and the export runners (ONNX Runtime, TensorRT) all use these.
+:class:`~adacache_fx.CachedModel` and the export runners (ONNX Runtime, TensorRT) all use these; the
+history read back on the host after a generation is :mod:`adacache_fx.report`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -315,98 +313,3 @@ class StateStore:
         self._last_key.clear()
         self._used.clear()
         self._stale.clear()
-
-
-# -- report --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of a generation: whether it computed, and what the policy recorded, by the policy's own
-    column names (``record["metric"]``; None where nothing was measured). ``nonfinite`` marks a compute
-    step after the first whose checked column (the policy's ``checked_column``: AdaCache's metric) is NaN
-    or infinite (AdaCache then chose its most conservative rate)."""
-
-    step: int
-    computed: bool
-    values: Mapping[str, float | None] = field(default_factory=dict)
-    nonfinite: bool = False
-
-    def __getitem__(self, name: str) -> float | None:
-        return self.values[name]
-
-
-@dataclass(frozen=True)
-class Report:
-    """What happened in the current generation of one cache context."""
-
-    context: str
-    num_steps: int
-    steps: list[StepRecord]
-    cache_bytes: int
-    regions: list[str]
-    metric_sites: list[str]
-    #: What the policy records (its ``history_columns``), after ``computed``.
-    columns: tuple[str, ...] = ()
-
-    @property
-    def computed_steps(self) -> list[int]:
-        return [r.step for r in self.steps if r.computed]
-
-    @property
-    def num_computed(self) -> int:
-        return len(self.computed_steps)
-
-    def column(self, name: str) -> list[float | None]:
-        """One recorded column, step by step."""
-        return [r.values[name] for r in self.steps]
-
-    def __str__(self) -> str:
-        def shown(r: StepRecord, name: str) -> str:
-            value = r.values.get(name)
-            if r.nonfinite and name == self.columns[0]:
-                return "non-finite"
-            if value is None:
-                return ""
-            return str(int(value)) if float(value).is_integer() and abs(value) < 1e9 else f"{value:.4f}"
-
-        header = ("step", "computed", *self.columns)
-        rows = [(str(r.step), "yes" if r.computed else "cached", *(shown(r, c) for c in self.columns))
-                for r in self.steps]
-        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
-        lines = [
-            f"adacache_fx report ({self.context}): {self.num_computed}/{len(self.steps)} steps computed, "
-            f"cache {self.cache_bytes / 2**20:.2f} MiB, regions {self.regions}, metric at {self.metric_sites}",
-            " ".join(f"{h:>{w}}" for h, w in zip(header, widths)),
-        ]
-        lines += [" ".join(f"{v:>{w}}" for v, w in zip(row, widths)) for row in rows]
-        return "\n".join(lines)
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
-
-
-def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str],
-                metric_sites: list[str]) -> Report | list[Report]:
-    """Read a state's history on the host (after a generation, never inside one); its columns are
-    named by the layout's history spec (the policy's ``history_columns``). With per-sample decisions,
-    one report per batch row."""
-    spec = layout.spec("history")
-    if spec.batch is not None:
-        return [_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites)
-                for b in range(spec.batch)]
-    return _read_rows(state, state["history"], layout, context, regions, metric_sites)
-
-
-def _read_rows(state, history, layout, context, regions, metric_sites) -> Report:
-    spec = layout.spec("history")
-    columns = spec.columns
-    done = int(state["step"])
-    steps = []
-    for i, (computed, *values) in enumerate(history[:done].tolist()):
-        computed = bool(computed)
-        row = dict(zip(columns, values))
-        # every compute step after the first measures the policy's checked column (AdaCache's metric)
-        nonfinite = spec.checked is not None and computed and i > 0 and not math.isfinite(row[spec.checked])
-        steps.append(StepRecord(i + 1, computed, {k: _finite_or_none(v) for k, v in row.items()}, nonfinite))
-    cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
-    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites), columns)

@@ -14,15 +14,8 @@ from pathlib import Path
 import torch
 
 from ..capture import named_leaves
-from ..state import (
-    Report,
-    StateLayout,
-    StateStore,
-    check_num_steps,
-    dtype_from_name,
-    dtype_name,
-    read_report,
-)
+from ..report import Report, read_report
+from ..state import StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name
 from .onnx import FORMAT_VERSION, METADATA_KEY, decode_tree
 
 _PROGRAM = "program"  # the one signature key of an exported file in the runner's state store

@@ -1,0 +1,106 @@
+"""The report of a generation: its per-step history, read back on the host (after a generation, never
+inside one), named by the policy's own columns."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .state import StateLayout
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a generation: whether it computed, and what the policy recorded, by the policy's own
+    column names (``record["metric"]``; None where nothing was measured). ``nonfinite`` marks a compute
+    step after the first whose checked column (the policy's ``checked_column``: AdaCache's metric) is NaN
+    or infinite (AdaCache then chose its most conservative rate)."""
+
+    step: int
+    computed: bool
+    values: Mapping[str, float | None] = field(default_factory=dict)
+    nonfinite: bool = False
+
+    def __getitem__(self, name: str) -> float | None:
+        return self.values[name]
+
+
+@dataclass(frozen=True)
+class Report:
+    """What happened in the current generation of one cache context."""
+
+    context: str
+    num_steps: int
+    steps: list[StepRecord]
+    cache_bytes: int
+    regions: list[str]
+    metric_sites: list[str]
+    #: What the policy records (its ``history_columns``), after ``computed``.
+    columns: tuple[str, ...] = ()
+
+    @property
+    def computed_steps(self) -> list[int]:
+        return [r.step for r in self.steps if r.computed]
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.computed_steps)
+
+    def column(self, name: str) -> list[float | None]:
+        """One recorded column, step by step."""
+        return [r.values[name] for r in self.steps]
+
+    def __str__(self) -> str:
+        def shown(r: StepRecord, name: str) -> str:
+            value = r.values.get(name)
+            if r.nonfinite and name == self.columns[0]:
+                return "non-finite"
+            if value is None:
+                return ""
+            return str(int(value)) if float(value).is_integer() and abs(value) < 1e9 else f"{value:.4f}"
+
+        header = ("step", "computed", *self.columns)
+        rows = [(str(r.step), "yes" if r.computed else "cached", *(shown(r, c) for c in self.columns))
+                for r in self.steps]
+        widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
+        lines = [
+            f"adacache_fx report ({self.context}): {self.num_computed}/{len(self.steps)} steps computed, "
+            f"cache {self.cache_bytes / 2**20:.2f} MiB, regions {self.regions}, metric at {self.metric_sites}",
+            " ".join(f"{h:>{w}}" for h, w in zip(header, widths)),
+        ]
+        lines += [" ".join(f"{v:>{w}}" for v, w in zip(row, widths)) for row in rows]
+        return "\n".join(lines)
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str],
+                metric_sites: list[str]) -> Report | list[Report]:
+    """Read a state's history on the host (after a generation, never inside one); its columns are
+    named by the layout's history spec (the policy's ``history_columns``). With per-sample decisions,
+    one report per batch row."""
+    spec = layout.spec("history")
+    if spec.batch is not None:
+        return [_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites)
+                for b in range(spec.batch)]
+    return _read_rows(state, state["history"], layout, context, regions, metric_sites)
+
+
+def _read_rows(state, history, layout, context, regions, metric_sites) -> Report:
+    spec = layout.spec("history")
+    columns = spec.columns
+    done = int(state["step"])
+    steps = []
+    for i, (computed, *values) in enumerate(history[:done].tolist()):
+        computed = bool(computed)
+        row = dict(zip(columns, values))
+        # every compute step after the first measures the policy's checked column (AdaCache's metric)
+        nonfinite = spec.checked is not None and computed and i > 0 and not math.isfinite(row[spec.checked])
+        steps.append(StepRecord(i + 1, computed, {k: _finite_or_none(v) for k, v in row.items()}, nonfinite))
+    cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
+    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites), columns)
