@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,7 +30,8 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class Report:
-    """What happened in the current generation of one cache context."""
+    """What happened in the current generation of one cache context (of one batch row, ``row``, with
+    per-sample decisions; ``cache_bytes`` is then that row's share)."""
 
     context: str
     num_steps: int
@@ -40,6 +41,7 @@ class Report:
     metric_sites: list[str]
     #: What the policy records (its ``history_columns``), after ``computed``.
     columns: tuple[str, ...] = ()
+    row: int | None = None
 
     @property
     def computed_steps(self) -> list[int]:
@@ -85,9 +87,9 @@ def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: st
     named by the layout's history spec (the policy's ``history_columns``). With per-sample decisions,
     one report per batch row."""
     spec = layout.spec("history")
-    if spec.batch is not None:
-        return [_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites)
-                for b in range(spec.batch)]
+    if spec.batch is not None:  # each row's share of the cache memory, and its index
+        return [replace(_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites),
+                        row=b, cache_bytes=_cache_bytes(state, layout) // spec.batch) for b in range(spec.batch)]
     return _read_rows(state, state["history"], layout, context, regions, metric_sites)
 
 
@@ -102,5 +104,9 @@ def _read_rows(state, history, layout, context, regions, metric_sites) -> Report
         # every compute step after the first measures the policy's checked column (AdaCache's metric)
         nonfinite = spec.checked is not None and computed and i > 0 and not math.isfinite(row[spec.checked])
         steps.append(StepRecord(i + 1, computed, {k: _finite_or_none(v) for k, v in row.items()}, nonfinite))
-    cache_bytes = sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)
-    return Report(context, int(state["num_steps"]), steps, cache_bytes, list(regions), list(metric_sites), columns)
+    return Report(context, int(state["num_steps"]), steps, _cache_bytes(state, layout), list(regions),
+                  list(metric_sites), columns)
+
+
+def _cache_bytes(state, layout) -> int:
+    return sum(state[spec.name].numel() * state[spec.name].element_size() for spec in layout if spec.cache)

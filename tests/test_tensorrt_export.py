@@ -131,3 +131,15 @@ def test_runner_aligns_its_inputs_and_checks_addresses(exports, fake_tensorrt, t
     runner.context.set_tensor_address = lambda name, address: False  # e.g. an engine without that tensor
     with pytest.raises(RuntimeError, match="TensorRT rejected the address of"):
         runner(**make_inputs(0))
+
+
+def test_per_sample_history_rows_get_their_profile(fake_tensorrt, tmp_path):
+    """Per-sample decisions: the history is [N, B, columns]; the optimization profile keeps B and columns."""
+    model, make_inputs = build("wan", num_layers=2)
+    batch = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in make_inputs(0).items()}
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=STEPS, batch_decisions="per_sample"))
+    to_onnx(cached, (), tmp_path / "rows.onnx", kwargs=batch, target="tensorrt")
+    trt = fake_tensorrt("10.16.0")
+    with cuda_available():
+        build_tensorrt_engine(tmp_path / "rows.onnx", tmp_path / "rows.engine")
+    assert trt.built[0]["profiles"] == [{"state.history": [(3, 2, 4), (STEPS, 2, 4), (1000, 2, 4)]}]

@@ -40,7 +40,7 @@ from .profiles import TARGETS, TENSORRT_MAX_OPSET, apply_tensorrt_profile
 from .validate import validate as validate_file
 
 METADATA_KEY = "adacache_fx"
-FORMAT_VERSION = 3  # 3: the history spec names its columns (and its checked one)
+FORMAT_VERSION = 4  # 3: the history spec names its columns; 4: and its batch rows (per-sample decisions)
 _TENSOR = object()  # marks where a tensor goes in the flat inputs of the export wrapper
 
 

@@ -105,7 +105,7 @@ class StatefulRunner:
             self._spare.clear()
         self._store.reset(num_steps)
 
-    def report(self, context: str | None = None) -> Report:
+    def report(self, context: str | None = None) -> Report | list[Report]:
         """Per-step records of the current generation, as :func:`adacache_fx.report` gives them."""
         context = self._store.active if context is None else context
         if context not in self._store.contexts:

@@ -87,8 +87,8 @@ def build_tensorrt_engine(
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
     n = metadata["num_steps"]
-    columns = StateLayout.from_dict(metadata["state"]).spec("history").shape_for(1)[1]
-    profile.set_shape("state.history", (3, columns), (n, columns), (max(n, MAX_STEPS), columns))
+    tail = StateLayout.from_dict(metadata["state"]).spec("history").shape_for(1)[1:]  # (B,) C: per-sample rows
+    profile.set_shape("state.history", (3, *tail), (n, *tail), (max(n, MAX_STEPS), *tail))
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:

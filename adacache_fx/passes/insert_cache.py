@@ -18,7 +18,10 @@ Rewrites the graph into a pure function ``(inputs..., state...) -> (outputs..., 
 * on a cached step the region does not run at all;
 * a policy with an early signal (FirstBlockCache, TeaCache) decides after it: the signal sites are
   measured in the main graph before ``decide`` (:mod:`.insert_signal`; a signal inside the first region,
-  TeaCache's modulated input, is recomputed there from a copy of its ancestors).
+  TeaCache's modulated input, is recomputed there from a copy of its ancestors);
+* per-sample decisions (:mod:`.per_sample`): the policy state has a row per video, ``compute`` is
+  ``[B]`` and the conds take ``compute.any()``; the compute branch takes the rows' mask (``row_mask``)
+  and gives a row that reuses ``inp + cache``, its cache, metric memory and zero parts.
 """
 
 from __future__ import annotations

@@ -38,6 +38,11 @@ def batch_size(ctx) -> int | None:
     if batch is None or odd:
         raise PassError(f"batch_decisions='per_sample' needs the batch as dimension 0 of every cached value; "
                         f"shapes {sorted(set(shapes))}")
+    latents = [fake(n) for n in ctx.graph.nodes if n.op == "placeholder" and fake(n) is not None
+               and fake(n).is_floating_point() and fake(n).dim() >= 3][:1]
+    if latents and latents[0].shape[0] != batch:
+        raise PassError(f"batch_decisions='per_sample': the cached values' dimension 0 ({batch}) is not the batch "
+                        f"of the first latent-like input ({latents[0].shape[0]}): the rows would not be videos")
     return batch
 
 
