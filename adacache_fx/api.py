@@ -57,9 +57,15 @@ def reset(model, num_steps: int | None = None) -> None:
     cached_model(model).reset(num_steps)
 
 
-def report(model, context: str | None = None) -> Report:
+def report(model, context: str | None = None):
     """Per-step records of the current generation (computed or cached, metric c, motion m, rate).
 
-    Reads the state from the device: call it after a generation, not inside the loop.
+    Reads the state from the device: call it after a generation, not inside the loop. Given a pipeline
+    (``enable(pipe)``): a report per denoiser that ran in its latest generation, ``{name: {context:
+    Report}}`` (``{name: Report}`` with a ``context``), e.g. ``report(pipe)["transformer_2"]["cond"]``.
     """
+    if not isinstance(model, nn.Module) and hasattr(model, "components"):
+        from .integrations.diffusers import pipeline_report
+
+        return pipeline_report(model, context)
     return cached_model(model).report(context)

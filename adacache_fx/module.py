@@ -110,6 +110,10 @@ class CachedModel(nn.Module):
     # same way: it captures the model, and binds the state, outside the compiled region.
     _initialize_hook = None
 
+    #: Whether ``cache_context(..., step_index=0, num_inference_steps=N)`` starts a generation with that N
+    #: (``enable(pipe)`` turns it off for experts that get only a share of the pipeline's steps).
+    loop_info_sets_steps = True
+
     def __init__(self, model: nn.Module, config: CacheConfig):
         super().__init__()
         self.model = model
@@ -181,7 +185,7 @@ class CachedModel(nn.Module):
         previous = self._store.active
         self._store.switch(name)
         steps = loop_info.get("num_inference_steps")
-        if loop_info.get("step_index") == 0 and steps is not None:
+        if loop_info.get("step_index") == 0 and steps is not None and self.loop_info_sets_steps:
             self.begin_generation(int(steps))
         try:
             yield
