@@ -11,6 +11,7 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import warnings
@@ -25,12 +26,15 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .adapters import adapter_fingerprint, describe_change
 from .capture import CapturedGraph, capture, fast_path_note, signature
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .state import Report, StateLayout, StateStore, read_report
+
+logger = logging.getLogger("adacache_fx")
 
 
 class TransformError(RuntimeError):
@@ -130,6 +134,8 @@ class CachedModel(nn.Module):
         self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
         self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
+        self._adapters = adapter_fingerprint(model)  # the peft adapters' state the programs were captured with
+        self._captures = 0
         self._check_step_count(config.num_steps)
 
     # -- behave like the wrapped model ------------------------------------------------------------
@@ -288,6 +294,24 @@ class CachedModel(nn.Module):
             return SignatureKey(call, None, "cpu")
         return SignatureKey(call, param.dtype, str(param.device))
 
+    @property
+    def captures(self) -> int:
+        """How many programs were captured so far (a new signature, a changed adapter state, moved weights)."""
+        return self._captures
+
+    def _check_adapters(self) -> None:
+        """Drop the programs when the model's peft adapters changed since they were captured (set_adapters,
+        a scale, disable/enable, fuse/unfuse, unload/delete): the next call captures the model as it is now."""
+        adapters = adapter_fingerprint(self.model)
+        if adapters == self._adapters:
+            return
+        if self._programs:
+            logger.info("adacache_fx: the peft adapters of %s changed since the capture (%s): capturing again",
+                        type(self.model).__name__, describe_change(self._adapters, adapters))
+            self._programs.clear()
+            self._current = None
+        self._adapters = adapters
+
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
         if group is not None:
@@ -310,6 +334,7 @@ class CachedModel(nn.Module):
         except PassError as error:
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}") from error
         program = Program(captured, result)
+        self._captures += 1
         for hook in list(self._program_hooks.values()):
             hook(program)
         program.changed()
@@ -323,6 +348,7 @@ class CachedModel(nn.Module):
         ``program.eager(*flat_inputs, *state.values())`` (``program.graph_module`` when tracing). Eager only."""
         for hook in list(self._prepare_hooks.values()):
             hook(self, args, kwargs)
+        self._check_adapters()
         key = self.signature_key(args, kwargs)
         program = self._programs.get(key)
         if program is None:

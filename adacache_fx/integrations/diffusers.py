@@ -6,6 +6,7 @@ Imports nothing from diffusers: a pipeline is used through its components (the d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -156,6 +157,54 @@ class GenerationFollower:
         return getattr(vars(self.scheduler).get("set_timesteps"), "adacache_follower", None) is not self
 
 
+def loader_methods(pipe) -> list[str]:
+    """The pipeline's public loader methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``unload_lora_weights``...): the plain functions its classes from ``diffusers.loaders`` define."""
+    names = []
+    for cls in type(pipe).__mro__:
+        if not cls.__module__.startswith("diffusers.loaders"):
+            continue
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and callable(value) and not isinstance(value, (classmethod, staticmethod)):
+                names.append(name)
+    return sorted(set(names))
+
+
+@contextlib.contextmanager
+def original_denoisers(pipe):
+    """The pipeline's original denoisers in place of the transformed ones for the duration of the block.
+    diffusers' loader methods act on components that are ``ModelMixin`` instances and skip the others."""
+    found = enabled_denoisers(pipe)
+    for name, cached in found.items():
+        pipe.__dict__[name] = cached.model
+    try:
+        yield
+    finally:
+        for name, cached in found.items():
+            pipe.__dict__[name] = cached
+
+
+def wrap_loaders(pipe) -> None:
+    """Make the pipeline's loader methods (see :func:`loader_methods`) act on the original denoisers; the
+    transformed ones see the adapters' change on their next call (:mod:`adacache_fx.adapters`)."""
+    for name in loader_methods(pipe):
+        original = getattr(pipe, name)
+
+        @functools.wraps(original)
+        def call(*args, _original=original, **kwargs):
+            with original_denoisers(pipe):
+                return _original(*args, **kwargs)
+
+        call.adacache_loader = True
+        pipe.__dict__[name] = call
+
+
+def unwrap_loaders(pipe) -> None:
+    for name, value in list(vars(pipe).items()):
+        if getattr(value, "adacache_loader", False):
+            del pipe.__dict__[name]
+
+
 def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     """Transform the pipeline's denoisers with AdaCache and follow the pipeline's generations.
 
@@ -167,6 +216,8 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     warning. Two experts split by ``config.boundary_ratio`` (Wan2.2 A14B: ``transformer`` and
     ``transformer_2``): each is transformed, with its own state, contexts and N (its share of the
     timesteps). Several denoisers without a known split: ``transformer`` only, with a warning.
+    The pipeline's LoRA methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``...) act on the
+    original denoisers; the transformed ones capture again when the adapters changed.
     Returns the transformed ``transformer`` (``adacache_fx.report(pipe)`` reads every denoiser).
 
     >>> import torch, adacache_fx
@@ -209,6 +260,7 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
         if split:  # the pipeline's cache_context(num_inference_steps=all steps) is not this expert's N
             model.loop_info_sets_steps = False
         setattr(pipe, name, model)
+    wrap_loaders(pipe)
     return cached.get("transformer", next(iter(cached.values())))
 
 
@@ -248,6 +300,7 @@ def disable(pipe) -> None:
     found = enabled_denoisers(pipe)
     if not found:
         raise ValueError("AdaCache is not enabled on this pipeline")
+    unwrap_loaders(pipe)
     for name, inner in found.items():
         follower, handle = inner.__dict__.pop("_adacache_follower", (None, None))
         if follower is not None:

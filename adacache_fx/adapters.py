@@ -1,0 +1,82 @@
+"""What a capture bakes in of a model's peft adapters (LoRA...), and how to tell that it changed.
+
+A captured program runs the adapters the tuner layers had at capture: which are active, their scalings,
+whether they are merged or disabled, which adapter sub-modules exist. Those are Python values, read here
+on the host (no tensor is read): :class:`~adacache_fx.CachedModel` compares them before each call and
+captures again when they changed. peft is imported only when the process already imported it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+Fingerprint = tuple  # ((module name, layer state), ...): () without peft layers
+
+
+def _plain(value):
+    """A hashable stand-in for one attribute value: scalars as they are, containers by content, modules
+    by type (``Dropout`` vs ``Identity``), anything else by type name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, nn.Module) and not hasattr(value, "keys"):
+        return type(value).__name__
+    if hasattr(value, "keys"):  # dict, ModuleDict, ParameterDict
+        return tuple(sorted((str(k), _plain(value[k])) for k in value.keys()))
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_plain(v) for v in value]
+        return tuple(sorted(items, key=repr) if isinstance(value, (set, frozenset)) else items)
+    return type(value).__name__
+
+
+def _layer_state(layer) -> tuple:
+    fields = {
+        "active adapters": list(layer.active_adapters),
+        "merged adapters": list(getattr(layer, "merged_adapters", ())),
+        "disabled": bool(getattr(layer, "disable_adapters", False)),
+    }
+    for name in (*getattr(layer, "adapter_layer_names", ()), *getattr(layer, "other_param_names", ())):
+        fields[name] = getattr(layer, name, None)
+    for name, value in vars(layer).items():  # the layer's own flags (use_dora, cast_input_dtype_enabled...)
+        if not name.startswith("_") and name != "training" and isinstance(value, (bool, int, float, str)):
+            fields.setdefault(name, value)
+    return tuple((name, _plain(value)) for name, value in fields.items())
+
+
+def adapter_fingerprint(model: nn.Module) -> Fingerprint:
+    """The state of every peft tuner layer of ``model`` that a trace bakes in (``()`` without any)."""
+    if "peft" not in sys.modules:
+        return ()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return ()
+    return tuple((name, _layer_state(module)) for name, module in model.named_modules()
+                 if isinstance(module, BaseTunerLayer))
+
+
+def _difference(name: str, before, after) -> str:
+    if isinstance(before, tuple) and isinstance(after, tuple) and all(
+            isinstance(v, tuple) and len(v) == 2 for v in (*before, *after)):  # per adapter: name the changed ones
+        old, new = dict(before), dict(after)
+        parts = [f"{k} added" for k in new if k not in old] + [f"{k} removed" for k in old if k not in new]
+        parts += [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+        return f"{name}: {', '.join(parts)}"
+    return f"{name} {before!r} -> {after!r}"
+
+
+def describe_change(old: Fingerprint, new: Fingerprint) -> str:
+    """What changed between two fingerprints, in a few words (on the first layer that differs)."""
+    old_layers, new_layers = dict(old), dict(new)
+    if set(old_layers) != set(new_layers):
+        added, removed = len(set(new_layers) - set(old_layers)), len(set(old_layers) - set(new_layers))
+        return ", ".join(f"{n} tuner layers {what}" for n, what in ((added, "added"), (removed, "removed")) if n)
+    changed = [name for name in new_layers if new_layers[name] != old_layers[name]]
+    before, after = dict(old_layers[changed[0]]), dict(new_layers[changed[0]])
+    keys = [k for k in after if after[k] != before.get(k)]
+    if "lora_A" in keys:  # adapters added or removed: name them once, not in every per-adapter field
+        keys = [k for k in keys if k in ("active adapters", "merged adapters", "disabled", "lora_A")]
+    fields = [_difference("adapters" if k == "lora_A" else k, before.get(k), after[k]) for k in keys]
+    more = f" (and {len(changed) - 1} more layers)" if len(changed) > 1 else ""
+    return f"{changed[0]}: {'; '.join(fields)}{more}"
