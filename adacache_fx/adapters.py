@@ -1,9 +1,11 @@
-"""What a capture bakes in of a model's peft adapters (LoRA...), and how to tell that it changed.
+"""What a capture bakes in of a model's Python-visible state, and how to tell that it changed.
 
-A captured program runs the adapters the tuner layers had at capture: which are active, their scalings,
-whether they are merged or disabled, which adapter sub-modules exist. Those are Python values, read here
-on the host (no tensor is read): :class:`~adacache_fx.CachedModel` compares them before each call and
-captures again when they changed. peft is imported only when the process already imported it.
+A captured program runs the adapters the peft tuner layers had at capture (which are active, their
+scalings, whether they are merged or disabled, which adapter sub-modules exist) and holds the parameter
+tensors the model had (a weight replaced since, e.g. by ``torchao.quantization.quantize_``, is not seen).
+Both are read here on the host (no tensor value is read): :class:`~adacache_fx.CachedModel` compares them
+before each call and captures again when they changed. peft is imported only when the process already
+imported it.
 """
 
 from __future__ import annotations
@@ -64,6 +66,26 @@ def _difference(name: str, before, after) -> str:
         parts += [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
         return f"{name}: {', '.join(parts)}"
     return f"{name} {before!r} -> {after!r}"
+
+
+def weight_ids(model: nn.Module) -> tuple[int, ...]:
+    """The identities of the model's parameters, in order (a replaced parameter changes it)."""
+    return tuple(map(id, model.parameters()))
+
+
+def weight_types(model: nn.Module) -> dict[str, str]:
+    """Parameter name -> the type of its data (``Tensor``, a torchao subclass...), to describe a change."""
+    return {name: type(getattr(p, "data", p)).__name__ for name, p in model.named_parameters()}
+
+
+def describe_weights(old: dict[str, str], new: dict[str, str]) -> str:
+    """Which parameters were replaced, in a few words."""
+    changed = [n for n in new if old.get(n) != new[n]]
+    if not changed:
+        return f"{len(new)} parameters replaced by others of the same type" if old.keys() == new.keys() else (
+            f"{len(set(new) ^ set(old))} parameters added or removed")
+    more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+    return f"weights replaced: {changed[0]} {old.get(changed[0])} -> {new[changed[0]]}{more}"
 
 
 def describe_change(old: Fingerprint, new: Fingerprint) -> str:

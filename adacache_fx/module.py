@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import adapter_fingerprint, describe_change
+from .adapters import adapter_fingerprint, describe_change, describe_weights, weight_ids, weight_types
 from .capture import CapturedGraph, capture, fast_path_note, signature
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
@@ -135,6 +135,7 @@ class CachedModel(nn.Module):
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
         self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
         self._adapters = adapter_fingerprint(model)  # the peft adapters' state the programs were captured with
+        self._weights = weight_ids(model), weight_types(model)  # the parameters they hold
         self._captures = 0
         self._check_step_count(config.num_steps)
 
@@ -299,18 +300,23 @@ class CachedModel(nn.Module):
         """How many programs were captured so far (a new signature, a changed adapter state, moved weights)."""
         return self._captures
 
-    def _check_adapters(self) -> None:
-        """Drop the programs when the model's peft adapters changed since they were captured (set_adapters,
-        a scale, disable/enable, fuse/unfuse, unload/delete): the next call captures the model as it is now."""
-        adapters = adapter_fingerprint(self.model)
-        if adapters == self._adapters:
+    def _check_model(self) -> None:
+        """Drop the programs when the model changed since they were captured in a way they cannot see: its
+        peft adapters (set_adapters, a scale, disable/enable, fuse/unfuse, unload/delete) or its parameters
+        replaced (quantize_, a new ``nn.Parameter``). The next call captures the model as it is now."""
+        adapters, ids = adapter_fingerprint(self.model), weight_ids(self.model)
+        if adapters == self._adapters and ids == self._weights[0]:
             return
+        types = weight_types(self.model)
         if self._programs:
-            logger.info("adacache_fx: the peft adapters of %s changed since the capture (%s): capturing again",
-                        type(self.model).__name__, describe_change(self._adapters, adapters))
+            why = (describe_change(self._adapters, adapters) if adapters != self._adapters
+                   else describe_weights(self._weights[1], types))
+            what = "peft adapters" if adapters != self._adapters else "weights"
+            logger.info("adacache_fx: the %s of %s changed since the capture (%s): capturing again",
+                        what, type(self.model).__name__, why)
             self._programs.clear()
             self._current = None
-        self._adapters = adapters
+        self._adapters, self._weights = adapters, (ids, types)
 
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
@@ -348,7 +354,7 @@ class CachedModel(nn.Module):
         ``program.eager(*flat_inputs, *state.values())`` (``program.graph_module`` when tracing). Eager only."""
         for hook in list(self._prepare_hooks.values()):
             hook(self, args, kwargs)
-        self._check_adapters()
+        self._check_model()
         key = self.signature_key(args, kwargs)
         program = self._programs.get(key)
         if program is None:

@@ -65,3 +65,19 @@ def test_int8_weight_only_compiles_as_one_graph_without_breaks():
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     assert len(ax.report(cached).computed_steps) < N
     assert float((got - eager).abs().max()) == 0.0
+
+
+def test_quantizing_after_transform_is_captured_again(caplog):
+    import logging
+
+    model, make_inputs = build("wan", num_layers=2)
+    cached = ax.transform(model, ax.AdaCacheConfig(num_steps=N, codebook=ax.presets.NEVER))
+    generation(cached, make_inputs)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())  # replaces the weights the program holds
+    expected = generation(model, make_inputs)
+    with caplog.at_level(logging.INFO, logger="adacache_fx"):
+        got = generation(cached, make_inputs)
+    assert float((got - expected).abs().max()) == 0.0 and cached.captures == 2
+    assert any("weights replaced" in r.message and "capturing again" in r.message for r in caplog.records)
+    generation(cached, make_inputs)
+    assert cached.captures == 2
