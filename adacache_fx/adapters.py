@@ -2,7 +2,8 @@
 
 A captured program runs the adapters the peft tuner layers had at capture (which are active, their
 scalings, whether they are merged or disabled, which adapter sub-modules exist) and holds the parameter
-tensors the model had (a weight replaced since, e.g. by ``torchao.quantization.quantize_``, is not seen).
+tensors the model had, in their dtypes (a weight replaced since, e.g. by ``torchao.quantization.quantize_``,
+or cast by ``enable_layerwise_casting``, is not seen).
 Both are read here on the host (no tensor value is read): :class:`~adacache_fx.CachedModel` compares them
 before each call and captures again when they changed. peft is imported only when the process already
 imported it.
@@ -68,14 +69,16 @@ def _difference(name: str, before, after) -> str:
     return f"{name} {before!r} -> {after!r}"
 
 
-def weight_ids(model: nn.Module) -> tuple[int, ...]:
-    """The identities of the model's parameters, in order (a replaced parameter changes it)."""
-    return tuple(map(id, model.parameters()))
+def weight_ids(model: nn.Module) -> tuple:
+    """The identities and dtypes of the model's parameters, in order (a replaced parameter, or one cast in
+    place by ``enable_layerwise_casting``, changes it; a move to another device does not)."""
+    return tuple((id(p), p.dtype) for p in model.parameters())
 
 
 def weight_types(model: nn.Module) -> dict[str, str]:
     """Parameter name -> the type of its data (``Tensor``, a torchao subclass...), to describe a change."""
-    return {name: type(getattr(p, "data", p)).__name__ for name, p in model.named_parameters()}
+    return {name: f"{type(getattr(p, 'data', p)).__name__}({str(p.dtype).removeprefix('torch.')})"
+            for name, p in model.named_parameters()}
 
 
 def describe_weights(old: dict[str, str], new: dict[str, str]) -> str:
@@ -85,7 +88,7 @@ def describe_weights(old: dict[str, str], new: dict[str, str]) -> str:
         return f"{len(new)} parameters replaced by others of the same type" if old.keys() == new.keys() else (
             f"{len(set(new) ^ set(old))} parameters added or removed")
     more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-    return f"weights replaced: {changed[0]} {old.get(changed[0])} -> {new[changed[0]]}{more}"
+    return f"weights changed: {changed[0]} {old.get(changed[0])} -> {new[changed[0]]}{more}"
 
 
 def describe_change(old: Fingerprint, new: Fingerprint) -> str:

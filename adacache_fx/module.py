@@ -28,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import adapter_fingerprint, describe_change, describe_weights, weight_ids, weight_types
 from .capture import CapturedGraph, capture, fast_path_note, signature
+from .capture.hooks import run_offload_hook
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
@@ -354,6 +355,7 @@ class CachedModel(nn.Module):
         ``program.eager(*flat_inputs, *state.values())`` (``program.graph_module`` when tracing). Eager only."""
         for hook in list(self._prepare_hooks.values()):
             hook(self, args, kwargs)
+        run_offload_hook(self.model, args, kwargs)  # enable_model_cpu_offload: the model onto its device
         self._check_model()
         key = self.signature_key(args, kwargs)
         program = self._programs.get(key)

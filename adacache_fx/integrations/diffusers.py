@@ -157,15 +157,18 @@ class GenerationFollower:
         return getattr(vars(self.scheduler).get("set_timesteps"), "adacache_follower", None) is not self
 
 
-def loader_methods(pipe) -> list[str]:
-    """The pipeline's public loader methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
-    ``unload_lora_weights``...): the plain functions its classes from ``diffusers.loaders`` define."""
+def component_methods(pipe) -> list[str]:
+    """The pipeline's public methods that act on its components by type: those its classes from
+    ``diffusers.loaders`` define (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``unload_lora_weights``...) and those that install or remove hooks (``enable_model_cpu_offload``,
+    ``enable_group_offload``, ``maybe_free_model_hooks``, ``remove_all_hooks``, ``reset_device_map``...)."""
     names = []
     for cls in type(pipe).__mro__:
-        if not cls.__module__.startswith("diffusers.loaders"):
-            continue
+        loaders = cls.__module__.startswith("diffusers.loaders")
         for name, value in vars(cls).items():
-            if not name.startswith("_") and callable(value) and not isinstance(value, (classmethod, staticmethod)):
+            if name.startswith("_") or not callable(value) or isinstance(value, (classmethod, staticmethod)):
+                continue
+            if loaders or "offload" in name or name.endswith(("hooks", "device_map")):
                 names.append(name)
     return sorted(set(names))
 
@@ -173,7 +176,8 @@ def loader_methods(pipe) -> list[str]:
 @contextlib.contextmanager
 def original_denoisers(pipe):
     """The pipeline's original denoisers in place of the transformed ones for the duration of the block.
-    diffusers' loader methods act on components that are ``ModelMixin`` instances and skip the others."""
+    diffusers' loader methods act on components that are ``ModelMixin`` instances and skip the others; its
+    offloading methods put their hooks on the models themselves."""
     found = enabled_denoisers(pipe)
     for name, cached in found.items():
         pipe.__dict__[name] = cached.model
@@ -184,10 +188,11 @@ def original_denoisers(pipe):
             pipe.__dict__[name] = cached
 
 
-def wrap_loaders(pipe) -> None:
-    """Make the pipeline's loader methods (see :func:`loader_methods`) act on the original denoisers; the
-    transformed ones see the adapters' change on their next call (:mod:`adacache_fx.adapters`)."""
-    for name in loader_methods(pipe):
+def wrap_component_methods(pipe) -> None:
+    """Make the pipeline's methods that act on components (see :func:`component_methods`) act on the original
+    denoisers: the transformed ones see an adapter change on their next call (:mod:`adacache_fx.adapters`)
+    and run a model-level offload hook themselves (:mod:`adacache_fx.capture.hooks`)."""
+    for name in component_methods(pipe):
         original = getattr(pipe, name)
 
         @functools.wraps(original)
@@ -199,7 +204,7 @@ def wrap_loaders(pipe) -> None:
         pipe.__dict__[name] = call
 
 
-def unwrap_loaders(pipe) -> None:
+def unwrap_component_methods(pipe) -> None:
     for name, value in list(vars(pipe).items()):
         if getattr(value, "adacache_loader", False):
             del pipe.__dict__[name]
@@ -216,8 +221,9 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     warning. Two experts split by ``config.boundary_ratio`` (Wan2.2 A14B: ``transformer`` and
     ``transformer_2``): each is transformed, with its own state, contexts and N (its share of the
     timesteps). Several denoisers without a known split: ``transformer`` only, with a warning.
-    The pipeline's LoRA methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``...) act on the
-    original denoisers; the transformed ones capture again when the adapters changed.
+    The pipeline's LoRA and offloading methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``enable_model_cpu_offload``...) act on the original denoisers; the transformed ones capture again when
+    the adapters changed, and run a model-level offload hook before each call.
     Returns the transformed ``transformer`` (``adacache_fx.report(pipe)`` reads every denoiser).
 
     >>> import torch, adacache_fx
@@ -260,7 +266,7 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
         if split:  # the pipeline's cache_context(num_inference_steps=all steps) is not this expert's N
             model.loop_info_sets_steps = False
         setattr(pipe, name, model)
-    wrap_loaders(pipe)
+    wrap_component_methods(pipe)
     return cached.get("transformer", next(iter(cached.values())))
 
 
@@ -300,7 +306,7 @@ def disable(pipe) -> None:
     found = enabled_denoisers(pipe)
     if not found:
         raise ValueError("AdaCache is not enabled on this pipeline")
-    unwrap_loaders(pipe)
+    unwrap_component_methods(pipe)
     for name, inner in found.items():
         follower, handle = inner.__dict__.pop("_adacache_follower", (None, None))
         if follower is not None:
