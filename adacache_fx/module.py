@@ -11,6 +11,7 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -433,7 +434,16 @@ class CachedModel(nn.Module):
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")
-        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+        report = read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+        return dataclasses.replace(report, always_computed=self._always_computed(report.num_steps))
+
+    def _always_computed(self, num_steps: int) -> tuple[int, ...] | None:
+        from .policies.replay import fewest_computed
+
+        try:
+            return tuple(fewest_computed(self.adacache_config, num_steps))
+        except (ValueError, IndexError, RuntimeError):  # a rule that cannot be replayed at this N
+            return None
 
 
 def _user_stacklevel() -> int:
