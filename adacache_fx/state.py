@@ -303,7 +303,7 @@ class Report:
     columns: tuple[str, ...] = ()
     #: The steps the policy computes whatever the model does (its first and forced last steps: the schedule
     #: when nothing changes between steps); None when unknown (a rule that cannot be replayed at
-    #: this N, such as MagCache's per-step ratios, or a report without the config: the export runners).
+    #: this N, or a report without the config: the export runners).
     always_computed: tuple[int, ...] | None = None
 
     @property
