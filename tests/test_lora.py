@@ -105,6 +105,7 @@ def test_a_change_in_the_middle_of_a_generation_goes_on_with_the_same_state():
             expected = reference(**inputs)[0]
             assert torch.equal(got, expected), step
     assert ax.report(cached).computed_steps == ax.report(reference).computed_steps
+    assert len(ax.report(cached).steps) == N  # one generation of N steps: the state was kept across the capture
 
 
 def test_under_torch_compile_a_change_is_one_more_graph():
