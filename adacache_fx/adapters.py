@@ -5,7 +5,9 @@ scalings, whether they are merged or disabled, which adapter sub-modules exist) 
 tensors the model had, in their dtypes (a weight replaced since, e.g. by ``torchao.quantization.quantize_``,
 or cast by ``enable_layerwise_casting``, is not seen).
 Both are read here on the host (no tensor value is read): :class:`~adacache_fx.CachedModel` compares them
-before each call and captures again when they changed. peft is imported only when the process already
+before each call (:func:`fingerprint`: one walk over the modules, identities and plain values only) and
+captures again when they changed; the readable forms (:func:`adapter_fingerprint`, :func:`weight_types`)
+are built only when something changed, to say what. peft is imported only when the process already
 imported it.
 """
 
@@ -47,16 +49,58 @@ def _layer_state(layer) -> tuple:
     return tuple((name, _plain(value)) for name, value in fields.items())
 
 
-def adapter_fingerprint(model: nn.Module) -> Fingerprint:
-    """The state of every peft tuner layer of ``model`` that a trace bakes in (``()`` without any)."""
+def _tuner_layer_class():
     if "peft" not in sys.modules:
-        return ()
+        return None
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
+        return None
+    return BaseTunerLayer
+
+
+def _layer_key(layer) -> tuple:
+    """The cheap form of :func:`_layer_state`: the same fields, containers by their items (modules by identity),
+    read from the instance dicts (peft's ``_active_adapter`` / ``_disable_adapters`` behind its properties)."""
+    attrs, modules = vars(layer), layer._modules
+    active = attrs["_active_adapter"] if "_active_adapter" in attrs else layer.active_adapters
+    disabled = attrs["_disable_adapters"] if "_disable_adapters" in attrs else getattr(layer, "disable_adapters", False)
+    key = [tuple(active) if isinstance(active, list) else active, tuple(attrs.get("merged_adapters", ())), disabled]
+    for name in (*getattr(layer, "adapter_layer_names", ()), *getattr(layer, "other_param_names", ())):
+        value = modules[name] if name in modules else attrs.get(name)
+        key.append(tuple(value.items()) if hasattr(value, "items") else value)
+    return tuple(key)
+
+
+def fingerprint(model: nn.Module) -> tuple:
+    """What the captured programs depend on besides the inputs, compared before each call: every peft tuner
+    layer's state and every parameter's identity and dtype (one walk; a move to another device is no change)."""
+    tuner = _tuner_layer_class()
+    layers, weights = [], []
+    stack, seen = [model], set()
+    while stack:  # the modules depth first, without named_modules' generators and prefixes
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        skip = ()
+        if tuner is not None and isinstance(module, tuner):
+            layers.append(_layer_key(module))  # its adapter containers by identity: not walked
+            skip = (*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ()))
+        for p in module._parameters.values():
+            if p is not None:
+                weights.append((id(p), p.dtype))
+        stack.extend(m for name, m in module._modules.items() if m is not None and name not in skip)
+    return tuple(layers), tuple(weights)
+
+
+def adapter_fingerprint(model: nn.Module) -> Fingerprint:
+    """The state of every peft tuner layer of ``model`` that a trace bakes in, by module name and in plain
+    values (``()`` without any): what a change message is made from."""
+    tuner = _tuner_layer_class()
+    if tuner is None:
         return ()
-    return tuple((name, _layer_state(module)) for name, module in model.named_modules()
-                 if isinstance(module, BaseTunerLayer))
+    return tuple((name, _layer_state(module)) for name, module in model.named_modules() if isinstance(module, tuner))
 
 
 def _difference(name: str, before, after) -> str:
@@ -67,12 +111,6 @@ def _difference(name: str, before, after) -> str:
         parts += [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
         return f"{name}: {', '.join(parts)}"
     return f"{name} {before!r} -> {after!r}"
-
-
-def weight_ids(model: nn.Module) -> tuple:
-    """The identities and dtypes of the model's parameters, in order (a replaced parameter, or one cast in
-    place by ``enable_layerwise_casting``, changes it; a move to another device does not)."""
-    return tuple((id(p), p.dtype) for p in model.parameters())
 
 
 def weight_types(model: nn.Module) -> dict[str, str]:

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import adapter_fingerprint, describe_change, describe_weights, weight_ids, weight_types
+from .adapters import adapter_fingerprint, describe_change, describe_weights, fingerprint, weight_types
 from .capture import CapturedGraph, capture, fast_path_note, signature
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
@@ -136,8 +136,10 @@ class CachedModel(nn.Module):
         self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
         self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
-        self._adapters = adapter_fingerprint(model)  # the peft adapters' state the programs were captured with
-        self._weights = weight_ids(model), weight_types(model)  # the parameters they hold
+        # What the programs were captured with besides the inputs: adapters' state and parameters (compared
+        # before each call), and their readable forms (to say what changed).
+        self._fingerprint = fingerprint(model)
+        self._described = adapter_fingerprint(model), weight_types(model)
         self._captures = 0
         self._check_step_count(config.num_steps)
 
@@ -306,19 +308,19 @@ class CachedModel(nn.Module):
         """Drop the programs when the model changed since they were captured in a way they cannot see: its
         peft adapters (set_adapters, a scale, disable/enable, fuse/unfuse, unload/delete) or its parameters
         replaced (quantize_, a new ``nn.Parameter``). The next call captures the model as it is now."""
-        adapters, ids = adapter_fingerprint(self.model), weight_ids(self.model)
-        if adapters == self._adapters and ids == self._weights[0]:
+        current = fingerprint(self.model)
+        if current == self._fingerprint:
             return
-        types = weight_types(self.model)
+        described = adapter_fingerprint(self.model), weight_types(self.model)
         if self._programs:
-            why = (describe_change(self._adapters, adapters) if adapters != self._adapters
-                   else describe_weights(self._weights[1], types))
-            what = "peft adapters" if adapters != self._adapters else "weights"
+            adapters_changed = current[0] != self._fingerprint[0]
+            why = (describe_change(self._described[0], described[0]) if adapters_changed
+                   else describe_weights(self._described[1], described[1]))
             logger.info("adacache_fx: the %s of %s changed since the capture (%s): capturing again",
-                        what, type(self.model).__name__, why)
+                        "peft adapters" if adapters_changed else "weights", type(self.model).__name__, why)
             self._programs.clear()
             self._current = None
-        self._adapters, self._weights = adapters, (ids, types)
+        self._fingerprint, self._described = current, described
 
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
