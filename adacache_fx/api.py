@@ -62,10 +62,16 @@ def release(model, context: str) -> None:
     cached_model(model).release(context)
 
 
-def report(model, context: str | None = None) -> Report | list[Report]:
+def report(model, context: str | None = None):
     """Per-step records of the current generation (computed or cached, metric c, motion m, rate); one
     report per batch row with ``batch_decisions="per_sample"``.
 
-    Reads the state from the device: call it after a generation, not inside the loop.
+    Reads the state from the device: call it after a generation, not inside the loop. Given a pipeline
+    (``enable(pipe)``): a report per denoiser that ran in its latest generation, ``{name: {context:
+    Report}}`` (``{name: Report}`` with a ``context``), e.g. ``report(pipe)["transformer_2"]["cond"]``.
     """
+    if not isinstance(model, nn.Module) and hasattr(model, "components"):
+        from .integrations.diffusers import pipeline_report
+
+        return pipeline_report(model, context)
     return cached_model(model).report(context)

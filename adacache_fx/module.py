@@ -11,6 +11,7 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -26,13 +27,17 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .adapters import adapter_fingerprint, describe_change, describe_weights, fingerprint, weight_types
 from .capture import CapturedGraph, capture, fast_path_note, signature
+from .capture.hooks import run_offload_hook
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
 from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .report import Report, read_report
 from .state import StateLayout, StateStore
+
+logger = logging.getLogger("adacache_fx")
 
 
 class TransformError(RuntimeError):
@@ -112,6 +117,10 @@ class CachedModel(nn.Module):
     # same way: it captures the model, and binds the state, outside the compiled region.
     _initialize_hook = None
 
+    #: Whether ``cache_context(..., step_index=0, num_inference_steps=N)`` starts a generation with that N
+    #: (``enable(pipe)`` turns it off for experts that get only a share of the pipeline's steps).
+    loop_info_sets_steps = True
+
     def __init__(self, model: nn.Module, config: CacheConfig):
         super().__init__()
         self.model = model
@@ -128,6 +137,11 @@ class CachedModel(nn.Module):
         self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
         self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
+        # What the programs were captured with besides the inputs: adapters' state and parameters (compared
+        # before each call), and their readable forms (to say what changed).
+        self._fingerprint = fingerprint(model)
+        self._described = adapter_fingerprint(model), weight_types(model)
+        self._captures = 0
         self._check_step_count(config.num_steps)
 
     # -- behave like the wrapped model ------------------------------------------------------------
@@ -189,7 +203,7 @@ class CachedModel(nn.Module):
             self._check_step_count(num_steps)
         self._store.switch(name)
         steps = loop_info.get("num_inference_steps")
-        if loop_info.get("step_index") == 0 and steps is not None:
+        if loop_info.get("step_index") == 0 and steps is not None and self.loop_info_sets_steps:
             self.begin_generation(int(steps))
         try:
             yield
@@ -299,6 +313,29 @@ class CachedModel(nn.Module):
             return SignatureKey(call, None, "cpu")
         return SignatureKey(call, param.dtype, str(param.device))
 
+    @property
+    def captures(self) -> int:
+        """How many programs were captured so far (a new signature, a changed adapter state, moved weights)."""
+        return self._captures
+
+    def _check_model(self) -> None:
+        """Drop the programs when the model changed since they were captured in a way they cannot see: its
+        peft adapters (set_adapters, a scale, disable/enable, fuse/unfuse, unload/delete) or its parameters
+        replaced (quantize_, a new ``nn.Parameter``). The next call captures the model as it is now."""
+        current = fingerprint(self.model)
+        if current == self._fingerprint:
+            return
+        described = adapter_fingerprint(self.model), weight_types(self.model)
+        if self._programs:
+            adapters_changed = current[0] != self._fingerprint[0]
+            why = (describe_change(self._described[0], described[0]) if adapters_changed
+                   else describe_weights(self._described[1], described[1]))
+            logger.info("adacache_fx: the %s of %s changed since the capture (%s): capturing again",
+                        "peft adapters" if adapters_changed else "weights", type(self.model).__name__, why)
+            self._programs.clear()
+            self._current = None
+        self._fingerprint, self._described = current, described
+
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
         if group is not None:
@@ -326,6 +363,7 @@ class CachedModel(nn.Module):
                         "values, which no capture can follow)")
             raise TransformError(f"adacache_fx cannot cache {type(self.model).__name__}: {error}{hint}") from error
         program = Program(captured, result)
+        self._captures += 1
         for hook in list(self._program_hooks.values()):
             hook(program)
         program.changed()
@@ -339,6 +377,8 @@ class CachedModel(nn.Module):
         ``program.eager(*flat_inputs, *state.values())`` (``program.graph_module`` when tracing). Eager only."""
         for hook in list(self._prepare_hooks.values()):
             hook(self, args, kwargs)
+        run_offload_hook(self.model, args, kwargs)  # enable_model_cpu_offload: the model onto its device
+        self._check_model()
         key = self.signature_key(args, kwargs)
         program = self._programs.get(key)
         if program is None:
@@ -415,7 +455,19 @@ class CachedModel(nn.Module):
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")
-        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+        report = read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
+        if isinstance(report, list):  # per-sample decisions: a report per batch row
+            always = self._always_computed(report[0].num_steps)
+            return [dataclasses.replace(r, always_computed=always) for r in report]
+        return dataclasses.replace(report, always_computed=self._always_computed(report.num_steps))
+
+    def _always_computed(self, num_steps: int) -> tuple[int, ...] | None:
+        from .policies.replay import fewest_computed
+
+        try:
+            return tuple(fewest_computed(self.adacache_config, num_steps))
+        except Exception:  # noqa: BLE001 - a rule that cannot be replayed (at this N, or on many runs)
+            return None
 
 
 def _user_stacklevel() -> int:

@@ -42,6 +42,15 @@ class Report:
     #: What the policy records (its ``history_columns``), after ``computed``.
     columns: tuple[str, ...] = ()
     row: int | None = None
+    #: The steps the policy computes whatever the model does (its first and forced last steps: the schedule
+    #: when nothing changes between steps); None when unknown (a rule that cannot be replayed at
+    #: this N, or a report without the config: the export runners).
+    always_computed: tuple[int, ...] | None = None
+
+    @property
+    def max_cacheable(self) -> int | None:
+        """How many of the N steps can be cached at all (N minus :attr:`always_computed`)."""
+        return None if self.always_computed is None else self.num_steps - len(self.always_computed)
 
     @property
     def computed_steps(self) -> list[int]:
@@ -74,6 +83,9 @@ class Report:
             " ".join(f"{h:>{w}}" for h, w in zip(header, widths)),
         ]
         lines += [" ".join(f"{v:>{w}}" for v, w in zip(row, widths)) for row in rows]
+        if self.always_computed is not None:
+            lines.append(f"at most {self.max_cacheable} of {self.num_steps} steps can be cached (steps "
+                         f"{list(self.always_computed)} always compute)")
         return "\n".join(lines)
 
 

@@ -155,7 +155,15 @@ class StateStore:
 
     # -- layouts and storage ---------------------------------------------------------------------
     def add_layout(self, key: Hashable, layout: StateLayout, device: torch.device | str = "cpu") -> None:
-        self._layouts[key] = (layout, torch.device(device))
+        """Set the layout of ``key``; a key captured again with another layout loses its tensors (the same
+        layout keeps them: a generation in progress goes on)."""
+        entry = (layout, torch.device(device))
+        if repr(self._layouts.get(key, entry)) != repr(entry):  # (repr: a NaN fill equals itself)
+            for states in self._storage.values():
+                states.pop(key, None)
+            self._bound.pop(key, None)
+            self._last_key = {c: k for c, k in self._last_key.items() if k != key}
+        self._layouts[key] = entry
 
     def layout(self, key: Hashable) -> StateLayout:
         return self._layouts[key][0]

@@ -31,6 +31,7 @@ from .errors import (
     without_partial_graphs,
 )
 from .graph import CapturedGraph, named_leaves, strip_export_wrappers
+from .hooks import traceable_hooks
 from .static import StaticEvaluation, reads_on_host
 
 logger = logging.getLogger("adacache_fx.capture")
@@ -62,6 +63,11 @@ def capture(
     input-independent tensors eagerly from the start, ``static_scalars`` names int arguments to keep
     constant. The result says what was specialized, folded and traced: pass it to the next capture.
     """
+    with traceable_hooks(model):
+        return _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars)
+
+
+def _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars) -> CapturedGraph:
     exporter = _Exporter(model, args, kwargs, fold, static_scalars)
     static = [name for name in exporter.tensors if name in static_inputs]
     try:

@@ -1,16 +1,41 @@
 """One-line use with diffusers pipelines: ``adacache_fx.enable(pipe)`` / ``adacache_fx.disable(pipe)``.
 
-Imports nothing from diffusers: a pipeline is used through its ``transformer`` and ``scheduler``.
+Imports nothing from diffusers: a pipeline is used through its components (the denoisers: ``transformer``,
+``transformer_2``, ...), its ``scheduler`` and its ``config``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
+from torch import nn
+
 from ..api import cached_model, transform
-from ..module import CachedModel
+from ..module import CachedModel, _user_stacklevel
 from ..policies import AdaCacheConfig
+from ..state import Report
+
+
+def denoisers(pipe) -> dict[str, nn.Module]:
+    """The pipeline's denoiser components, by name: the ``nn.Module`` components named ``transformer*``
+    (``pipe.components``; a plain object's ``transformer`` attribute otherwise)."""
+    components = getattr(pipe, "components", None)
+    if not isinstance(components, dict):
+        components = {"transformer": getattr(pipe, "transformer", None)}
+    return {name: module for name, module in components.items()
+            if name.startswith("transformer") and isinstance(module, nn.Module)}
+
+
+def boundary_timestep(pipe) -> float | None:
+    """The timestep where a two-expert pipeline switches from ``transformer`` to ``transformer_2``:
+    ``config.boundary_ratio * scheduler.config.num_train_timesteps`` (diffusers' Wan2.2 pipelines route
+    ``t >= boundary`` to ``transformer``, the rest to ``transformer_2``), or None without a ``boundary_ratio``."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None:
+        return None
+    return float(ratio) * pipe.scheduler.config.num_train_timesteps
 
 
 class GenerationFollower:
@@ -20,14 +45,22 @@ class GenerationFollower:
     diffusers pipeline calls it once before its loop, whether or not the scheduler has a ``step_index``)
     and a scheduler replaced since the last call. The pipeline's ``cache_context(..., step_index=0,
     num_inference_steps=N)`` calls are followed by :meth:`CachedModel.cache_context` itself. N is the
-    number of transformer calls per cache context: the scheduler's timesteps from its ``begin_index``
-    (img2img pipelines start later), else the pipeline's ``num_timesteps``.
+    number of calls a denoiser gets per cache context: the scheduler's timesteps from its ``begin_index``
+    (img2img pipelines start later), else the pipeline's ``num_timesteps``; with two experts split at a
+    boundary timestep (:func:`boundary_timestep`), those on each side of it.
+
+    One follower serves every denoiser of a pipeline (``names``: model id -> component name); a model it
+    does not know is the pipeline's only denoiser.
     """
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, names: dict[int, str] | None = None):
         self.pipe = pipe
+        self.names = dict(names or {})
         self.scheduler = None  # the scheduler whose set_timesteps is wrapped
-        self.pending = False  # set_timesteps was called: the next transformer call starts a generation
+        self.generation = 0  # counts set_timesteps calls (and scheduler swaps)
+        self.started: dict[str | None, int] = {}  # denoiser -> the generation it last started
+        self.calls: dict[tuple[str | None, str], int] = {}  # (denoiser, context) -> calls in this generation
+        self.steps: dict[str | None, int] = {}  # denoiser -> its N in this generation
         self.warned: set[str] = set()
         self.watch(pipe.scheduler)
 
@@ -42,7 +75,7 @@ class GenerationFollower:
         @functools.wraps(original)  # keeps the signature diffusers inspects (timesteps=, sigmas=)
         def set_timesteps(*args, **kwargs):
             result = original(*args, **kwargs)
-            self.pending = True
+            self.generation += 1
             return result
 
         set_timesteps.adacache_follower = self
@@ -54,57 +87,144 @@ class GenerationFollower:
             del scheduler.set_timesteps
         self.scheduler = None
 
-    def num_steps(self) -> int | None:
+    def num_steps(self, name: str | None = None) -> int | None:
+        """N of denoiser ``name`` in the generation the scheduler set up."""
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
             return getattr(self.pipe, "num_timesteps", None)
-        return len(timesteps) - (getattr(self.pipe.scheduler, "begin_index", None) or 0)
+        timesteps = timesteps[getattr(self.pipe.scheduler, "begin_index", None) or 0:]
+        boundary = boundary_timestep(self.pipe) if name is not None else None
+        if boundary is None:
+            return len(timesteps)
+        high = int((timesteps >= boundary).sum())
+        return high if name == "transformer" else len(timesteps) - high
+
+    def in_generation(self, name: str) -> bool:
+        """Whether denoiser ``name`` ran in the pipeline's latest generation."""
+        return self.started.get(name) == self.generation
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=_user_stacklevel())
 
     def __call__(self, model: CachedModel, args: tuple, kwargs: dict) -> None:
+        name = self.names.get(id(model))
         scheduler = self.pipe.scheduler
-        starts = self.pending or model.num_steps is None
         if scheduler is not self.scheduler:  # replaced since enable() or since the last call
             self.watch(scheduler)
-            starts = True
+            self.generation += 1
         if self.scheduler_unwatched():
-            name = type(scheduler).__name__
-            self.warn_once(name, (
-                f"adacache_fx.enable cannot tell where a generation starts with {name} (it has no "
+            scheduler_name = type(scheduler).__name__
+            self.warn_once(scheduler_name, (
+                f"adacache_fx.enable cannot tell where a generation starts with {scheduler_name} (it has no "
                 "set_timesteps): a generation ends after N calls in each cache context; call "
                 "adacache_fx.reset(pipe.transformer) before a generation that follows an interrupted one"
             ))
-        if not starts:
-            return
-        self.pending = False
-        n = self.num_steps()
+        if self.started.get(name, 0) != self.generation or model.num_steps is None:
+            self.start(name, model)
+        self.count(name, model)
+
+    def start(self, name: str | None, model: CachedModel) -> None:
+        self.started[name] = self.generation
+        self.calls = {k: v for k, v in self.calls.items() if k[0] != name}
+        n = self.num_steps(name)
         if n is None:
             return
+        self.steps[name] = n
         if n < 3:
+            who = f"{name}: " if len(self.names) > 1 else ""
             warnings.warn(
-                f"adacache_fx: {n} denoising step(s), fewer than 3: every step computes (nothing is cached)",
-                stacklevel=2,
+                f"adacache_fx: {who}{n} denoising step(s), fewer than 3: every step computes (nothing is cached)",
+                stacklevel=_user_stacklevel(),
             )
         model.reset()  # every context starts over, also after an interrupted generation
-        model.begin_generation(int(n))
+        model.begin_generation(max(int(n), 1))
+
+    def count(self, name: str | None, model: CachedModel) -> None:
+        """Say so (once) when a denoiser gets more calls in a context than the N it was given."""
+        key = (name, model.active_context)
+        calls = self.calls[key] = self.calls.get(key, 0) + 1
+        n = self.steps.get(name)
+        if n is not None and calls > n and len(self.names) > 1:
+            self.warn_once(f"calls:{name}", (
+                f"adacache_fx: {name} was called {calls} times in cache context {key[1]!r} of one generation, more "
+                f"than the {n} steps the pipeline's boundary_ratio gives it: its schedule restarts and its report "
+                "covers the last steps only"
+            ))
 
     def scheduler_unwatched(self) -> bool:
         return getattr(vars(self.scheduler).get("set_timesteps"), "adacache_follower", None) is not self
 
 
+def component_methods(pipe) -> list[str]:
+    """The pipeline's public methods that act on its components by type: those its classes from
+    ``diffusers.loaders`` define (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``unload_lora_weights``...) and those that install or remove hooks (``enable_model_cpu_offload``,
+    ``enable_group_offload``, ``maybe_free_model_hooks``, ``remove_all_hooks``, ``reset_device_map``...)."""
+    names = []
+    for cls in type(pipe).__mro__:
+        loaders = cls.__module__.startswith("diffusers.loaders")
+        for name, value in vars(cls).items():
+            if name.startswith("_") or not callable(value) or isinstance(value, (classmethod, staticmethod)):
+                continue
+            if loaders or "offload" in name or name.endswith(("hooks", "device_map")):
+                names.append(name)
+    return sorted(set(names))
+
+
+@contextlib.contextmanager
+def original_denoisers(pipe):
+    """The pipeline's original denoisers in place of the transformed ones for the duration of the block.
+    diffusers' loader methods act on components that are ``ModelMixin`` instances and skip the others; its
+    offloading methods put their hooks on the models themselves."""
+    found = enabled_denoisers(pipe)
+    for name, cached in found.items():
+        pipe.__dict__[name] = cached.model
+    try:
+        yield
+    finally:
+        for name, cached in found.items():
+            pipe.__dict__[name] = cached
+
+
+def wrap_component_methods(pipe) -> None:
+    """Make the pipeline's methods that act on components (see :func:`component_methods`) act on the original
+    denoisers: the transformed ones see an adapter change on their next call (:mod:`adacache_fx.adapters`)
+    and run a model-level offload hook themselves (:mod:`adacache_fx.capture.hooks`)."""
+    for name in component_methods(pipe):
+        original = getattr(pipe, name)
+
+        @functools.wraps(original)
+        def call(*args, _original=original, **kwargs):
+            with original_denoisers(pipe):
+                return _original(*args, **kwargs)
+
+        call.adacache_loader = True
+        pipe.__dict__[name] = call
+
+
+def unwrap_component_methods(pipe) -> None:
+    for name, value in list(vars(pipe).items()):
+        if getattr(value, "adacache_loader", False):
+            del pipe.__dict__[name]
+
+
 def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
-    """Transform ``pipe.transformer`` with AdaCache and follow the pipeline's generations.
+    """Transform the pipeline's denoisers with AdaCache and follow the pipeline's generations.
 
     Every pipeline call starts a new generation in every cache context, with N the number of
     timesteps the scheduler set (``num_inference_steps`` for most schedulers), whatever the scheduler.
     Classifier-free guidance: pipelines that run the two halves as separate calls under
     ``cache_context("cond")`` / ``("uncond")`` get a state (and decisions) per half; a batched call
     (``cache_context("cond_uncond")``) shares one. Fewer than 3 steps: every step computes, with a
-    warning. Returns the transformed transformer.
+    warning. Two experts split by ``config.boundary_ratio`` (Wan2.2 A14B: ``transformer`` and
+    ``transformer_2``): each is transformed, with its own state, contexts and N (its share of the
+    timesteps). Several denoisers without a known split: ``transformer`` only, with a warning.
+    The pipeline's LoRA and offloading methods (``load_lora_weights``, ``set_adapters``, ``fuse_lora``,
+    ``enable_model_cpu_offload``...) act on the original denoisers; the transformed ones capture again when
+    the adapters changed, and run a model-level offload hook before each call.
+    Returns the transformed ``transformer`` (``adacache_fx.report(pipe)`` reads every denoiser).
 
     >>> import torch, adacache_fx
     >>> from adacache_fx.tools.fixtures import tiny_wan_pipeline  # a stock WanPipeline, tiny and random
@@ -119,29 +239,78 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     (12, True)
     >>> adacache_fx.disable(pipe)
     """
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
+    found = denoisers(pipe)
+    if not found:
         raise ValueError(f"{type(pipe).__name__} has no `transformer` to cache")
-    if isinstance(getattr(transformer, "_orig_mod", transformer), CachedModel):
+    if any(isinstance(getattr(m, "_orig_mod", m), CachedModel) for m in found.values()):
         raise ValueError("AdaCache is already enabled on this pipeline; call adacache_fx.disable(pipe) first")
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None or not hasattr(scheduler, "timesteps"):
         raise ValueError(f"{type(pipe).__name__} has no scheduler with timesteps to take N from")
-    cached = transform(transformer, config)
-    follower = GenerationFollower(pipe)
-    cached._adacache_follower = (follower, cached.register_prepare_hook(follower))
-    pipe.transformer = cached
-    return cached
+    split = len(found) > 1 and boundary_timestep(pipe) is not None and set(found) <= {"transformer", "transformer_2"}
+    if len(found) > 1 and not split:
+        kept = "transformer" if "transformer" in found else next(iter(found))
+        others = ", ".join(name for name in found if name != kept)
+        warnings.warn(
+            f"adacache_fx.enable: {type(pipe).__name__} has several denoisers ({', '.join(found)}) and no "
+            f"boundary_ratio in its config to tell which steps each runs: only `{kept}` is cached (N = all the "
+            f"scheduler's timesteps); {others} run uncached. Transform them yourself with adacache_fx.transform "
+            "and set N with adacache_fx.reset(model, num_steps=N)",
+            stacklevel=2,
+        )
+        found = {kept: found[kept]}
+    cached = {name: transform(module, config) for name, module in found.items()}
+    follower = GenerationFollower(pipe, {id(model): name for name, model in cached.items()} if split else None)
+    for name, model in cached.items():
+        model._adacache_follower = (follower, model.register_prepare_hook(follower))
+        if split:  # the pipeline's cache_context(num_inference_steps=all steps) is not this expert's N
+            model.loop_info_sets_steps = False
+        setattr(pipe, name, model)
+    wrap_component_methods(pipe)
+    return cached.get("transformer", next(iter(cached.values())))
+
+
+def enabled_denoisers(pipe) -> dict[str, CachedModel]:
+    """The pipeline's transformed denoisers, by component name."""
+    found = {}
+    for name, module in denoisers(pipe).items():
+        try:
+            found[name] = cached_model(module)
+        except TypeError:
+            continue
+    return found
+
+
+def pipeline_report(pipe, context: str | None = None) -> dict:
+    """The reports of every denoiser that ran in the pipeline's latest generation: ``{name: {context:
+    Report}}`` over the contexts it used, or ``{name: Report}`` of one ``context``."""
+    found = enabled_denoisers(pipe)
+    if not found:
+        raise ValueError("AdaCache is not enabled on this pipeline")
+    reports: dict[str, dict[str, Report] | Report] = {}
+    for name, model in found.items():
+        follower = model.__dict__.get("_adacache_follower", (None,))[0]
+        if follower is not None and len(follower.names) > 1 and not follower.in_generation(name):
+            continue  # this expert got no step in the latest generation: its records are older
+        if not model.generation_contexts:
+            continue
+        if context is None:
+            reports[name] = {c: model.report(c) for c in model.generation_contexts}
+        elif context in model.generation_contexts:
+            reports[name] = model.report(context)
+    return reports
 
 
 def disable(pipe) -> None:
-    """Restore the pipeline's original transformer and scheduler (every wrapping undone)."""
-    try:
-        inner = cached_model(getattr(pipe, "transformer", None))
-    except TypeError:
-        raise ValueError("AdaCache is not enabled on this pipeline") from None
-    follower, handle = inner.__dict__.pop("_adacache_follower", (None, None))
-    if follower is not None:
-        handle.remove()
-        follower.unwatch()
-    pipe.transformer = inner.model
+    """Restore the pipeline's original denoisers and scheduler (every wrapping undone)."""
+    found = enabled_denoisers(pipe)
+    if not found:
+        raise ValueError("AdaCache is not enabled on this pipeline")
+    unwrap_component_methods(pipe)
+    for name, inner in found.items():
+        follower, handle = inner.__dict__.pop("_adacache_follower", (None, None))
+        if follower is not None:
+            handle.remove()
+            follower.unwatch()
+        inner.__dict__.pop("loop_info_sets_steps", None)
+        setattr(pipe, name, inner.model)
