@@ -15,7 +15,7 @@ from torch import nn
 from ..api import cached_model, transform
 from ..module import CachedModel, _user_stacklevel
 from ..policies import AdaCacheConfig
-from ..state import Report
+from ..report import Report
 
 
 def denoisers(pipe) -> dict[str, nn.Module]:
