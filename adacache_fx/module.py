@@ -164,15 +164,12 @@ class CachedModel(nn.Module):
         # Copies and pickles leave the captured programs behind (fx cannot pickle a graph holding
         # torch.cond: it re-traces the generated code) and capture again on their first call. The state
         # travels: a generation in progress goes on where it was.
-        # A copy does not follow the pipeline the original was enabled on (``enable(pipe)``): it would drag
-        # the pipeline along, and that pipeline's scheduler still reports to the original.
+        # Prepare hooks registered with ``copied=False`` stay behind (an integration's: ``enable(pipe)``'s
+        # would drag the pipeline along, and that pipeline's scheduler still reports to the original).
         state = super().__getstate__()
-        state.update(_programs={}, _current=None)
-        follower = state.pop("_adacache_follower", None)
-        if follower is not None:
-            state["_prepare_hooks"] = OrderedDict(
-                (key, hook) for key, hook in self._prepare_hooks.items() if key != follower[1].id
-            )
+        uncopied = self.__dict__.get("_uncopied_hooks", set())
+        state.update(_programs={}, _current=None, _uncopied_hooks=set(), _prepare_hooks=OrderedDict(
+            (key, hook) for key, hook in self._prepare_hooks.items() if key not in uncopied))
         return state
 
     def _apply(self, fn, recurse=True):
@@ -269,11 +266,15 @@ class CachedModel(nn.Module):
             )
 
     # -- hooks ------------------------------------------------------------------------------------
-    def register_prepare_hook(self, hook: Callable[[CachedModel, tuple, dict], None]) -> RemovableHandle:
+    def register_prepare_hook(self, hook: Callable[[CachedModel, tuple, dict], None], *,
+                              copied: bool = True) -> RemovableHandle:
         """Call ``hook(model, args, kwargs)`` eagerly before each call is prepared (also under
-        ``torch.compile``, outside the compiled region). Returns a handle with ``remove()``."""
+        ``torch.compile``, outside the compiled region). ``copied=False``: a copy or a pickle of the model
+        leaves the hook behind. Returns a handle with ``remove()``."""
         handle = RemovableHandle(self._prepare_hooks)
         self._prepare_hooks[handle.id] = hook
+        if not copied:
+            self.__dict__.setdefault("_uncopied_hooks", set()).add(handle.id)
         return handle
 
     def register_program_hook(self, hook: Callable[[Program], None]) -> RemovableHandle:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import adacache_fx as ax
+from adacache_fx.integrations.diffusers import _FOLLOWERS
 from adacache_fx.tools.fixtures import tiny_wan_pipeline
 
 diffusers = pytest.importorskip("diffusers")
@@ -128,7 +129,7 @@ def test_several_denoisers_without_a_split_name_them_in_one_warning():
 def test_an_expert_called_more_often_than_its_share_is_named():
     pipe = expert_pipe()
     ax.enable(pipe)
-    follower = pipe.transformer._adacache_follower[0]
+    follower = _FOLLOWERS[pipe.transformer][0]
     follower.num_steps = lambda name=None: 4 if name == "transformer" else 16  # a wrong split (10 + 10 real)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import adacache_fx as ax
+from adacache_fx.integrations.diffusers import _FOLLOWERS
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the pipelines' modules import it
@@ -293,7 +294,7 @@ def test_disable_undoes_every_wrapping():
     cached = ax.enable(pipe)
     assert "set_timesteps" in vars(scheduler) and pipe.transformer is cached
     swapped = pipe.scheduler = _scheduler("dpmsolver")
-    cached._adacache_follower[0].watch(swapped)  # what the next call does on seeing the swap
+    _FOLLOWERS[cached][0].watch(swapped)  # what the next call does on seeing the swap
     assert "set_timesteps" in vars(swapped) and "set_timesteps" not in vars(scheduler)
     ax.disable(pipe)
     assert pipe.transformer is transformer and "set_timesteps" not in vars(swapped)

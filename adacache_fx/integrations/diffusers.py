@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+import weakref
 
 from torch import nn
 
@@ -37,6 +38,11 @@ def boundary_timestep(pipe) -> float | None:
         return None
     return float(ratio) * pipe.scheduler.config.num_train_timesteps
 
+
+
+#: The generation follower of each model ``enable`` transformed, with its hook's handle: the integration's
+#: own state (the model holds only the hook, which its copies leave behind).
+_FOLLOWERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class GenerationFollower:
     """A prepare hook that starts a new generation (in every cache context) when the pipeline starts one.
@@ -262,7 +268,7 @@ def enable(pipe, config: AdaCacheConfig | None = None) -> CachedModel:
     cached = {name: transform(module, config) for name, module in found.items()}
     follower = GenerationFollower(pipe, {id(model): name for name, model in cached.items()} if split else None)
     for name, model in cached.items():
-        model._adacache_follower = (follower, model.register_prepare_hook(follower))
+        _FOLLOWERS[model] = (follower, model.register_prepare_hook(follower, copied=False))
         if split:  # the pipeline's cache_context(num_inference_steps=all steps) is not this expert's N
             model.loop_info_sets_steps = False
         setattr(pipe, name, model)
@@ -289,7 +295,7 @@ def pipeline_report(pipe, context: str | None = None) -> dict:
         raise ValueError("AdaCache is not enabled on this pipeline")
     reports: dict[str, dict[str, Report] | Report] = {}
     for name, model in found.items():
-        follower = model.__dict__.get("_adacache_follower", (None,))[0]
+        follower = _FOLLOWERS.get(model, (None,))[0]
         if follower is not None and len(follower.names) > 1 and not follower.in_generation(name):
             continue  # this expert got no step in the latest generation: its records are older
         if not model.generation_contexts:
@@ -308,7 +314,7 @@ def disable(pipe) -> None:
         raise ValueError("AdaCache is not enabled on this pipeline")
     unwrap_component_methods(pipe)
     for name, inner in found.items():
-        follower, handle = inner.__dict__.pop("_adacache_follower", (None, None))
+        follower, handle = _FOLLOWERS.pop(inner, (None, None))
         if follower is not None:
             handle.remove()
             follower.unwatch()
