@@ -137,3 +137,14 @@ def assert_compiled_and_exported(cached, make_inputs, num_steps, eager, expected
     exported = [first_tensor(runner(**make_inputs(s))) for s in range(num_steps)]
     assert runner.report().computed_steps == expected
     assert max_diff(exported, eager) < 1e-4
+
+
+def counted_compile(model):
+    """``(torch.compile(model, fullgraph=True), counter)`` after resetting Dynamo and its counters; the
+    counter's ``frame_count`` is the number of graphs, ``torch._dynamo.utils.counters["graph_break"]`` the breaks."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch.compile(model, backend=counter, fullgraph=True), counter

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import counted_compile
 
 import adacache_fx as ax
 from adacache_fx.tools.fixtures import build, tiny_wan_pipeline
@@ -40,17 +41,13 @@ def test_layerwise_casting_is_exact_and_keeps_the_stored_dtype(storage, compute)
 
 
 def test_layerwise_casting_compiles_as_one_graph_without_breaks():
-    import torch._dynamo.testing
-
     model, make_inputs = build("wan", num_layers=2)
     model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     config = ax.AdaCacheConfig(num_steps=N, codebook={10.0: 3})
     eager = generation(ax.transform(model, config), make_inputs)
     cached = ax.transform(model, config)
-    counter = torch._dynamo.testing.CompileCounter()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    got = generation(torch.compile(cached, backend=counter, fullgraph=True), make_inputs)
+    compiled, counter = counted_compile(cached)
+    got = generation(compiled, make_inputs)
     assert counter.frame_count == 1 and dict(torch._dynamo.utils.counters["graph_break"]) == {}
     assert float((got - eager).abs().max()) == 0.0 and len(ax.report(cached).computed_steps) < N
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
+from helpers import counted_compile
 
 import adacache_fx as ax
 from adacache_fx.tools.fixtures import build
@@ -56,10 +57,7 @@ def test_int8_weight_only_compiles_as_one_graph_without_breaks():
     config = ax.AdaCacheConfig(num_steps=N, codebook={10.0: 3})
     eager = generation(ax.transform(model, config), make_inputs)
     cached = ax.transform(model, config)
-    counter = torch._dynamo.testing.CompileCounter()
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(cached, backend=counter, fullgraph=True)
+    compiled, counter = counted_compile(cached)
     got = generation(compiled, make_inputs)
     assert counter.frame_count == 1
     assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
