@@ -71,7 +71,7 @@ EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_sl
 #: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
 HYPER = (
     "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
-    "init",
+    "init", "family",
 )  # fmt: skip
 
 
@@ -90,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export", action="store_true", help="after training, write the shipped weights")
     p.add_argument("--export-only", action="store_true", help="export from --resume without training")
     p.add_argument("--export-dir", type=Path, default=ref.WEIGHTS_DIR, help="where --export writes")
+    p.add_argument("--family", choices=("wan", "hunyuan"), default=None,
+                   help="transformer class (default wan; hunyuan adds the pooled caption to the modulation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 10%%")
@@ -187,13 +189,13 @@ def sample(transformer, caption_encoder, captions: list, num_steps: int, guidanc
     device = next(transformer.parameters()).device
     use_cfg = guidance_scale != 1.0
     texts = [c.text if isinstance(c, ref.Caption) else c for c in captions]
-    text = caption_encoder.encode(texts + [""] * len(texts) if use_cfg else texts).to(device)
+    text = caption_encoder.encode_conditioning(texts + [""] * len(texts) if use_cfg else texts)
     shape = (len(captions), ref.data.CHANNELS, ref.data.NUM_FRAMES, ref.data.HEIGHT, ref.data.WIDTH)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
     def velocity(x, sigma, _):
         batch = torch.cat([x, x]) if use_cfg else x
-        v = transformer(batch, torch.full((batch.shape[0],), float(sigma) * 1000.0, device=device), text,
+        v = transformer(batch, torch.full((batch.shape[0],), float(sigma) * 1000.0, device=device), **text,
                         return_dict=False)[0]
         if not use_cfg:
             return v
@@ -235,7 +237,7 @@ class Run:
     def __init__(self, hyper: dict) -> None:
         self.hyper = hyper
         torch.manual_seed(hyper["seed"])
-        self.transformer, self.encoder = ref.build_reference_model()
+        self.transformer, self.encoder = ref.build_reference_model(hyper.get("family") or "wan")
         self.init_info: dict = {}
         if hyper["init"]:
             t_init, e_init = ref.load_reference_model(hyper["init"])
@@ -317,8 +319,8 @@ class Run:
         t = sample_t(h["batch_size"], h["t_shift"], self.gen)
         tb = t.view(-1, 1, 1, 1, 1)
         x_t = (1 - tb) * clips + tb * noise
-        context = self.encoder(ref.encode_captions(texts))
-        pred = self.transformer(x_t, t * 1000.0, context, return_dict=False)[0]
+        context = self.encoder.conditioning(ref.encode_captions(texts))
+        pred = self.transformer(x_t, t * 1000.0, **context, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - clips)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -484,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
         run = Run.from_checkpoint(args.resume, args.steps)
         print(f"resumed from {args.resume} at step {run.step} (loss EMA {run.ema_loss:.4f})", flush=True)
     else:
-        hyper = {k: getattr(args, k) for k in HYPER} | {"steps": args.steps or 4500}
+        hyper = {k: getattr(args, k) for k in HYPER} | {"steps": args.steps or 4500, "family": args.family or "wan"}
         run = Run(hyper)
     if args.export_only:
         export(run, args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from collections import Counter
 
 import numpy as np
@@ -213,3 +214,33 @@ def test_reference_model_runs_and_round_trips_through_safetensors(tmp_path):
     assert 0.0 <= frames.min() <= frames.max() <= 1.0
     with pytest.raises(FileNotFoundError):
         load_reference_model(tmp_path / "missing")
+
+
+def test_hunyuan_family_takes_the_pooled_caption_and_round_trips(tmp_path):
+    from adacache_fx.tools.reference import build_reference_model, load_reference_model, save_reference_model
+
+    torch.manual_seed(0)
+    transformer, encoder = build_reference_model("hunyuan")
+    assert type(transformer).__name__ == "HunyuanVideoTransformer3DModel"
+    cond = encoder.encode_conditioning(["a large red circle moving left fast", ""])
+    assert cond["pooled_projections"].shape == (2, 64)
+    assert torch.count_nonzero(cond["pooled_projections"][1]) == 0  # empty caption: zero pooled vector
+    assert cond["encoder_attention_mask"].tolist() == [[1.0] * 7 + [0.0], [1.0] + [0.0] * 7]  # 7 words
+    x = torch.randn(2, 3, 8, 32, 32)
+    t = torch.tensor([500.0, 20.5])
+    with torch.no_grad():
+        out = transformer(x, t, **cond, return_dict=False)[0]
+        # the pooled path alone changes the output: same tokens, another pooled vector
+        swapped = cond | {"pooled_projections": cond["pooled_projections"].flip(0)}
+        out_swapped = transformer(x, t, **swapped, return_dict=False)[0]
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert (out - out_swapped).abs().max() > 1e-4
+    save_reference_model(transformer, encoder, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["family"] == "hunyuan"
+    transformer2, encoder2 = load_reference_model(tmp_path)
+    with torch.no_grad():
+        out2 = transformer2(x, t, **encoder2.encode_conditioning(["a large red circle moving left fast", ""]),
+                            return_dict=False)[0]
+    assert torch.equal(out2, out)
+    with pytest.raises(ValueError, match="unknown reference family"):
+        build_reference_model("flux")

@@ -1,4 +1,9 @@
-"""The reference model: a tiny pixel-space Wan transformer plus a learned caption encoder.
+"""The reference model: a tiny pixel-space video transformer plus a learned caption encoder.
+
+Two families share the data, the caption encoder and the checks: ``"wan"`` (``WanTransformer3DModel``, the
+caption reaches the model through cross-attention only; the bundled default) and ``"hunyuan"``
+(``HunyuanVideoTransformer3DModel``, which also adds a pooled caption embedding to the timestep embedding,
+so the caption modulates every block as DiT's class label does).
 
 Weights live in ``adacache_fx/tools/reference/weights/`` as safetensors (``transformer.safetensors``,
 ``caption_encoder.safetensors``) next to a ``config.json``; they are written by
@@ -11,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -40,20 +45,57 @@ REFERENCE_CONFIG: dict = {
     "rope_max_seq_len": 64,
 }
 
+#: ``HunyuanVideoTransformer3DModel`` kwargs for the same clip: 4x4 patches, width 128 (2 heads x 64), two
+#: dual-stream and four single-stream blocks, one token-refiner block. RoPE axes (16, 24, 24) sum to the
+#: head dim. The pooled caption (``pooled_projections``) is added to the timestep embedding.
+HUNYUAN_REFERENCE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_attention_heads": 2,
+    "attention_head_dim": 64,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "num_refiner_layers": 1,
+    "mlp_ratio": 4.0,
+    "patch_size": 4,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": False,
+    "text_embed_dim": 64,
+    "pooled_projection_dim": 64,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (16, 24, 24),
+}
+
 CAPTION_ENCODER_CONFIG: dict = {"vocab_size": len(VOCAB), "dim": 64, "max_len": MAX_CAPTION_LEN}
+
+#: family -> (transformer class, transformer kwargs, caption encoder kwargs)
+FAMILIES: dict[str, tuple[type, dict, dict]] = {
+    "wan": (WanTransformer3DModel, REFERENCE_CONFIG, CAPTION_ENCODER_CONFIG),
+    "hunyuan": (HunyuanVideoTransformer3DModel, HUNYUAN_REFERENCE_CONFIG, CAPTION_ENCODER_CONFIG | {"pooled_dim": 64}),
+}
 
 
 class CaptionEncoder(nn.Module):
     """Token + learned position embeddings: ``LongTensor[B, L] -> [B, L, dim]``.
 
     Padding positions (token 0) are zeroed, like the zero-padded T5 states Wan is trained with, so the empty
-    caption (the classifier-free-guidance input) maps to all zeros.
+    caption (the classifier-free-guidance input) maps to all zeros. With ``pooled_dim`` it also has a
+    bag-of-words embedding (the mean of per-word vectors, zero for the empty caption) for models that take a
+    pooled caption (``pooled_projections``), the role CLIP's pooled output plays in HunyuanVideo.
     """
 
-    def __init__(self, vocab_size: int = len(VOCAB), dim: int = 64, max_len: int = MAX_CAPTION_LEN) -> None:
+    def __init__(
+        self,
+        vocab_size: int = len(VOCAB),
+        dim: int = 64,
+        max_len: int = MAX_CAPTION_LEN,
+        pooled_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.token_embedding = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.position_embedding = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.pooled_embedding = nn.Embedding(vocab_size, pooled_dim, padding_idx=0) if pooled_dim else None
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.token_embedding(token_ids) + self.position_embedding[: token_ids.shape[1]]
@@ -63,19 +105,41 @@ class CaptionEncoder(nn.Module):
         """Tokenise and embed caption strings on this module's device."""
         return self(encode_captions(texts).to(self.position_embedding.device))
 
+    def conditioning(self, token_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The transformer's caption keyword arguments: ``encoder_hidden_states``, and with a pooled
+        embedding also ``encoder_attention_mask`` (real tokens, plus position 0 so that the empty caption
+        keeps one zero token) and ``pooled_projections``."""
+        kwargs = {"encoder_hidden_states": self(token_ids)}
+        if self.pooled_embedding is not None:
+            real = (token_ids != 0).unsqueeze(-1)
+            count = real.sum(1).clamp(min=1)
+            kwargs["pooled_projections"] = (self.pooled_embedding(token_ids) * real).sum(1) / count
+            mask = token_ids != 0
+            mask[:, 0] = True
+            kwargs["encoder_attention_mask"] = mask.to(kwargs["encoder_hidden_states"].dtype)
+        return kwargs
 
-def build_reference_model() -> tuple[WanTransformer3DModel, CaptionEncoder]:
-    """Freshly initialised ``(transformer, caption_encoder)``."""
-    return WanTransformer3DModel(**REFERENCE_CONFIG), CaptionEncoder(**CAPTION_ENCODER_CONFIG)
+    def encode_conditioning(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """:meth:`conditioning` of caption strings, on this module's device."""
+        return self.conditioning(encode_captions(texts).to(self.position_embedding.device))
 
 
-def _json_config() -> dict:
-    transformer = {k: list(v) if isinstance(v, tuple) else v for k, v in REFERENCE_CONFIG.items()}
-    return {"transformer": transformer, "caption_encoder": CAPTION_ENCODER_CONFIG, "vocab": list(VOCAB)}
+def build_reference_model(family: str = "wan") -> tuple[nn.Module, CaptionEncoder]:
+    """Freshly initialised ``(transformer, caption_encoder)`` of a family in :data:`FAMILIES`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown reference family {family!r}; expected one of {sorted(FAMILIES)}")
+    cls, t_cfg, e_cfg = FAMILIES[family]
+    return cls(**t_cfg), CaptionEncoder(**e_cfg)
+
+
+def _json_config(family: str) -> dict:
+    _, t_cfg, e_cfg = FAMILIES[family]
+    transformer = {k: list(v) if isinstance(v, tuple) else v for k, v in t_cfg.items()}
+    return {"family": family, "transformer": transformer, "caption_encoder": e_cfg, "vocab": list(VOCAB)}
 
 
 def save_reference_model(
-    transformer: WanTransformer3DModel,
+    transformer: nn.Module,
     caption_encoder: CaptionEncoder,
     path: str | Path | None = None,
     extra_config: dict | None = None,
@@ -87,14 +151,15 @@ def save_reference_model(
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(folder / name), metadata={"format": "pt"})
         (folder / name).chmod(0o644)  # safetensors creates files owner-only
-    config = _json_config() | (extra_config or {})
+    family = next(f for f, (cls, _, _) in FAMILIES.items() if isinstance(transformer, cls))
+    config = _json_config(family) | (extra_config or {})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
 
 def load_reference_model(
     path: str | Path | None = None, device: str | torch.device = "cpu"
-) -> tuple[WanTransformer3DModel, CaptionEncoder]:
+) -> tuple[nn.Module, CaptionEncoder]:
     """Load ``(transformer, caption_encoder)`` in eval mode from safetensors (default: package weights)."""
     folder = Path(path) if path is not None else WEIGHTS_DIR
     missing = [n for n in (CONFIG_FILE, TRANSFORMER_FILE, CAPTION_ENCODER_FILE) if not (folder / n).is_file()]
@@ -104,11 +169,11 @@ def load_reference_model(
             "(train and export them with examples/train_reference.py --export)"
         )
     config = json.loads((folder / CONFIG_FILE).read_text())
-    t_cfg = dict(config["transformer"])
-    t_cfg["patch_size"] = tuple(t_cfg["patch_size"])
+    family = config.get("family", "wan")
+    t_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config["transformer"].items()}
     if list(config.get("vocab", VOCAB)) != list(VOCAB):
         raise ValueError("the saved caption vocabulary differs from adacache_fx.tools.reference.data.VOCAB")
-    transformer = WanTransformer3DModel(**t_cfg)
+    transformer = FAMILIES[family][0](**t_cfg)
     caption_encoder = CaptionEncoder(**config["caption_encoder"])
     transformer.load_state_dict(load_file(str(folder / TRANSFORMER_FILE)))
     caption_encoder.load_state_dict(load_file(str(folder / CAPTION_ENCODER_FILE)))

@@ -75,8 +75,8 @@ class ReferencePipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'pt' or 'np', got {output_type!r}")
         device = next(self.transformer.parameters()).device
         dtype = self.transformer.dtype
-        cond = self.caption_encoder.encode(prompts).to(device, dtype)
-        uncond = self.caption_encoder.encode([""] * len(prompts)).to(device, dtype)
+        cond = {k: v.to(device, dtype) for k, v in self.caption_encoder.encode_conditioning(prompts).items()}
+        uncond = {k: v.to(device, dtype) for k, v in self.caption_encoder.encode_conditioning([""] * len(prompts)).items()}
         shape = (len(prompts), CHANNELS, NUM_FRAMES, HEIGHT, WIDTH)
         if latents is None:
             latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
@@ -93,10 +93,10 @@ class ReferencePipeline(DiffusionPipeline):
                 x = latents.to(dtype)
                 timestep = t.expand(x.shape[0]).to(dtype)
                 with self.transformer.cache_context("cond", step_index=i, **loop):
-                    v = self.transformer(x, timestep, cond, return_dict=False)[0]
+                    v = self.transformer(x, timestep, **cond, return_dict=False)[0]
                 if guidance_scale != 1.0:
                     with self.transformer.cache_context("uncond", step_index=i, **loop):
-                        v_uncond = self.transformer(x, timestep, uncond, return_dict=False)[0]
+                        v_uncond = self.transformer(x, timestep, **uncond, return_dict=False)[0]
                     v = v_uncond + guidance_scale * (v - v_uncond)
                 latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
                 progress.update()
