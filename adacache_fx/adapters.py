@@ -5,7 +5,7 @@ scalings, whether they are merged or disabled, which adapter sub-modules exist) 
 tensors the model had, in their dtypes (a weight replaced since, e.g. by ``torchao.quantization.quantize_``,
 or cast by ``enable_layerwise_casting``, is not seen).
 Both are read here on the host (no tensor value is read): :class:`~adacache_fx.CachedModel` compares them
-before each call (:func:`fingerprint`: one walk over the modules, identities and plain values only) and
+before each call (:class:`ModelWatch` over :func:`fingerprint`: one walk over the modules, identities and plain values only) and
 captures again when they changed; the readable forms (:func:`adapter_fingerprint`, :func:`weight_types`)
 are built only when something changed, to say what. peft is imported only when the process already
 imported it.
@@ -143,3 +143,27 @@ def describe_change(old: Fingerprint, new: Fingerprint) -> str:
     fields = [_difference("adapters" if k == "lora_A" else k, before.get(k), after[k]) for k in keys]
     more = f" (and {len(changed) - 1} more layers)" if len(changed) > 1 else ""
     return f"{changed[0]}: {'; '.join(fields)}{more}"
+
+
+class ModelWatch:
+    """What a model's captured programs were captured with (:func:`fingerprint`), and what changed since.
+
+    :meth:`changed` compares the model now with the last look: None when nothing a capture bakes in
+    changed, else ``(what, why)``: ``"peft adapters"`` or ``"weights"``, and the readable difference.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._fingerprint = fingerprint(model)
+        self._described = adapter_fingerprint(model), weight_types(model)
+
+    def changed(self, model: nn.Module) -> tuple[str, str] | None:
+        current = fingerprint(model)
+        if current == self._fingerprint:
+            return None
+        described = adapter_fingerprint(model), weight_types(model)
+        if current[0] != self._fingerprint[0]:
+            change = "peft adapters", describe_change(self._described[0], described[0])
+        else:
+            change = "weights", describe_weights(self._described[1], described[1])
+        self._fingerprint, self._described = current, described
+        return change

@@ -11,10 +11,7 @@ part of the signature key.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
-import sys
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
@@ -27,7 +24,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .adapters import adapter_fingerprint, describe_change, describe_weights, fingerprint, weight_types
+from .adapters import ModelWatch
 from .capture import CapturedGraph, capture, fast_path_note, signature
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
@@ -36,6 +33,7 @@ from .parallel import check_same_call, context_parallel_group
 from .passes import PassError, RewriteResult, rewrite
 from .report import Report, read_report
 from .state import StateLayout, StateStore
+from .steps import StepCountCheck, always_computed, user_stacklevel
 
 logger = logging.getLogger("adacache_fx")
 
@@ -136,13 +134,12 @@ class CachedModel(nn.Module):
         self._fold_constants = False
         self._traced_scalars: tuple[str, ...] = ()  # int arguments that are symbolic inputs of the graphs
         self._static_scalars: tuple[str, ...] = ()  # int arguments the forward sizes or branches on
-        self._steps_checked: set[int] = set()  # the step counts whose schedule was checked for skips
+        self._check_steps = StepCountCheck(config)  # warns once per N that leaves nothing to skip
         # What the programs were captured with besides the inputs: adapters' state and parameters (compared
         # before each call), and their readable forms (to say what changed).
-        self._fingerprint = fingerprint(model)
-        self._described = adapter_fingerprint(model), weight_types(model)
+        self._watch = ModelWatch(model)
         self._captures = 0
-        self._check_step_count(config.num_steps)
+        self._check_steps(config.num_steps)
 
     # -- behave like the wrapped model ------------------------------------------------------------
     def __getattr__(self, name):
@@ -197,7 +194,7 @@ class CachedModel(nn.Module):
         previous = self._store.active
         if num_steps is not None:
             self._store.set_steps(name, num_steps)
-            self._check_step_count(num_steps)
+            self._check_steps(num_steps)
         self._store.switch(name)
         steps = loop_info.get("num_inference_steps")
         if loop_info.get("step_index") == 0 and steps is not None and self.loop_info_sets_steps:
@@ -237,33 +234,12 @@ class CachedModel(nn.Module):
         """Start a new generation in the active context on the next call (every context if N changes).
         With fewer than 3 steps (a pipeline may run 2) every step computes."""
         self._store.begin_generation(num_steps)
-        self._check_step_count(num_steps)
+        self._check_steps(num_steps)
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
         self._store.reset(num_steps)
-        self._check_step_count(num_steps)
-
-    def _check_step_count(self, num_steps: int | None) -> None:
-        """Warn once per N when the policy's forced steps cover all N steps (nothing can be skipped)."""
-        if num_steps is None or num_steps < 3 or num_steps in self._steps_checked:
-            return  # fewer than 3 steps: the caller warns (every step computes by design)
-        self._steps_checked.add(num_steps)
-        from .policies.replay import nothing_to_skip
-
-        try:
-            forced = nothing_to_skip(self.adacache_config, num_steps)
-        except Exception as error:  # noqa: BLE001 - a rule written for one run only cannot be replayed on many
-            logging.getLogger("adacache_fx").debug("few-step check skipped: %s cannot be replayed (%s: %s)",
-                                                   type(self.adacache_config).__name__, type(error).__name__, error)
-            return
-        if forced is not None:
-            warnings.warn(
-                f"adacache_fx: with {num_steps} steps, {type(self.adacache_config).__name__} computes every "
-                f"step even when nothing changes (steps {forced}: the first and last steps its rule always "
-                "computes), so nothing is cached; use more steps or a config that forces fewer",
-                stacklevel=_user_stacklevel(),
-            )
+        self._check_steps(num_steps)
 
     # -- hooks ------------------------------------------------------------------------------------
     def register_prepare_hook(self, hook: Callable[[CachedModel, tuple, dict], None], *,
@@ -323,19 +299,12 @@ class CachedModel(nn.Module):
         """Drop the programs when the model changed since they were captured in a way they cannot see: its
         peft adapters (set_adapters, a scale, disable/enable, fuse/unfuse, unload/delete) or its parameters
         replaced (quantize_, a new ``nn.Parameter``). The next call captures the model as it is now."""
-        current = fingerprint(self.model)
-        if current == self._fingerprint:
-            return
-        described = adapter_fingerprint(self.model), weight_types(self.model)
-        if self._programs:
-            adapters_changed = current[0] != self._fingerprint[0]
-            why = (describe_change(self._described[0], described[0]) if adapters_changed
-                   else describe_weights(self._described[1], described[1]))
+        change = self._watch.changed(self.model)
+        if change is not None and self._programs:
             logger.info("adacache_fx: the %s of %s changed since the capture (%s): capturing again",
-                        "peft adapters" if adapters_changed else "weights", type(self.model).__name__, why)
+                        change[0], type(self.model).__name__, change[1])
             self._programs.clear()
             self._current = None
-        self._fingerprint, self._described = current, described
 
     def _capture(self, key, args, kwargs) -> Program:
         group = context_parallel_group(self.model)  # None for one process
@@ -346,7 +315,7 @@ class CachedModel(nn.Module):
                            static_scalars=self._static_scalars)
         self._fold_constants = captured.folded
         if not self._programs and (note := fast_path_note(self.model)) is not None:
-            warnings.warn(f"adacache_fx: {note}", stacklevel=_user_stacklevel())
+            warnings.warn(f"adacache_fx: {note}", stacklevel=user_stacklevel())
         self._static_scalars = captured.static_scalars
         found = tuple(n for n in captured.static_inputs if n not in self._static_inputs)
         traced = tuple(n for n in captured.traced_scalars if n not in self._traced_scalars)
@@ -441,40 +410,11 @@ class CachedModel(nn.Module):
         """Per-step records of the current generation in ``context`` (a list, one per batch row, with
         ``batch_decisions="per_sample"``); reads the state on the host."""
         context = self._store.active if context is None else context
-        last = self._store.last(context)
-        if last is None:
-            raise RuntimeError(
-                f"no generation has run in cache context {context!r} yet (contexts with state: {self.contexts})"
-            )
-        if context not in self._store.generation_contexts:
-            raise RuntimeError(
-                f"cache context {context!r} was not used in the latest generation: its records are from an "
-                f"earlier one (contexts of the latest generation: {self.generation_contexts})"
-            )
-        key, state = last
+        key, state = self._store.latest(context)
         program = self._programs.get(key)
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")
-        report = read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites)
-        if isinstance(report, list):  # per-sample decisions: a report per batch row
-            always = self._always_computed(report[0].num_steps)
-            return [dataclasses.replace(r, always_computed=always) for r in report]
-        return dataclasses.replace(report, always_computed=self._always_computed(report.num_steps))
-
-    def _always_computed(self, num_steps: int) -> tuple[int, ...] | None:
-        from .policies.replay import fewest_computed
-
-        try:
-            return tuple(fewest_computed(self.adacache_config, num_steps))
-        except Exception:  # noqa: BLE001 - a rule that cannot be replayed (at this N, or on many runs)
-            return None
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning raised here that points at the first caller outside adacache_fx."""
-    package = os.path.dirname(os.path.abspath(__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
+        always = always_computed(self.adacache_config, int(state["num_steps"]))
+        return read_report(state, program.layout, context, program.rewrite.regions, program.rewrite.metric_sites,
+                           always_computed=always)

@@ -94,15 +94,17 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def read_report(state: dict[str, torch.Tensor], layout: StateLayout, context: str, regions: list[str],
-                metric_sites: list[str]) -> Report | list[Report]:
+                metric_sites: list[str], always_computed: tuple[int, ...] | None = None) -> Report | list[Report]:
     """Read a state's history on the host (after a generation, never inside one); its columns are
     named by the layout's history spec (the policy's ``history_columns``). With per-sample decisions,
-    one report per batch row."""
+    one report per batch row. ``always_computed``: the steps the rule computes whatever the video."""
     spec = layout.spec("history")
     if spec.batch is not None:  # each row's share of the cache memory, and its index
         return [replace(_read_rows(state, state["history"][:, b], layout, context, regions, metric_sites),
-                        row=b, cache_bytes=_cache_bytes(state, layout) // spec.batch) for b in range(spec.batch)]
-    return _read_rows(state, state["history"], layout, context, regions, metric_sites)
+                        row=b, cache_bytes=_cache_bytes(state, layout) // spec.batch, always_computed=always_computed)
+                for b in range(spec.batch)]
+    return replace(_read_rows(state, state["history"], layout, context, regions, metric_sites),
+                   always_computed=always_computed)
 
 
 def _read_rows(state, history, layout, context, regions, metric_sites) -> Report:

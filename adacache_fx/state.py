@@ -228,6 +228,20 @@ class StateStore:
         state = None if key is None else self._storage.get(context, {}).get(key)
         return None if state is None else (key, state)
 
+    def latest(self, context: str) -> tuple[Hashable, dict[str, torch.Tensor]]:
+        """:meth:`last` of a context the latest generation used; RuntimeError, saying why, for any other."""
+        last = self.last(context)
+        if last is None:
+            raise RuntimeError(
+                f"no generation has run in cache context {context!r} yet (contexts with state: {self.contexts})"
+            )
+        if context not in self.generation_contexts:
+            raise RuntimeError(
+                f"cache context {context!r} was not used in the latest generation: its records are from an "
+                f"earlier one (contexts of the latest generation: {self.generation_contexts})"
+            )
+        return last
+
     @property
     def generation_contexts(self) -> list[str]:
         """The contexts used since the latest reset that was followed by a call (the latest generation)."""

@@ -14,9 +14,10 @@ import weakref
 from torch import nn
 
 from ..api import cached_model, transform
-from ..module import CachedModel, _user_stacklevel
+from ..module import CachedModel
 from ..policies import AdaCacheConfig
 from ..report import Report
+from ..steps import user_stacklevel
 
 
 def denoisers(pipe) -> dict[str, nn.Module]:
@@ -112,7 +113,7 @@ class GenerationFollower:
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
-            warnings.warn(message, stacklevel=_user_stacklevel())
+            warnings.warn(message, stacklevel=user_stacklevel())
 
     def __call__(self, model: CachedModel, args: tuple, kwargs: dict) -> None:
         name = self.names.get(id(model))
@@ -142,7 +143,7 @@ class GenerationFollower:
             who = f"{name}: " if len(self.names) > 1 else ""
             warnings.warn(
                 f"adacache_fx: {who}{n} denoising step(s), fewer than 3: every step computes (nothing is cached)",
-                stacklevel=_user_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
         model.reset()  # every context starts over, also after an interrupted generation
         model.begin_generation(max(int(n), 1))
