@@ -211,3 +211,23 @@ def test_taylorseer_schedule_row_computes_taylorseers_steps_and_forecasts(tmp_pa
                          out=tmp_path, pipe=pipe, graph_breaks=False, progress=lambda _: None)
     assert row.computed == len(hook_steps) and row.setting == f"interval {interval}, order 1"
     assert math.isfinite(row.psnr)
+
+
+def test_easycache_row_computes_what_the_policy_computes_and_is_not_in_the_family(tmp_path, monkeypatch):
+    """The EasyCache rows run the policy as a user would (the same steps as ``transform`` with its config in
+    the same pipeline), and count as a peer's rule in the summaries, not as the AdaCache family."""
+    import adacache_fx as ax
+    from adacache_fx.tools.bench.report import _family
+
+    caption, steps = "a small red circle moving left fast", 12
+    pipe = untrained_reference_pipeline()
+    base = pipe.transformer
+    monkeypatch.setitem(bench.METHODS, "adacache-easycache", (bench.METHODS["adacache-easycache"][0], (0.5,), (0.5,)))
+    _, row = run_bench([caption], [0], steps, ["adacache-easycache"], out=tmp_path, pipe=pipe, graph_breaks=False,
+                       progress=lambda _: None)
+    assert row.method == "adacache-fx EasyCache rule" and row.setting == "threshold 0.5" and not _family(row)
+
+    pipe.transformer = ax.transform(base, ax.EasyCacheConfig(num_steps=steps, threshold=0.5))
+    pipe(caption, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+    counts = [ax.report(pipe.transformer, c).num_computed for c in ("cond", "uncond")]
+    assert row.computed == sum(counts) / 2 < steps and math.isfinite(row.psnr)

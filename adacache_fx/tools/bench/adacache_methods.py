@@ -25,6 +25,7 @@ from ...calibrate import (
 from ...policies import (
     AdaCacheConfig,
     AdaCachePlusConfig,
+    EasyCacheConfig,
     FirstBlockCacheConfig,
     MagCacheConfig,
     MoRegConfig,
@@ -124,7 +125,8 @@ def _taylorseer_schedule(bench, key, method, v, compiled=False):
                      compiled=compiled)
 
 
-register("adacache-taylorseer-schedule-compiled", "adacache-fx TaylorSeer schedule compiled", full=(4,), quick=(3,))(
+register("adacache-taylorseer-schedule-compiled", "adacache-fx TaylorSeer schedule compiled", full=(4, 5, 6),
+         quick=(3,))(
     lambda bench, key, method, v: _taylorseer_schedule(bench, key, method, v, compiled=True))
 
 
@@ -248,10 +250,23 @@ def _first_block_cache(bench, key, method, v):
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v))
 
 
-@register("adacache-fbcache-compiled", "adacache-fx FirstBlockCache rule compiled", full=(0.1, 0.2), quick=(0.1,))
+@register("adacache-fbcache-compiled", "adacache-fx FirstBlockCache rule compiled", full=(0.1, 0.2, 0.4),
+          quick=(0.1,))
 def _first_block_cache_compiled(bench, key, method, v):
     return _adacache(bench, key, method, f"FirstBlockCache threshold {v:g}, inductor fullgraph",
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v), compiled=True)
+
+
+@register("adacache-easycache", "adacache-fx EasyCache rule", full=(0.025, 0.05, 0.1, 0.2), quick=(0.05,))
+def _easycache(bench, key, method, v, compiled=False):
+    """EasyCache's rule (no calibration: the transformation rate measured at run time), the official
+    retention (a fifth of the steps computes first)."""
+    return _adacache(bench, key, method, f"threshold {v:g}" + (", inductor fullgraph" if compiled else ""),
+                     EasyCacheConfig(num_steps=bench.steps, threshold=v), compiled=compiled)
+
+
+register("adacache-easycache-compiled", "adacache-fx EasyCache rule compiled", full=(0.05, 0.2, 0.5), quick=(0.05,))(
+    lambda bench, key, method, v: _easycache(bench, key, method, v, compiled=True))
 
 
 #: ``adacache-plus``: the first fifth of the steps computes, at most 3 cached steps in a row.
@@ -262,9 +277,10 @@ def _plus(bench, key, method, v, order=0, gain=1.0, compiled=False):
     """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions;
     ``order`` / ``gain``: the forecast a cached step adds (``extrapolation_order``, ``forecast_gain``).
     Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4, and where that is not
-    enough (3x at N = 50) a retention of a tenth of the steps."""
+    enough (3x at N = 50) a retention of a tenth of the steps, then runs of 6 (4x)."""
     n = bench.steps
-    rules = [{**PLUS_RULE, "max_skip_steps": 4}, {**PLUS_RULE, "max_skip_steps": 4, "retention_ratio": 0.1}]
+    rules = [{**PLUS_RULE, "max_skip_steps": 4}, {**PLUS_RULE, "max_skip_steps": 4, "retention_ratio": 0.1},
+             {**PLUS_RULE, "max_skip_steps": 6, "retention_ratio": 0.1}]
     for fields in rules if v > 2.5 else [PLUS_RULE]:  # the first rule that can reach the target
         rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
         try:
@@ -306,6 +322,7 @@ def _plus_fit(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain="fit")
 
 
-@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0), quick=(1.5,))
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0, 3.5, 4.0),
+          quick=(1.5,))
 def _plus_compiled(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN, compiled=True)

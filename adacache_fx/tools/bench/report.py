@@ -20,7 +20,7 @@ ADACACHE_TARGET_CURVES = ("adacache-fx fast", "adacache-fx fast+MoReg", "adacach
                           "adacache-fx calibrated+warm-up+linear")
 #: adacache-fx curves that run a peer's rule in the graph: not in the AdaCache-family comparison.
 PEER_RULE_CURVES = ("adacache-fx MagCache rule", "adacache-fx FirstBlockCache", "adacache-fx TeaCache rule",
-                    "adacache-fx TaylorSeer schedule")
+                    "adacache-fx TaylorSeer schedule", "adacache-fx EasyCache rule")
 
 
 def _fmt(value, digits=2) -> str:
