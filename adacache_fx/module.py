@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .adapters import adapter_fingerprint, describe_change, describe_weights, fingerprint, weight_types
 from .capture import CapturedGraph, capture, fast_path_note, signature
+from .capture.graph import named_leaves
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
@@ -88,6 +89,63 @@ class SignatureKey(NamedTuple):
     device: str
 
 
+class SizedKey(NamedTuple):
+    """The state key of a dynamic-shape program: its :class:`SignatureKey` and the input sizes bound."""
+
+    key: SignatureKey
+    sizes: tuple
+
+
+def input_sizes(gm: fx.GraphModule, flat: list) -> dict[str, int]:
+    """The values of the symbolic sizes of ``gm``'s inputs in the call ``flat`` (symbol name -> int)."""
+    import sympy
+
+    sizes: dict[str, int] = {}
+    pending = []
+    for node, value in zip(gm.graph.find_nodes(op="placeholder"), flat):
+        fake = node.meta.get("val")
+        if not isinstance(fake, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue
+        for d, size in zip(fake.shape, value.shape):
+            if isinstance(d, torch.SymInt):
+                expr = d.node.expr
+                if isinstance(expr, sympy.Symbol):
+                    sizes[expr.name] = int(size)
+                else:
+                    pending.append((expr, int(size)))
+    for expr, size in pending:  # e.g. 2*s25 (a size the model divides by its patch size)
+        unknown = [sym for sym in expr.free_symbols if sym.name not in sizes]
+        if len(unknown) == 1:
+            solved = sympy.solve(expr.subs({sympy.Symbol(k): v for k, v in sizes.items()}) - size, unknown[0])
+            if len(solved) == 1 and solved[0].is_Integer:
+                sizes[unknown[0].name] = int(solved[0])
+    return sizes
+
+
+def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``dynamic_shapes="auto"``: batch, frames, height and width (dims 0, 2, 3, 4) of the first 5-D tensor
+    argument (the video latent ``[B, C, F, H, W]``), each ``Dim.AUTO`` (kept static where the forward
+    specializes it: :meth:`CachedModel._capture` warns)."""
+    import inspect
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    for name, value in bound.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 5:
+            return {name: {d: torch.export.Dim.AUTO for d in (0, 2, 3, 4)}}
+    return {}
+
+
+def _requested_dims(dynamic_shapes: dict) -> dict[str, tuple[int, ...]]:
+    """The tensor dims ``dynamic_shapes`` makes symbolic, by argument name (top-level tensors)."""
+    dims = {}
+    for name, spec in dynamic_shapes.items():
+        if isinstance(spec, dict):
+            dims[name] = tuple(sorted(d for d, dim in spec.items() if dim is not None))
+        elif isinstance(spec, (list, tuple)):
+            dims[name] = tuple(d for d, dim in enumerate(spec) if dim is not None)
+    return {name: d for name, d in dims.items() if d}
+
+
 def _mark_static(args, kwargs) -> None:
     """The captured graphs are specialized to their shapes: keep Dynamo from making sizes symbolic
     (its automatic dynamic shapes on a second signature), which would recompile a static graph as
@@ -95,6 +153,32 @@ def _mark_static(args, kwargs) -> None:
     for leaf in pytree.tree_leaves((args, kwargs)):
         if isinstance(leaf, torch.Tensor):
             torch._dynamo.mark_static(leaf)
+
+
+def _dims_text(dims: dict[str, tuple[int, ...]]) -> str:
+    return ", ".join(f"{name} dim {d}" for name, ds in dims.items() for d in ds)
+
+
+def _reason(error: BaseException) -> str:
+    """The lines of an export error that say which dimension was specialized and where."""
+    text = str(error.__cause__ or error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    keep = [line for line in lines if any(w in line for w in ("Constraint", "specializ", "guard", "Not all values",
+                                                              "File ", "Dim", "dynamic"))]
+    return " | ".join((keep or lines)[:6])[:1200]
+
+
+def _symbolic_dims(gm: fx.GraphModule, args, kwargs, requested) -> dict[str, tuple[int, ...]]:
+    """Of the ``requested`` dims, those the captured graph's inputs keep symbolic."""
+    names = [n for n, _ in named_leaves(args, kwargs)]
+    kept = {}
+    for name, node in zip(names, gm.graph.find_nodes(op="placeholder")):
+        fake = node.meta.get("val")
+        if name in requested and isinstance(fake, torch.Tensor):
+            dims = tuple(d for d in requested[name] if d < fake.dim() and isinstance(fake.shape[d], torch.SymInt))
+            if dims:
+                kept[name] = dims
+    return kept
 
 
 class CachedModel(nn.Module):
@@ -121,8 +205,12 @@ class CachedModel(nn.Module):
     #: (``enable(pipe)`` turns it off for experts that get only a share of the pipeline's steps).
     loop_info_sets_steps = True
 
-    def __init__(self, model: nn.Module, config: CacheConfig):
+    def __init__(self, model: nn.Module, config: CacheConfig, dynamic_shapes: dict | str | None = None):
         super().__init__()
+        if dynamic_shapes is not None and dynamic_shapes != "auto" and not isinstance(dynamic_shapes, dict):
+            raise TypeError(f'dynamic_shapes must be a dict by argument name, "auto" or None, got {dynamic_shapes!r}')
+        self._dynamic_shapes = dynamic_shapes
+        self._dynamic_dims: dict[str, tuple[int, ...]] = {}  # the tensor dims the programs keep symbolic
         self.model = model
         self.adacache_config = config
         self._store = StateStore(config.num_steps)
@@ -308,7 +396,7 @@ class CachedModel(nn.Module):
     def signature_key(self, args: tuple, kwargs: dict) -> SignatureKey:
         """The key of a call: its input signature (static inputs' values included) and the weights'
         dtype and device."""
-        call = signature(args, kwargs, self._static_inputs, self._traced_scalars)
+        call = signature(args, kwargs, self._static_inputs, self._traced_scalars, self._dynamic_dims)
         param = next(self.model.parameters(), None)
         if param is None:
             return SignatureKey(call, None, "cpu")
@@ -341,9 +429,7 @@ class CachedModel(nn.Module):
         group = context_parallel_group(self.model)  # None for one process
         if group is not None:
             check_same_call(group, key.call)
-        captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
-                           static_inputs=self._static_inputs, fold=self._fold_constants,
-                           static_scalars=self._static_scalars)
+        captured = self._capture_graph(args, kwargs)
         self._fold_constants = captured.folded
         if not self._programs and (note := fast_path_note(self.model)) is not None:
             warnings.warn(f"adacache_fx: {note}", stacklevel=_user_stacklevel())
@@ -353,7 +439,7 @@ class CachedModel(nn.Module):
         if found or traced:  # the key now holds the found inputs' values, and not the traced ints'
             self._static_inputs += found
             self._traced_scalars += traced
-            key = self.signature_key(args, kwargs)
+        key = self.signature_key(args, kwargs)  # without the sizes the capture keeps symbolic
         try:
             result = rewrite(captured.graph_module, self.adacache_config, group)
         except PassError as error:
@@ -372,6 +458,42 @@ class CachedModel(nn.Module):
         self._store.add_layout(key, result.layout, device=key.device)  # the state lives with the weights
         return program
 
+    def _capture_graph(self, args, kwargs) -> CapturedGraph:
+        """Export the call; with ``dynamic_shapes``, its sizes symbolic where the forward allows (a warning
+        names each dimension it specializes, and why, then the capture is per input signature)."""
+        options = dict(functional=self.adacache_config.granularity == "branch", static_inputs=self._static_inputs,
+                       fold=self._fold_constants, static_scalars=self._static_scalars)
+        shapes = self._dynamic_shapes
+        if shapes == "auto":
+            shapes = auto_dynamic_shapes(self.model, args, kwargs)
+        if not shapes:
+            return capture(self.model, args, kwargs, **options)
+        requested = _requested_dims(shapes)
+        name = type(self.model).__name__
+        try:
+            captured = capture(self.model, args, kwargs, dynamic_shapes=shapes, **options)
+        except Exception as error:  # noqa: BLE001 - a static capture decides whether the sizes were the cause
+            captured = capture(self.model, args, kwargs, **options)
+            self._dynamic_shapes, self._dynamic_dims = None, {}
+            warnings.warn(f"adacache_fx: {name} cannot take the sizes {_dims_text(requested)} symbolically, so "
+                          f"each input signature gets its own capture: {_reason(error)}", stacklevel=_user_stacklevel())
+            return captured
+        kept = _symbolic_dims(captured.graph_module, args, kwargs, requested)
+        static = {n: tuple(d for d in dims if d not in kept.get(n, ())) for n, dims in requested.items()}
+        static = {n: d for n, d in static.items() if d}
+        if static:
+            flat = dict(named_leaves(args, kwargs))
+            small = [f"{n} dim {d} is {flat[n].shape[d]}" for n, ds in static.items() for d in ds
+                     if isinstance(flat.get(n), torch.Tensor) and flat[n].shape[d] <= 1]
+            why = (f"; torch.export specializes a sample size of 0 or 1 ({', '.join(small)}): capture with a size of "
+                   "2 or more first" if small else "")
+            warnings.warn(f"adacache_fx: {name}'s forward specializes {_dims_text(static)} (the export traced them "
+                          f"as constants{why}): each of their values gets its own capture", stacklevel=_user_stacklevel())
+        self._dynamic_dims = kept
+        if not kept:
+            self._dynamic_shapes = None
+        return captured
+
     def prepare_call(self, args: tuple, kwargs: dict) -> tuple[Program, dict[str, torch.Tensor]]:
         """Capture ``model(*args, **kwargs)``'s signature if new, check it against the generation in
         progress and bind the active context's state. Returns ``(program, state)``: call
@@ -385,6 +507,11 @@ class CachedModel(nn.Module):
         if program is None:
             program = self._capture(key, args, kwargs)
             key = self.signature_key(args, kwargs)  # with the values of inputs the capture specialized
+        if program.layout.symbolic:  # a state per concrete size
+            sizes = input_sizes(program.graph_module, program.captured.flatten_inputs(args, kwargs))
+            key = SizedKey(key, tuple(sorted(sizes.items())))
+            if key not in self._store._layouts:
+                self._store.add_layout(key, program.layout.resolve(sizes), device=key.key.device)
         self._store.use(key)
         self._current = (program, self._store.bound(key))
         return self._current
@@ -435,7 +562,9 @@ class CachedModel(nn.Module):
     def program(self, context: str | None = None) -> Program | None:
         """The program of the signature last used in ``context`` (default: the active one)."""
         last = self._store.last(context)
-        return None if last is None else self._programs.get(last[0])
+        if last is None:
+            return None
+        return self._programs.get(last[0].key if isinstance(last[0], SizedKey) else last[0])
 
     def report(self, context: str | None = None) -> Report | list[Report]:
         """Per-step records of the current generation in ``context`` (a list, one per batch row, with
@@ -452,7 +581,7 @@ class CachedModel(nn.Module):
                 f"earlier one (contexts of the latest generation: {self.generation_contexts})"
             )
         key, state = last
-        program = self._programs.get(key)
+        program = self._programs.get(key.key if isinstance(key, SizedKey) else key)
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")
