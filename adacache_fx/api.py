@@ -12,12 +12,17 @@ from .report import Report, StepRecord
 __all__ = ["Report", "StepRecord", "cached_model", "report", "reset", "transform"]
 
 
-def transform(model: nn.Module, config: CacheConfig | None = None) -> CachedModel:
+def transform(model: nn.Module, config: CacheConfig | None = None, dynamic_shapes: dict | str | None = None) -> CachedModel:
     """Return ``model`` wrapped so that its block stack is cached (with AdaCache unless ``config`` selects
     another registered policy, see :mod:`adacache_fx.policies`).
 
     The model is captured lazily on its first call (like ``torch.compile``); the result can be
     called, compiled with ``torch.compile(..., fullgraph=True)`` or exported like the original.
+
+    ``dynamic_shapes``: ``torch.export``'s form, by argument name (``{"hidden_states": {2: Dim("frames")}}``),
+    or ``"auto"`` (dims 0, 2, 3, 4 of the first 5-D tensor argument: batch, frames, height, width of a video
+    latent): one capture serves every size of those dims, with a state per size. A dimension the forward
+    specializes is named in a warning (with the export's reason) and gets a capture per value, as without.
 
     >>> import torch, adacache_fx
     >>> from adacache_fx.tools.fixtures import tiny_dit
@@ -38,7 +43,7 @@ def transform(model: nn.Module, config: CacheConfig | None = None) -> CachedMode
             f"config must be an adacache_fx.AdaCacheConfig (or a config type with a registered policy), "
             f"got {type(config).__name__}"
         )
-    return CachedModel(model, config)
+    return CachedModel(model, config, dynamic_shapes)
 
 
 def cached_model(model) -> CachedModel:

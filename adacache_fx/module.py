@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import ModelWatch
-from .capture import CapturedGraph, capture, fast_path_note, signature
+from .capture import CapturedGraph, fast_path_note, signature
+from .capture.dynamic import DynamicShapes, SizedKey, input_sizes
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
@@ -119,8 +120,9 @@ class CachedModel(nn.Module):
     #: (``enable(pipe)`` turns it off for experts that get only a share of the pipeline's steps).
     loop_info_sets_steps = True
 
-    def __init__(self, model: nn.Module, config: CacheConfig):
+    def __init__(self, model: nn.Module, config: CacheConfig, dynamic_shapes: dict | str | None = None):
         super().__init__()
+        self._dynamic = DynamicShapes(dynamic_shapes)  # the sizes the programs keep symbolic
         self.model = model
         self.adacache_config = config
         self._store = StateStore(config.num_steps)
@@ -284,7 +286,7 @@ class CachedModel(nn.Module):
     def signature_key(self, args: tuple, kwargs: dict) -> SignatureKey:
         """The key of a call: its input signature (static inputs' values included) and the weights'
         dtype and device."""
-        call = signature(args, kwargs, self._static_inputs, self._traced_scalars)
+        call = signature(args, kwargs, self._static_inputs, self._traced_scalars, self._dynamic.dims)
         param = next(self.model.parameters(), None)
         if param is None:
             return SignatureKey(call, None, "cpu")
@@ -310,9 +312,9 @@ class CachedModel(nn.Module):
         group = context_parallel_group(self.model)  # None for one process
         if group is not None:
             check_same_call(group, key.call)
-        captured = capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
-                           static_inputs=self._static_inputs, fold=self._fold_constants,
-                           static_scalars=self._static_scalars)
+        captured = self._dynamic.capture(self.model, args, kwargs, functional=self.adacache_config.granularity == "branch",
+                                         static_inputs=self._static_inputs, fold=self._fold_constants,
+                                         static_scalars=self._static_scalars)
         self._fold_constants = captured.folded
         if not self._programs and (note := fast_path_note(self.model)) is not None:
             warnings.warn(f"adacache_fx: {note}", stacklevel=user_stacklevel())
@@ -322,7 +324,7 @@ class CachedModel(nn.Module):
         if found or traced:  # the key now holds the found inputs' values, and not the traced ints'
             self._static_inputs += found
             self._traced_scalars += traced
-            key = self.signature_key(args, kwargs)
+        key = self.signature_key(args, kwargs)  # without the sizes the capture keeps symbolic
         try:
             result = rewrite(captured.graph_module, self.adacache_config, group)
         except PassError as error:
@@ -354,6 +356,10 @@ class CachedModel(nn.Module):
         if program is None:
             program = self._capture(key, args, kwargs)
             key = self.signature_key(args, kwargs)  # with the values of inputs the capture specialized
+        if program.layout.symbolic:  # a state per concrete size
+            sizes = input_sizes(program.graph_module, program.captured.flatten_inputs(args, kwargs))
+            key = SizedKey(key, tuple(sorted(sizes.items())))
+            self._store.add_layout(key, program.layout.resolve(sizes), device=key.key.device)
         self._store.use(key)
         self._current = (program, self._store.bound(key))
         return self._current
@@ -404,14 +410,16 @@ class CachedModel(nn.Module):
     def program(self, context: str | None = None) -> Program | None:
         """The program of the signature last used in ``context`` (default: the active one)."""
         last = self._store.last(context)
-        return None if last is None else self._programs.get(last[0])
+        if last is None:
+            return None
+        return self._programs.get(last[0].key if isinstance(last[0], SizedKey) else last[0])
 
     def report(self, context: str | None = None) -> Report | list[Report]:
         """Per-step records of the current generation in ``context`` (a list, one per batch row, with
         ``batch_decisions="per_sample"``); reads the state on the host."""
         context = self._store.active if context is None else context
         key, state = self._store.latest(context)
-        program = self._programs.get(key)
+        program = self._programs.get(key.key if isinstance(key, SizedKey) else key)
         if program is None:
             raise RuntimeError("this model is a copy or was unpickled and has not been called yet: it captures its "
                                "program again on its first call, and reports after it")

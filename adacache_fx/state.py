@@ -13,6 +13,7 @@ history read back on the host after a generation is :mod:`adacache_fx.report`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ class StateSpec:
     """
 
     name: str
-    shape: tuple[int, ...] | None
+    shape: tuple[int | str, ...] | None  # a str: an expression of the symbolic input sizes (a dynamic-shape capture)
     dtype: torch.dtype
     fill: float
     returned: bool = True
@@ -70,7 +71,7 @@ class StateSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> StateSpec:
-        shape = None if data["shape"] is None else tuple(int(d) for d in data["shape"])
+        shape = None if data["shape"] is None else tuple(d if isinstance(d, str) else int(d) for d in data["shape"])
         return cls(data["name"], shape, dtype_from_name(data["dtype"]), float(data["fill"]), bool(data["returned"]),
                    bool(data["cache"]), tuple(data.get("columns", ())), data.get("checked"), data.get("batch"))
 
@@ -113,9 +114,30 @@ class StateLayout:
     def to_dict(self) -> list[dict]:
         return [spec.to_dict() for spec in self.specs]
 
+    @property
+    def symbolic(self) -> bool:
+        """Whether a state shape is an expression of the input sizes (see :meth:`resolve`)."""
+        return any(isinstance(d, str) for spec in self.specs for d in (spec.shape or ()))
+
+    def resolve(self, sizes: dict[str, int]) -> StateLayout:
+        """This layout with each symbolic dimension evaluated at the input sizes ``sizes`` (symbol -> int)."""
+        return StateLayout(tuple(dataclasses.replace(spec, shape=tuple(
+            eval_size(d, sizes) if isinstance(d, str) else d for d in spec.shape)) if spec.shape else spec
+            for spec in self.specs))
+
     @classmethod
     def from_dict(cls, data: list[dict]) -> StateLayout:
         return cls(tuple(StateSpec.from_dict(item) for item in data))
+
+
+def eval_size(expression: str, sizes: dict[str, int]) -> int:
+    """An expression of the symbolic input sizes (``"s25*s33*s56"``) at ``sizes``."""
+    import sympy
+
+    value = sympy.sympify(expression).subs({sympy.Symbol(k): v for k, v in sizes.items()})
+    if not value.is_Integer:
+        raise ValueError(f"the state size {expression} is not known from the input sizes {sizes}")
+    return int(value)
 
 
 def start_generation(state: dict[str, torch.Tensor]) -> None:

@@ -43,7 +43,7 @@ SPECIALIZE_MAX_NUMEL = 1 << 16
 
 def capture(
     model: torch.nn.Module, args: tuple, kwargs: dict, functional: bool = False, static_inputs=(), fold: bool = False,
-    static_scalars=(),
+    static_scalars=(), dynamic_shapes=None,
 ) -> CapturedGraph:
     """Export ``model(*args, **kwargs)`` and return a clean GraphModule over the flat inputs.
 
@@ -61,14 +61,15 @@ def capture(
 
     ``static_inputs`` names tensor inputs to specialize (more may be found), ``fold=True`` evaluates
     input-independent tensors eagerly from the start, ``static_scalars`` names int arguments to keep
-    constant. The result says what was specialized, folded and traced: pass it to the next capture.
+    constant. ``dynamic_shapes`` (``torch.export``'s, by argument name) makes tensor sizes symbolic.
+    The result says what was specialized, folded and traced: pass it to the next capture.
     """
     with traceable_hooks(model):
-        return _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars)
+        return _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars, dynamic_shapes)
 
 
-def _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars) -> CapturedGraph:
-    exporter = _Exporter(model, args, kwargs, fold, static_scalars)
+def _capture(model, args, kwargs, functional, static_inputs, fold, static_scalars, dynamic_shapes=None):
+    exporter = _Exporter(model, args, kwargs, fold, static_scalars, dynamic_shapes)
     static = [name for name in exporter.tensors if name in static_inputs]
     try:
         program, failure = exporter(static), None
@@ -139,8 +140,10 @@ class _Exporter:
     tensors folded when the trace leaves fake tensors among the constants, and with the int arguments
     constant when the forward sizes or branches on them."""
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, fold: bool, static_scalars=()):
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, fold: bool, static_scalars=(),
+                 dynamic_shapes=None):
         self.model, self.args, self.kwargs, self.fold = model, tuple(args), dict(kwargs), fold
+        self.shapes = dict(dynamic_shapes or {})
         self.name = type(model).__name__
         self.named = named_leaves(self.args, self.kwargs)
         self.tensors = {n: leaf for n, leaf in self.named if isinstance(leaf, torch.Tensor)}
@@ -233,13 +236,14 @@ class _Exporter:
         return program, fakes
 
     def _dynamic_shapes(self, args: tuple, kwargs: dict, dynamic: list[str]):
-        """``torch.export``'s ``dynamic_shapes`` marking the ``dynamic`` int arguments, by parameter name."""
-        if not dynamic:
+        """``torch.export``'s ``dynamic_shapes``, by parameter name: the ``dynamic`` int arguments and the
+        tensor sizes the caller made symbolic."""
+        if not dynamic and not self.shapes:
             return None
         bound = inspect.signature(self.model.forward).bind(*args, **kwargs).arguments
         dim = torch.export.Dim.DYNAMIC
-        return {name: (dim if name in dynamic else pytree.tree_map(lambda _: None, value))
-                for name, value in bound.items()}
+        return {name: (dim if name in dynamic else self.shapes[name] if name in self.shapes
+                       else pytree.tree_map(lambda _: None, value)) for name, value in bound.items()}
 
     def _restore(self, program) -> None:
         """Put the model back as it was before the attempt. A constant of the program that views a buffer

@@ -60,20 +60,24 @@ def named_leaves(args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
     return named
 
 
-def signature(args: tuple, kwargs: dict, static_inputs=(), traced_scalars=()) -> tuple:
+def signature(args: tuple, kwargs: dict, static_inputs=(), traced_scalars=(), dynamic_dims=None) -> tuple:
     """A hashable key of a call: tree structure, tensor shapes/dtypes/devices, non-tensor values, and
     the values of the tensors named in ``static_inputs`` (read on the host: call it eagerly). The Python
     numbers named in ``traced_scalars`` are inputs of the graph: only their type counts.
 
-    ``torch.export`` specializes on all of these, so a new key needs a new capture.
+    ``torch.export`` specializes on all of these, so a new key needs a new capture; the dims named in
+    ``dynamic_dims`` (argument name -> dims) are symbolic in the capture and leave the key (``None``).
     """
     flat, spec = pytree.tree_flatten((args, kwargs))
-    named = static_inputs or traced_scalars
+    dynamic_dims = dynamic_dims or {}
+    named = static_inputs or traced_scalars or dynamic_dims
     names = [name for name, _ in named_leaves(args, kwargs)] if named else [None] * len(flat)
     leaves = []
     for name, leaf in zip(names, flat):
         if isinstance(leaf, torch.Tensor):
-            entry = ("T", tuple(leaf.shape), leaf.dtype, leaf.device.type)
+            dims = dynamic_dims.get(name, ())
+            shape = tuple(None if d in dims else size for d, size in enumerate(leaf.shape))
+            entry = ("T", shape, leaf.dtype, leaf.device.type)
             leaves.append(entry + (tuple(leaf.reshape(-1).tolist()),) if name in static_inputs else entry)
         elif name in traced_scalars:
             leaves.append(("S", type(leaf).__name__))

@@ -199,6 +199,11 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     return compute_gm, cached_gm
 
 
+def state_shape(value) -> tuple[int | str, ...]:
+    """A state tensor's shape: ints, or expressions of the symbolic input sizes (a dynamic-shape capture)."""
+    return tuple(d if isinstance(d, int) else str(d.node.expr) for d in value.shape)
+
+
 def _state_specs(policy, forecast, regions: list[Region], sites: list[MetricSite],
                  batch: int | None = None) -> list[StateSpec]:
     history = StateSpec("history", None, torch.float32, float("nan"), columns=tuple(policy.history_columns),
@@ -209,14 +214,14 @@ def _state_specs(policy, forecast, regions: list[Region], sites: list[MetricSite
     specs = [*STEP_STATE, *policy_specs, history]
     for j, site in enumerate(sites):
         value = fake(site.value if site.value is not None else site.stream.out)
-        specs.append(StateSpec(f"p_prev_{j}", tuple(value.shape), value.dtype, 0.0, cache=True))
+        specs.append(StateSpec(f"p_prev_{j}", state_shape(value), value.dtype, 0.0, cache=True))
     specs += forecast.state_specs()
     for r, region in enumerate(regions):
         for k, value in enumerate([s.out for s in region.streams] + list(region.values)):
             value = fake(value)
             for kind in ("", *forecast.history):  # the last compute step's, and those a forecast keeps
                 name = f"cache_{kind}_{r}_{k}" if kind else f"cache_{r}_{k}"
-                specs.append(StateSpec(name, tuple(value.shape), value.dtype, 0.0, cache=True))
+                specs.append(StateSpec(name, state_shape(value), value.dtype, 0.0, cache=True))
     return specs
 
 

@@ -1,0 +1,98 @@
+"""``transform(model, config, dynamic_shapes=...)``: one capture serves several frame counts and resolutions,
+with a state per size, and equals the static-shape transform; a dimension the forward specializes is named
+in a warning and gets a capture per value."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers import first_tensor
+from torch.export import Dim
+
+import adacache_fx as ax
+from adacache_fx.tools.fixtures import build, tiny_dit
+
+STEPS = 12
+CODEBOOK = {0.05: 4, 0.1: 3, 0.2: 2, 1.0: 1}  # skips on the tiny Wan
+SIZES = [(2, 8), (3, 12), (2, 12), (3, 8)]  # (frames, height = width)
+WAN_DIMS = {"hidden_states": {2: Dim("frames", max=16), 3: 2 * Dim("h", max=32), 4: 2 * Dim("w", max=32)}}
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return build("wan", num_layers=2)
+
+
+def sized_inputs(make_inputs, frames, size):
+    def make(step):
+        kwargs = make_inputs(step)
+        latents = torch.randn(1, 4, frames, size, size, generator=torch.Generator().manual_seed(frames * 100 + size))
+        return {**kwargs, "hidden_states": latents + 0.02 * step}
+    return make
+
+
+@torch.no_grad()
+def run(cached, make, context):
+    with cached.cache_context(context, num_steps=STEPS):
+        return [first_tensor(cached(**make(s))).clone() for s in range(STEPS)]
+
+
+def config():
+    return ax.AdaCacheConfig(num_steps=STEPS, codebook=CODEBOOK)
+
+
+@pytest.mark.parametrize("spec", [WAN_DIMS, "auto"], ids=["dims", "auto"])
+def test_one_capture_serves_two_resolutions_and_frame_counts(wan, spec):
+    model, make_inputs = wan
+    dynamic = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=spec)
+    skipped = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for frames, size in SIZES:
+            make = sized_inputs(make_inputs, frames, size)
+            static = ax.transform(copy.deepcopy(model), config())
+            name = f"{frames}x{size}"
+            a, b = run(dynamic, make, name), run(static, make, "default")
+            assert max(float((x - y).abs().max()) for x, y in zip(a, b)) == 0.0
+            assert ax.report(dynamic, name).computed_steps == ax.report(static, "default").computed_steps
+            skipped += STEPS - ax.report(dynamic, name).num_computed
+            tokens = frames * (size // 2) ** 2
+            assert dynamic.state(name)["cache_0_0"].shape == (1, tokens, 32)  # the state follows the size
+    assert dynamic._captures == 1 and len(dynamic._programs) == 1
+    assert skipped > 0
+    notes = [str(w.message) for w in caught if "adacache_fx" in str(w.message)]
+    if spec == "auto":  # batch 1: torch.export specializes a sample size of 0 or 1
+        assert len(notes) == 1 and "hidden_states dim 0" in notes[0] and "hidden_states dim 0 is 1" in notes[0]
+    else:
+        assert notes == []
+
+
+class ShapeBranch(torch.nn.Module):
+    """A tiny DiT whose forward branches on the frame count."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_dit()[0]
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        if hidden_states.shape[2] > 2:
+            hidden_states = hidden_states * 0.5
+        return self.inner(hidden_states, timestep, encoder_hidden_states)
+
+
+def test_a_specialized_dimension_is_named_and_captured_per_signature():
+    _, make_inputs = tiny_dit()
+    model = ShapeBranch().eval()
+    dims = {"hidden_states": {2: Dim("frames", min=1, max=8)}}
+    dynamic = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=dims)
+    static = ax.transform(copy.deepcopy(model), config())
+    with pytest.warns(UserWarning, match=r"cannot take the sizes hidden_states dim 2 symbolically.*frames.*specialized it to be a constant \(2\)") as caught:
+        outputs = [run(cached, sized_inputs(make_inputs, 2, 8), "default") for cached in (dynamic, static)]
+    notes = [str(w.message) for w in caught if "symbolically" in str(w.message)]
+    assert len(notes) == 1, [str(w.message) for w in caught]
+    assert max(float((x - y).abs().max()) for x, y in zip(*outputs)) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        run(dynamic, sized_inputs(make_inputs, 3, 8), "other")
+    assert dynamic._captures == 2 and len(dynamic._programs) == 2
