@@ -17,6 +17,8 @@ import torch
 
 import adacache_fx as ax
 from adacache_fx.integrations.diffusers import _FOLLOWERS
+from adacache_fx.tools.fixtures import components
+from adacache_fx.tools.fixtures.wan import PIPELINE_WAN, wan_transformer
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")  # the pipelines' modules import it
@@ -25,19 +27,10 @@ STEPS = 8
 
 
 def _cogvideox():
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from diffusers import CogVideoXPipeline
 
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 2,
-        up_block_types=("CogVideoXUpBlock3D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-        text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=5, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=8,
-    )
-    pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
+    vae = components.tiny_cogvideox_vae()
+    pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=components.tiny_cogvideox_transformer())
     # 5 frames -> 2 latent frames, 16x16 pixels (vae factor 2) -> the 8x8 latents of the config
     call = dict(height=16, width=16, num_frames=5, guidance_scale=6.0, max_sequence_length=8,
                 **_embeds(8, 16, negative=True))
@@ -101,41 +94,20 @@ def _pixart():
 
 
 def _ltx():
-    from diffusers import AutoencoderKLLTXVideo, LTXPipeline, LTXVideoTransformer3DModel
+    from diffusers import LTXPipeline
 
-    vae = AutoencoderKLLTXVideo(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
-        decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
-        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False,
-    )
-    transformer = LTXVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
-        num_layers=1, qk_norm="rms_norm_across_heads", caption_channels=16,
-    )
-    pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
+    vae = components.tiny_ltx_vae()
+    pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=components.tiny_ltx_transformer())
     call = dict(height=32, width=32, num_frames=5, guidance_scale=3.0, max_sequence_length=8,
                 **_embeds(8, 16, negative=True, mask=True))
     return LTXPipeline, pipe, call
 
 
 def _hunyuan():
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+    from diffusers import HunyuanVideoPipeline
 
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 2,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-        norm_num_groups=4, spatial_compression_ratio=2, temporal_compression_ratio=4,
-        mid_block_add_attention=False,
-    )
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
-    )
+    vae = components.tiny_hunyuan_vae()
+    transformer = components.tiny_hunyuan_transformer()
     pipe = dict(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None, vae=vae,
                 transformer=transformer)
     # true CFG: the negative embeddings and true_cfg_scale > 1 add an "uncond" call per step
@@ -145,16 +117,10 @@ def _hunyuan():
 
 
 def _wan():
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from diffusers import WanPipeline
 
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-    )
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
-    )
+    vae = components.tiny_wan_vae()
+    transformer = wan_transformer(1, **PIPELINE_WAN)
     pipe = dict(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer)
     call = dict(height=16, width=16, num_frames=5, guidance_scale=5.0, **_embeds(8, 32, negative=True))
     return WanPipeline, pipe, call

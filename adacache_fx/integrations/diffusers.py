@@ -18,6 +18,7 @@ from ..module import CachedModel
 from ..policies import AdaCacheConfig
 from ..report import Report
 from ..steps import user_stacklevel
+from .scheduler import hook, hooked, unhook
 
 
 def denoisers(pipe) -> dict[str, nn.Module]:
@@ -69,33 +70,70 @@ class GenerationFollower:
         self.calls: dict[tuple[str | None, str], int] = {}  # (denoiser, context) -> calls in this generation
         self.steps: dict[str | None, int] = {}  # denoiser -> its N in this generation
         self.warned: set[str] = set()
+        self.in_step: dict[tuple[str | None, str], int] = {}  # (denoiser, context) -> calls since the last step
+        self.routed: dict[CachedModel, tuple[str, contextlib.AbstractContextManager]] = {}
         self.watch(pipe.scheduler)
 
     def watch(self, scheduler) -> None:
-        """Wrap ``scheduler.set_timesteps`` (on the instance; :meth:`unwatch` removes it)."""
+        """Hook ``scheduler.set_timesteps`` and ``scheduler.step`` (on the instance; :meth:`unwatch` removes them)."""
         self.unwatch()
         self.scheduler = scheduler
-        original = getattr(scheduler, "set_timesteps", None)
-        if original is None:
-            return
-
-        @functools.wraps(original)  # keeps the signature diffusers inspects (timesteps=, sigmas=)
-        def set_timesteps(*args, **kwargs):
-            result = original(*args, **kwargs)
-            self.generation += 1
-            return result
-
-        set_timesteps.adacache_follower = self
-        scheduler.set_timesteps = set_timesteps
+        hook(scheduler, "set_timesteps", self.timesteps_set, self)
+        hook(scheduler, "step", self.stepped, self)
 
     def unwatch(self) -> None:
-        scheduler = self.scheduler
-        if scheduler is not None and getattr(vars(scheduler).get("set_timesteps"), "adacache_follower", None) is self:
-            del scheduler.set_timesteps
+        if self.scheduler is not None:
+            unhook(self.scheduler, "set_timesteps", self)
+            unhook(self.scheduler, "step", self)
         self.scheduler = None
+
+    def timesteps_set(self) -> None:
+        """A generation starts; the pipeline's ``_num_timesteps`` from before it is marked as such."""
+        self.generation += 1
+        self.stepped()
+        attributes = getattr(self.pipe, "__dict__", {})
+        if type(attributes.get("_num_timesteps")) is int:
+            attributes["_num_timesteps"] = _Earlier(attributes["_num_timesteps"])
+
+    def stepped(self) -> None:
+        """A scheduler step ended: the calls of the next one are counted afresh."""
+        self.in_step.clear()
+        self.unroute()
+
+    def unroute(self) -> None:
+        """Every call routed to a context of its own goes back to the pipeline's context."""
+        for model, (routed, manager) in list(self.routed.items()):
+            if model.active_context == routed:
+                manager.__exit__(None, None, None)
+        self.routed.clear()
+
+    def route(self, name: str | None, model: CachedModel) -> None:
+        """The k-th call of a denoiser in one cache context within one scheduler step (k >= 2: a pipeline
+        running CFG's halves as two calls outside any cache context, HunyuanVideo I2V) runs in cache
+        context ``"<context>#k"``, with a state of its own, until the scheduler's next step."""
+        self.unroute()
+        key = (name, model.active_context)
+        k = self.in_step[key] = self.in_step.get(key, 0) + 1
+        if k == 1 or not hooked(self.scheduler, "step", self):
+            return
+        n = self.steps.get(name)
+        if n is not None and k > n:  # more calls than steps and no step between them: steps we do not see
+            self.warn_once(f"steps:{name}", (
+                f"adacache_fx: {k} calls in cache context {key[1]!r} without a call of "
+                f"{type(self.scheduler).__name__}.step between them: the pipeline steps a scheduler adacache_fx "
+                "does not see, so its calls are not told apart (each is a step of one generation)"
+            ))
+            return
+        routed = f"{key[1]}#{k}"
+        manager = model.cache_context(routed)
+        manager.__enter__()
+        self.routed[model] = (routed, manager)
 
     def num_steps(self, name: str | None = None) -> int | None:
         """N of denoiser ``name`` in the generation the scheduler set up."""
+        own = getattr(self.pipe, "__dict__", {}).get("_num_timesteps")
+        if name is None and isinstance(own, int) and not isinstance(own, _Earlier):
+            return int(own)  # set by the pipeline for this generation: its loop's length
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         if timesteps is None or len(timesteps) == 0:
             return getattr(self.pipe, "num_timesteps", None)
@@ -130,6 +168,7 @@ class GenerationFollower:
             ))
         if self.started.get(name, 0) != self.generation or model.num_steps is None:
             self.start(name, model)
+        self.route(name, model)
         self.count(name, model)
 
     def start(self, name: str | None, model: CachedModel) -> None:
@@ -161,7 +200,12 @@ class GenerationFollower:
             ))
 
     def scheduler_unwatched(self) -> bool:
-        return getattr(vars(self.scheduler).get("set_timesteps"), "adacache_follower", None) is not self
+        return not hooked(self.scheduler, "set_timesteps", self)
+
+
+class _Earlier(int):
+    """The pipeline's ``_num_timesteps`` of an earlier generation (the same value, marked when the scheduler's
+    timesteps are set: a pipeline that sets it again for this generation replaces it with a plain int)."""
 
 
 def component_methods(pipe) -> list[str]:
