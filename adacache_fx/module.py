@@ -20,13 +20,12 @@ from typing import NamedTuple
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import ModelWatch
 from .capture import CapturedGraph, fast_path_note, signature
-from .capture.dynamic import DynamicShapes, SizedKey, input_sizes
+from .capture.dynamic import DynamicShapes, SizedKey, input_sizes, mark_shapes
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
 from .eager import eager_module, plain_eager
@@ -85,15 +84,6 @@ class SignatureKey(NamedTuple):
     call: tuple
     dtype: torch.dtype | None
     device: str
-
-
-def _mark_static(args, kwargs) -> None:
-    """The captured graphs are specialized to their shapes: keep Dynamo from making sizes symbolic
-    (its automatic dynamic shapes on a second signature), which would recompile a static graph as
-    a dynamic one. A new signature gets its own capture and its own compilation instead."""
-    for leaf in pytree.tree_leaves((args, kwargs)):
-        if isinstance(leaf, torch.Tensor):
-            torch._dynamo.mark_static(leaf)
 
 
 class CachedModel(nn.Module):
@@ -366,16 +356,17 @@ class CachedModel(nn.Module):
 
     def _infer_parameters(self, module, args, kwargs=None):
         """Called eagerly by ``torch.compile(module)`` before each compiled call (see ``_initialize_hook``)."""
-        self.prepare_call(tuple(args), dict(kwargs or {}))
-        _mark_static(args, kwargs)
+        program, state = self.prepare_call(tuple(args), dict(kwargs or {}))
+        mark_shapes(program.graph_module, program.layout, program.captured.flatten_inputs(args, kwargs), state)
 
     def compile(self, *args, **kwargs):
         """Like ``nn.Module.compile``, with the eager preparation of each call kept outside the graph."""
         compiled = torch.compile(self._call_impl, *args, **kwargs)
 
         def call(*call_args, **call_kwargs):
-            self.prepare_call(call_args, call_kwargs)
-            _mark_static(call_args, call_kwargs)
+            program, state = self.prepare_call(call_args, call_kwargs)
+            mark_shapes(program.graph_module, program.layout, program.captured.flatten_inputs(call_args, call_kwargs),
+                        state)
             return compiled(*call_args, **call_kwargs)
 
         self._compiled_call_impl = call

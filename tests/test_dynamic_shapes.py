@@ -96,3 +96,54 @@ def test_a_specialized_dimension_is_named_and_captured_per_signature():
         warnings.simplefilter("error")  # said once
         run(dynamic, sized_inputs(make_inputs, 3, 8), "other")
     assert dynamic._captures == 2 and len(dynamic._programs) == 2
+
+
+@pytest.mark.parametrize("backend", ["counter", "inductor"])
+def test_compiled_once_serves_every_size(wan, backend):
+    """torch.compile(fullgraph=True) of a dynamic-shape transform: one graph for two frame counts and two
+    resolutions (no recompile, no break), each size with the eager run's computed steps and outputs."""
+    import torch._dynamo.testing
+    from helpers import counted_compile
+
+    model, make_inputs = wan
+    dynamic = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=WAN_DIMS)
+    if backend == "counter":
+        compiled, counter = counted_compile(dynamic)
+    else:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled, counter = torch.compile(dynamic, fullgraph=True), None
+    for frames, size in SIZES:
+        make, name = sized_inputs(make_inputs, frames, size), f"{frames}x{size}"
+        got, expected = run(compiled, make, name), run(dynamic, make, name + "-eager")
+        assert max(float((x - y).abs().max()) for x, y in zip(got, expected)) < 1e-5
+        assert ax.report(dynamic, name).computed_steps == ax.report(dynamic, name + "-eager").computed_steps
+        assert ax.report(dynamic, name).num_computed < STEPS
+    assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+    if counter is not None:
+        assert counter.frame_count == 1
+    else:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert dynamic._captures == 1
+
+
+def test_flat_cond_outputs_rewrites_only_a_dynamic_graph(wan):
+    """The pass on captured graphs: a static capture keeps its cond outputs; a dynamic one returns them 1-D
+    from its branches and views them back (same values: the dynamic transform equals the static one above)."""
+    from adacache_fx.passes.flat_cond_outputs import symbolic
+    from adacache_fx.passes.graph_utils import cond_nodes
+
+    model, make_inputs = wan
+    make = sized_inputs(make_inputs, 2, 8)
+    counts = {}
+    for name, spec in (("static", None), ("dynamic", WAN_DIMS)):
+        cached = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=spec)
+        run(cached, make, "default")
+        gm = cached.program().graph_module
+        outputs = [n for n in gm.graph.nodes if n.target is torch.ops.aten.view_as.default]
+        counts[name] = len(outputs)
+        assert symbolic(gm.graph) == (spec is not None)
+        branch = getattr(gm, cond_nodes(gm.graph)[0].args[1].target)
+        flat = [o for o in branch.graph.output_node().args[0] if o.target is torch.ops.aten.reshape.default]
+        assert len(flat) == counts[name]
+    assert counts["static"] == 0 and counts["dynamic"] > 0

@@ -175,5 +175,5 @@ def test_layout_barriers_pin_every_operand_computed_in_the_graph():
 def test_every_stage_is_a_module_with_run():
     names = [stage_name(stage) for stage in PIPELINE]
     assert names == ["drop_identities", "hoist_buffer_writes", "find_blocks", "plan_regions", "plan_metric",
-                     "frame_layout", "insert_cache", "reduce_metric", "layout_barriers"]
+                     "frame_layout", "insert_cache", "reduce_metric", "flat_cond_outputs", "layout_barriers"]
     assert all(callable(stage.run) and stage.__doc__ for stage in PIPELINE)

@@ -56,6 +56,24 @@ def input_sizes(gm: fx.GraphModule, flat: list) -> dict[str, int]:
     return sizes
 
 
+def mark_shapes(gm: fx.GraphModule, layout, flat: list, state: dict[str, torch.Tensor]) -> None:
+    """Tell Dynamo which sizes of a call of ``gm`` may change without a recompile: the sizes the capture kept
+    symbolic (of the inputs, and the state dims that are expressions of them), none of a static capture (its
+    automatic dynamic shapes would recompile a static graph as a dynamic one; a new signature gets its own
+    capture and compilation instead). Called eagerly before each compiled call."""
+    for node, leaf in zip(gm.graph.find_nodes(op="placeholder"), flat):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        fake = node.meta.get("val")
+        dims = [d for d, s in enumerate(getattr(fake, "shape", ())) if isinstance(s, torch.SymInt)]
+        for d in range(leaf.dim()):
+            (torch._dynamo.maybe_mark_dynamic if d in dims else torch._dynamo.mark_static)(leaf, d)
+    for spec in layout.specs if layout.symbolic else ():
+        dims = [d for d, size in enumerate(spec.shape or ()) if isinstance(size, str)]
+        if dims:
+            torch._dynamo.maybe_mark_dynamic(state[spec.name], dims)
+
+
 def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     """``dynamic_shapes="auto"``: batch, frames, height and width (dims 0, 2, 3, 4) of the first 5-D tensor
     argument (the video latent ``[B, C, F, H, W]``), each ``Dim.AUTO`` (kept static where the forward

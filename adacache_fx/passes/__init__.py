@@ -18,6 +18,7 @@ from ..state import StateLayout
 from . import (
     drop_identities,
     find_blocks,
+    flat_cond_outputs,
     frame_layout,
     hoist_buffer_writes,
     insert_cache,
@@ -44,6 +45,7 @@ PIPELINE = (
     frame_layout,
     insert_cache,
     reduce_metric,
+    flat_cond_outputs,
     layout_barriers,
 )
 

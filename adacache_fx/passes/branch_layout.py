@@ -101,3 +101,15 @@ class BranchLayout:
     def forecast(self) -> bool:
         """Whether the cached branch forecasts (takes the previous caches and weights)."""
         return self.order >= 1
+
+    def shaped_like(self) -> list[int | None]:
+        """For each output, the operand of the same shape (None: the metric and gain parts). A stream has
+        its residual's shape, the caches', and a value its own cache's."""
+        ops = self.operands.unpack(range(len(self.operands)))
+        streams = self.outputs.size("streams")
+        caches, values = ops["caches"][:streams], ops["caches"][streams:]
+        return self.outputs.pack(
+            streams=caches, values=values, residuals=caches, value_caches=values if self.order else [],
+            previous_caches=ops["caches"] if self.forecast else [], older_caches=ops["previous_caches"],
+            site_memory=ops["site_memory"], metric_parts=[None] * self.outputs.size("metric_parts"),
+            gain_parts=[None] * self.outputs.size("gain_parts"))
