@@ -30,23 +30,23 @@ class SizedKey(NamedTuple):
     sizes: tuple
 
 
-def input_sizes(gm: fx.GraphModule, flat: list) -> dict[str, int]:
-    """The values of the symbolic sizes of ``gm``'s inputs in the call ``flat`` (symbol name -> int)."""
+def solve_sizes(shapes) -> dict[str, int]:
+    """The values of the size symbols in ``shapes``: ``(expressions, sizes)`` pairs, one per tensor, each
+    expression an int, a ``torch.SymInt``, a sympy expression or its text (``"2*s33"``), the sizes a call's.
+    A symbol is read from a dim that is the symbol itself, then from one expression it is the one unknown of."""
     import sympy
 
     sizes: dict[str, int] = {}
     pending = []
-    for node, value in zip(gm.graph.find_nodes(op="placeholder"), flat):
-        fake = node.meta.get("val")
-        if not isinstance(fake, torch.Tensor) or not isinstance(value, torch.Tensor):
-            continue
-        for d, size in zip(fake.shape, value.shape):
-            if isinstance(d, torch.SymInt):
-                expr = d.node.expr
-                if isinstance(expr, sympy.Symbol):
-                    sizes[expr.name] = int(size)
-                else:
-                    pending.append((expr, int(size)))
+    for expressions, shape in shapes:
+        for d, size in zip(expressions, shape):
+            if isinstance(d, int):
+                continue
+            expr = d.node.expr if isinstance(d, torch.SymInt) else sympy.sympify(d)
+            if isinstance(expr, sympy.Symbol):
+                sizes[expr.name] = int(size)
+            else:
+                pending.append((expr, int(size)))
     for expr, size in pending:  # e.g. 2*s25 (a size the model divides by its patch size)
         unknown = [sym for sym in expr.free_symbols if sym.name not in sizes]
         if len(unknown) == 1:
@@ -56,16 +56,34 @@ def input_sizes(gm: fx.GraphModule, flat: list) -> dict[str, int]:
     return sizes
 
 
+def sympy_symbols(expression: str) -> set[str]:
+    """The size symbols an expression of them names (``"2*s33" -> {"s33"}``)."""
+    import sympy
+
+    return {sym.name for sym in sympy.sympify(expression).free_symbols}
+
+
+def input_sizes(gm: fx.GraphModule, flat: list) -> dict[str, int]:
+    """The values of the symbolic sizes of ``gm``'s inputs in the call ``flat`` (symbol name -> int)."""
+    return solve_sizes((node.meta["val"].shape, value.shape)
+                       for node, value in zip(gm.graph.find_nodes(op="placeholder"), flat)
+                       if isinstance(node.meta.get("val"), torch.Tensor) and isinstance(value, torch.Tensor))
+
+
+def symbolic_dims(gm: fx.GraphModule) -> list[list[int]]:
+    """For each input of ``gm``, the dims whose size is symbolic."""
+    return [[d for d, s in enumerate(getattr(node.meta.get("val"), "shape", ())) if isinstance(s, torch.SymInt)]
+            for node in gm.graph.find_nodes(op="placeholder")]
+
+
 def mark_shapes(gm: fx.GraphModule, layout, flat: list, state: dict[str, torch.Tensor]) -> None:
     """Tell Dynamo which sizes of a call of ``gm`` may change without a recompile: the sizes the capture kept
     symbolic (of the inputs, and the state dims that are expressions of them), none of a static capture (its
     automatic dynamic shapes would recompile a static graph as a dynamic one; a new signature gets its own
     capture and compilation instead). Called eagerly before each compiled call."""
-    for node, leaf in zip(gm.graph.find_nodes(op="placeholder"), flat):
+    for dims, leaf in zip(symbolic_dims(gm), flat):
         if not isinstance(leaf, torch.Tensor):
             continue
-        fake = node.meta.get("val")
-        dims = [d for d, s in enumerate(getattr(fake, "shape", ())) if isinstance(s, torch.SymInt)]
         for d in range(leaf.dim()):
             (torch._dynamo.maybe_mark_dynamic if d in dims else torch._dynamo.mark_static)(leaf, d)
     for spec in layout.specs if layout.symbolic else ():

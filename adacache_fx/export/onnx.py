@@ -32,6 +32,7 @@ from torch import nn
 
 from ..api import cached_model
 from ..capture import named_leaves
+from ..capture.dynamic import input_sizes, symbolic_dims
 from ..config import CacheConfig, config_from_dict
 from ..passes.reduce_metric import collectives
 from ..state import dtype_name
@@ -167,23 +168,67 @@ def _input_entry(name: str, leaf, static: tuple[str, ...]) -> dict:
     return entry
 
 
-def _metadata(cached, program, named: list, user_outputs: list) -> dict:
-    """What a runner needs, stored as JSON in the ONNX file's ``metadata_props``."""
+def _metadata(cached, program, named: list, user_outputs: list, shapes: list) -> dict:
+    """What a runner needs, stored as JSON in the ONNX file's ``metadata_props``.
+
+    ``shapes``: the exported shapes of the tensor inputs, then of the state. A file with dynamic axes (a
+    dynamic-shape capture) has sizes that are expressions (str) of the export's size symbols: an input's
+    ``shape``, the outputs' and ``exported_state``'s use them; an input's ``sizes`` are the capture's, in
+    which the ``state`` layout is written (a runner allocates each call's state from those)."""
+    layout = program.layout
+    symbolic = symbolic_dims(program.graph_module)
+    inputs, shapes = [], iter(shapes)
+    for (name, leaf), dims, node in zip(named, symbolic, program.graph_module.graph.find_nodes(op="placeholder")):
+        entry = _input_entry(name, leaf, program.captured.static_inputs)
+        if entry["kind"] == "tensor":
+            entry["shape"] = next(shapes)
+            if dims:
+                entry["sizes"] = _sizes(node.meta["val"].shape)
+        inputs.append(entry)
+    state_shapes = dict(zip(layout.names, shapes))
     return {
         "format": FORMAT_VERSION,
         "model": type(cached.model).__name__,
         "config": cached.adacache_config.to_dict(),
         "num_steps": cached.num_steps,
-        "inputs": [_input_entry(name, leaf, program.captured.static_inputs) for name, leaf in named],
+        "inputs": inputs,
         "outputs": [
-            {"name": f"out.{i}", "shape": [int(d) for d in v.shape], "dtype": dtype_name(v.dtype)}
+            {"name": f"out.{i}", "shape": _sizes(v.shape), "dtype": dtype_name(v.dtype)}
             for i, v in enumerate(user_outputs)
         ],
         "output_tree": _encode_tree(program.captured.out_spec),
-        "state": program.layout.to_dict(),  # graph inputs state.<name>, outputs state_out.<name> if returned
+        "state": layout.to_dict(),  # graph inputs state.<name>, outputs state_out.<name> if returned
+        "exported_state": {spec.name: state_shapes[spec.name] for spec in layout
+                           if layout.symbolic and spec.shape is not None},
         "regions": list(program.rewrite.regions),
         "metric_sites": list(program.rewrite.metric_sites),
     }
+
+
+def _sizes(shape) -> list[int | str]:
+    return [d if isinstance(d, int) else str(d.node.expr) for d in shape]
+
+
+def _dynamic_axes(program, named: list, static, layout) -> list:
+    """``torch.export``'s ``dynamic_shapes`` of the exported inputs: the history's rows (N), and the dims a
+    dynamic-shape capture keeps symbolic (``Dim.AUTO``: the export finds how they relate)."""
+    dims = symbolic_dims(program.graph_module)
+    auto = torch.export.Dim.AUTO
+    axes = [{d: auto for d in dims[i]} or None for i, (name, leaf) in enumerate(named)
+            if isinstance(leaf, torch.Tensor) and name not in static]
+    for spec in layout:
+        if spec.shape is None:
+            axes.append({0: torch.export.Dim("num_steps", min=3)})
+        else:
+            axes.append({d: auto for d, size in enumerate(spec.shape) if isinstance(size, str)} or None)
+    return axes
+
+
+def _user_shapes(exported, count: int) -> list[list[int | str]]:
+    """The shapes of the first ``count`` user inputs of an exported program."""
+    names = exported.graph_signature.user_inputs
+    values = {n.name: n.meta["val"] for n in exported.graph.find_nodes(op="placeholder")}
+    return [_sizes(values[name].shape) for name in names[:count]]
 
 
 def config_from_metadata(metadata: dict) -> CacheConfig:
@@ -211,8 +256,10 @@ def to_onnx(
         example_inputs: the inputs of one denoising step: a tuple of positional arguments (as
             ``torch.export.export`` takes them, keyword ones in ``kwargs``), a dict of keyword
             arguments, or an ``(args, kwargs)`` pair.
-            Tensor shapes and dtypes are fixed in the file (one file per input signature; a dynamic
-            batch is future work), non-tensor values are baked in as constants.
+            Tensor shapes and dtypes are fixed in the file (one file per input signature), except the
+            sizes a dynamic-shape transform (``transform(..., dynamic_shapes=...)``) keeps symbolic: those
+            are dynamic axes, and a runner allocates the state for each size it is called with.
+            Non-tensor values are baked in as constants.
         path: the ``.onnx`` file to write.
         kwargs: keyword inputs, with a tuple ``example_inputs``.
         opset: ONNX opset version (default: the exporter's).
@@ -264,15 +311,14 @@ def to_onnx(
         tensors = [(name, leaf) for name, leaf in named if isinstance(leaf, torch.Tensor) and name not in static]
         device = tensors[0][1].device if tensors else torch.device("cpu")
         layout = program.layout
-        state = list(layout.allocate(num_steps, device).values())  # a fresh generation's, not the live one
+        flat = program.captured.flatten_inputs(args, kwargs)
+        sized = layout.resolve(input_sizes(program.graph_module, flat)) if layout.symbolic else layout
+        state = list(sized.allocate(num_steps, device).values())  # a fresh generation's, not the live one
         wrapper = _StatefulProgram(prepared.graph_module, [
             None if name in static else _TENSOR if isinstance(leaf, torch.Tensor) else leaf for name, leaf in named
         ])
         inputs = tuple(t for _, t in tensors) + tuple(state)
-        dynamic = [None] * len(inputs)
-        for i, spec in enumerate(layout):
-            if spec.shape is None:
-                dynamic[len(tensors) + i] = {0: torch.export.Dim("num_steps", min=3)}
+        dynamic = _dynamic_axes(program, named, static, layout)
         with stage("torch.export (strict)"):
             exported = torch.export.export(wrapper, inputs, dynamic_shapes=(tuple(dynamic),), strict=True)
 
@@ -296,7 +342,8 @@ def to_onnx(
                 verbose=False,
             )
 
-    metadata = {**_metadata(cached, program, named, user_outputs), "target": target, "prepared": prepared.summaries}
+    metadata = {**_metadata(cached, program, named, user_outputs, _user_shapes(exported, len(inputs))),
+                "target": target, "prepared": prepared.summaries}
     with stage("save"):
         ir_model = onnx_program.model
         for value in [*ir_model.graph.inputs, *ir_model.graph.outputs]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Hashable
 from pathlib import Path
 
 import torch
 
 from ..capture import named_leaves
+from ..capture.dynamic import solve_sizes, sympy_symbols
 from ..report import Report, read_report
-from ..state import StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name
+from ..state import StateLayout, StateStore, check_num_steps, dtype_from_name, dtype_name, eval_size
 from .onnx import FORMAT_VERSION, METADATA_KEY, decode_tree
 
 _PROGRAM = "program"  # the one signature key of an exported file in the runner's state store
@@ -39,10 +41,13 @@ class StatefulRunner:
             )
         self.metadata = metadata
         self.device = torch.device(device)
-        self.layout = StateLayout.from_dict(metadata["state"])
+        self.layout = StateLayout.from_dict(metadata["state"])  # its shapes may be expressions of input sizes
         self._store = StateStore(check_num_steps(num_steps) if num_steps is not None else metadata["num_steps"])
-        self._store.add_layout(_PROGRAM, self.layout, self.device)
-        self._spare: dict[str, dict[str, torch.Tensor]] = {}
+        if not self.layout.symbolic:
+            self._store.add_layout(_PROGRAM, self.layout, self.device)
+        self._spare: dict[tuple[str, Hashable], dict[str, torch.Tensor]] = {}  # by (context, key)
+        self._sized: set[Hashable] = set()  # the state keys of the input sizes seen (dynamic axes)
+        self._by_shapes: dict[tuple, tuple[Hashable, list]] = {}  # input shapes -> (state key, output shapes)
 
     def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run the engine: read ``feeds`` and write into the preallocated ``outputs`` (by name)."""
@@ -58,9 +63,19 @@ class StatefulRunner:
         """The cache contexts that ran a call."""
         return self._store.contexts
 
+    def _key(self, context: str | None = None) -> Hashable:
+        """The state key a context last ran (a file with dynamic axes has one per input size)."""
+        last = self._store.last(context)
+        if last is not None:
+            return last[0]
+        if self.layout.symbolic:
+            raise RuntimeError(f"cache context {self._store.active if context is None else context!r} has not run "
+                               "a call yet: this file's state shapes follow the input sizes")
+        return _PROGRAM
+
     def state(self, context: str | None = None) -> dict[str, torch.Tensor]:
         """The current state tensors of a cache context (default: the active one), by spec name."""
-        return dict(self._store.get(_PROGRAM, context))
+        return dict(self._store.get(self._key(context), context))
 
     def load_state(self, state: dict[str, torch.Tensor], context: str | None = None) -> None:
         """Copy state tensors in (e.g. a :class:`~adacache_fx.CachedModel`'s ``state()``).
@@ -69,13 +84,14 @@ class StatefulRunner:
         unknown = sorted(set(state) - set(self.layout.names))
         if unknown:
             raise ValueError(f"unknown state tensors {unknown}; this model's state is {self.layout.names}")
+        key = self._key(context)
         for name, value in state.items():
-            spec = self.layout.spec(name)
+            spec = self._store.layout(key).spec(name)
             expected = (spec.shape_for(self._store.steps_for(context)), dtype_name(spec.dtype))
             if not isinstance(value, torch.Tensor) or (tuple(value.shape), dtype_name(value.dtype)) != expected:
                 got = (tuple(value.shape), dtype_name(value.dtype)) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ValueError(f"state tensor {name!r}: expected shape {expected[0]} dtype {expected[1]}, got {got}")
-        current = self._store.get(_PROGRAM, context)
+        current = self._store.get(key, context)
         for name, value in state.items():
             current[name].copy_(value)
 
@@ -86,7 +102,7 @@ class StatefulRunner:
         previous = self._store.active
         if num_steps is not None:
             if self._store.steps_for(name) != num_steps:
-                self._spare.pop(name, None)  # sized for the old N
+                self._drop_spare(name)  # sized for the old N
             self._store.set_steps(name, num_steps)
         self._store.active = name
         try:
@@ -97,7 +113,11 @@ class StatefulRunner:
     def release(self, context: str) -> None:
         """Free a cache context's state (both of its tensor sets) and its own N."""
         self._store.release(context)
-        self._spare.pop(context, None)
+        self._drop_spare(context)
+
+    def _drop_spare(self, context: str) -> None:
+        for spare in [spare for spare in self._spare if spare[0] == context]:
+            del self._spare[spare]
 
     def reset(self, num_steps: int | None = None) -> None:
         """Start a new generation in every context; optionally change the number of steps N."""
@@ -111,7 +131,8 @@ class StatefulRunner:
         if context not in self._store.contexts:
             raise RuntimeError(f"no generation has run in cache context {context!r} yet (contexts: {self.contexts})")
         meta = self.metadata
-        return read_report(self._store.get(_PROGRAM, context), self.layout, context, meta["regions"],
+        key = self._key(context)
+        return read_report(self._store.get(key, context), self._store.layout(key), context, meta["regions"],
                            meta["metric_sites"])
 
     # -- the call ------------------------------------------------------------------------------------
@@ -140,34 +161,78 @@ class StatefulRunner:
                 continue
             if not isinstance(value, torch.Tensor):
                 raise ValueError(f"input {name!r}: expected a tensor, got {type(value).__name__}")
-            if list(value.shape) != item["shape"] or dtype_name(value.dtype) != item["dtype"]:
+            shape = item["shape"]
+            if len(value.shape) != len(shape) or any(isinstance(d, int) and d != v for d, v in zip(shape, value.shape)) \
+                    or dtype_name(value.dtype) != item["dtype"]:
+                fixed = "the sizes given as numbers are fixed in the file" if self.layout.symbolic \
+                    else "the export is shape-specialized"
                 raise ValueError(
-                    f"input {name!r}: expected shape {tuple(item['shape'])} dtype {item['dtype']}, "
-                    f"got shape {tuple(value.shape)} dtype {dtype_name(value.dtype)} (the export is shape-specialized)"
+                    f"input {name!r}: expected shape {tuple(shape)} dtype {item['dtype']}, "
+                    f"got shape {tuple(value.shape)} dtype {dtype_name(value.dtype)} ({fixed})"
                 )
             feeds[name] = value.to(self.device).contiguous()
         return feeds
 
+    def _sizes(self, feeds: dict[str, torch.Tensor]) -> dict[str, int]:
+        """The values of the capture's size symbols in this call (none for a file without dynamic axes)."""
+        if not self.layout.symbolic:
+            return {}
+        shapes = {item["name"]: item.get("sizes", item["shape"]) for item in self.metadata["inputs"] if "shape" in item}
+        sizes = solve_sizes((shapes[name], value.shape) for name, value in feeds.items())
+        needed = {sym for spec in self.layout for d in spec.shape or () if isinstance(d, str)
+                  for sym in sympy_symbols(d)}
+        if not needed <= set(sizes):
+            raise ValueError(f"the sizes {sorted(needed - set(sizes))} of the state are not known from the inputs "
+                             f"{ {n: tuple(v.shape) for n, v in feeds.items()} }")
+        return sizes
+
+    def _state_key(self, sizes: dict[str, int]) -> Hashable:
+        """The state key of a call: one per input size with dynamic axes (its layout resolved on first use)."""
+        if not sizes:
+            return _PROGRAM
+        key = (_PROGRAM, tuple(sorted(sizes.items())))
+        if key not in self._sized:
+            self._store.add_layout(key, self.layout.resolve(sizes), self.device)
+            self._sized.add(key)
+        return key
+
+    def _output_shapes(self, feeds: dict[str, torch.Tensor], layout: StateLayout) -> list[list[int]]:
+        """The user outputs' shapes: in the export's size symbols, known from the inputs and the state."""
+        outputs = [out["shape"] for out in self.metadata["outputs"]]
+        if not self.layout.symbolic:
+            return outputs
+        shapes = {item["name"]: item["shape"] for item in self.metadata["inputs"] if "shape" in item}
+        known = [(shapes[name], value.shape) for name, value in feeds.items()]
+        known += [(shape, layout.spec(name).shape) for name, shape in self.metadata["exported_state"].items()]
+        sizes = solve_sizes(known)
+        return [[eval_size(d, sizes) if isinstance(d, str) else d for d in shape] for shape in outputs]
+
     @torch.no_grad()
     def __call__(self, *args, **kwargs):
         feeds = self._user_feeds(args, kwargs)
-        self._store.use(_PROGRAM)
-        current = self._store.get(_PROGRAM)
-        following = self._spare.get(self._store.active)
+        shapes = tuple(tuple(value.shape) for value in feeds.values())
+        if shapes not in self._by_shapes:  # (the sizes are solved once per input shapes)
+            key = self._state_key(self._sizes(feeds))
+            self._by_shapes[shapes] = key, self._output_shapes(feeds, self._store.layout(key))
+        key, output_shapes = self._by_shapes[shapes]
+        layout = self._store.layout(key)
+        self._store.use(key)
+        current = self._store.get(key)
+        following = self._spare.get((self._store.active, key))
         if following is None:  # a state never written back is shared by both sets
-            fresh = self.layout.allocate(self._store.steps_for(), self.device)
-            following = {spec.name: fresh[spec.name] if spec.returned else current[spec.name] for spec in self.layout}
+            fresh = layout.allocate(self._store.steps_for(), self.device)
+            following = {spec.name: fresh[spec.name] if spec.returned else current[spec.name] for spec in layout}
         outputs = {
-            out["name"]: torch.empty(out["shape"], dtype=dtype_from_name(out["dtype"]), device=self.device)
-            for out in self.metadata["outputs"]
+            out["name"]: torch.empty(shape, dtype=dtype_from_name(out["dtype"]), device=self.device)
+            for out, shape in zip(self.metadata["outputs"], output_shapes)
         }
-        for spec in self.layout:
+        for spec in layout:
             feeds[f"state.{spec.name}"] = current[spec.name]
             if spec.returned:
                 outputs[f"state_out.{spec.name}"] = following[spec.name]
         self._execute(feeds, outputs)
-        self._store.replace(_PROGRAM, following)
-        self._spare[self._store.active] = current
+        self._store.replace(key, following)
+        self._spare[(self._store.active, key)] = current
         user = iter(outputs[out["name"]] for out in self.metadata["outputs"])
         return decode_tree(self.metadata["output_tree"], user)
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from ..capture.dynamic import solve_sizes
 from ..state import StateLayout, dtype_name
 from .onnx import read_metadata
 from .profiles import apply_tensorrt_profile
@@ -50,15 +52,21 @@ def _sidecar(engine_path: str | Path) -> Path:
 
 
 def build_tensorrt_engine(
-    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4, tf32: bool = True
+    onnx_path: str | Path, engine_path: str | Path, *, fp16: bool = False, workspace_gb: float = 4, tf32: bool = True,
+    shapes: dict[str, tuple[Sequence[int], Sequence[int], Sequence[int]]] | None = None,
 ) -> Path:
     """Build a serialized TensorRT engine (TensorRT 10.0 to 11.x) from a :func:`to_onnx` file.
 
     Parses the ONNX file (external data included) into an explicit-batch network, limits the builder
-    workspace to ``workspace_gb`` GiB, and gives the only dynamic dimension, the rows of
-    ``state.history``, the range 3..``MAX_STEPS`` (optimal: the export's N). A file not exported with
-    ``target="tensorrt"`` gets the TensorRT profile applied to a temporary copy first.
+    workspace to ``workspace_gb`` GiB, and gives the rows of ``state.history`` the range 3..``MAX_STEPS``
+    (optimal: the export's N) in its optimization profile. A file not exported with ``target="tensorrt"``
+    gets the TensorRT profile applied to a temporary copy first.
     Writes the engine and, next to it, ``<engine_path>.json`` with the runner's metadata.
+
+    ``shapes``: for a file with dynamic axes (exported from ``transform(..., dynamic_shapes=...)``), the
+    ``(min, opt, max)`` shapes of each input with a dynamic size, as TensorRT's optimization profiles take
+    them (``{"hidden_states": ((1, 16, 2, 8, 8), (1, 16, 3, 12, 12), (1, 16, 4, 16, 16))}``); the state
+    tensors' ranges follow from them (each state size is an expression of the input sizes).
 
     ``fp16``: TensorRT 10 sets ``BuilderFlag.FP16`` (FP16 kernels allowed). TensorRT 11 has no such
     flag (strong typing): the precision is the ONNX file's, so export the model in float16 or
@@ -86,9 +94,8 @@ def build_tensorrt_engine(
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     profile = builder.create_optimization_profile()
-    n = metadata["num_steps"]
-    tail = StateLayout.from_dict(metadata["state"]).spec("history").shape_for(1)[1:]  # (B,) C: per-sample rows
-    profile.set_shape("state.history", (3, *tail), (n, *tail), (max(n, MAX_STEPS), *tail))
+    for name, (low, opt, high) in optimization_profile(metadata, shapes).items():
+        profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -97,6 +104,49 @@ def build_tensorrt_engine(
     engine_path.write_bytes(bytes(serialized))
     _sidecar(engine_path).write_text(json.dumps(metadata))
     return engine_path
+
+
+def optimization_profile(metadata: dict, shapes: dict | None = None) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """``(min, opt, max)`` of every input of an exported file with a dynamic size: ``state.history``'s rows
+    (3..``MAX_STEPS``, optimal N), the user inputs with dynamic axes (from ``shapes``, checked against the
+    file) and the state tensors whose sizes are expressions of theirs (evaluated at min, opt and max)."""
+    layout = StateLayout.from_dict(metadata["state"])
+    n = metadata["num_steps"]
+    tail = layout.spec("history").shape_for(1)[1:]  # (B,) C: per-sample rows
+    profile = {"state.history": ((3, *tail), (n, *tail), (max(n, MAX_STEPS), *tail))}
+    tensors = {item["name"]: item for item in metadata["inputs"] if item["kind"] == "tensor"}
+    dynamic = {name: item for name, item in tensors.items() if any(isinstance(d, str) for d in item["shape"])}
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - set(tensors))
+    if unknown:
+        raise ValueError(f"shapes= names {unknown}, which are not tensor inputs of this file ({sorted(tensors)})")
+    static = sorted(set(shapes) - set(dynamic))
+    if static:
+        raise ValueError(f"shapes= gives ranges for {static}, whose shapes are fixed in this file")
+    if set(dynamic) - set(shapes):
+        example = {name: "((min...), (opt...), (max...))" for name in dynamic}
+        raise ValueError(
+            f"this file has dynamic axes: build_tensorrt_engine(..., shapes={example}) needs the range of "
+            + ", ".join(f"{name} {tuple(item['shape'])}" for name, item in dynamic.items())
+        )
+    for name, ranges in shapes.items():
+        expected = dynamic[name]["shape"]
+        ranges = tuple(tuple(int(d) for d in shape) for shape in ranges)
+        if len(ranges) != 3 or any(len(shape) != len(expected) for shape in ranges):
+            raise ValueError(f"shapes[{name!r}] must be (min, opt, max), each a shape like {tuple(expected)}")
+        for d, (size, low, opt, high) in enumerate(zip(expected, *ranges)):
+            if isinstance(size, int) and not low == opt == high == size:
+                raise ValueError(f"shapes[{name!r}] dim {d} is fixed to {size} in this file, got {low}, {opt}, {high}")
+            if not 1 <= low <= opt <= high:
+                raise ValueError(f"shapes[{name!r}] dim {d}: need 1 <= min <= opt <= max, got {low}, {opt}, {high}")
+        profile[name] = ranges
+    if layout.symbolic:
+        at = [solve_sizes((dynamic[name].get("sizes", dynamic[name]["shape"]), profile[name][i]) for name in dynamic)
+              for i in range(3)]
+        for spec in layout:
+            if spec.shape is not None and any(isinstance(d, str) for d in spec.shape):
+                profile[f"state.{spec.name}"] = tuple(layout.resolve(sizes).spec(spec.name).shape for sizes in at)
+    return profile
 
 
 def _precision_flags(trt, metadata: dict, fp16: bool) -> list:

@@ -74,7 +74,7 @@ def make_module(version: str) -> types.ModuleType:
 
     class Network:
         def __init__(self, flags):
-            self.flags, self.onnx_path = flags, None
+            self.flags, self.onnx_path, self.dynamic = flags, None, []
 
     class OnnxParser:
         def __init__(self, network, logger):
@@ -90,6 +90,9 @@ def make_module(version: str) -> types.ModuleType:
                     if node.op_type == "Attention" and graph is not model.graph:
                         self.errors.append(f"{node.name}: Attention is not supported inside a conditional")
             self.network.onnx_path = path
+            initializers = {i.name for i in model.graph.initializer}
+            self.network.dynamic = [v.name for v in model.graph.input if v.name not in initializers and any(
+                d.dim_param or not d.HasField("dim_value") for d in v.type.tensor_type.shape.dim)]
             return not self.errors
 
         @property
@@ -140,6 +143,12 @@ def make_module(version: str) -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network, config):
+            # as TensorRT: every input with a dynamic dimension needs a range in the optimization profile
+            profile = config.profiles[0] if config.profiles else {}
+            missing = [name for name in network.dynamic if name not in profile]
+            if missing:
+                trt.errors.append(f"network has dynamic inputs without an optimization profile: {missing}")
+                return None
             record = {"onnx": network.onnx_path, "network_flags": network.flags, "flags": config.flags,
                       "cleared": config.cleared,
                       "pools": config.pools, "profiles": config.profiles}
@@ -167,6 +176,7 @@ def make_module(version: str) -> types.ModuleType:
             self.inputs = {v.name: v.type.tensor_type for v in model.graph.input if v.name not in initializers}
             self.outputs = {v.name: v.type.tensor_type for v in model.graph.output}
             self.names = [*self.inputs, *self.outputs]
+            self.profile = {name: [tuple(shape) for shape in ranges] for name, ranges in record["profiles"][0].items()}
 
         @property
         def num_io_tensors(self):
@@ -187,8 +197,18 @@ def make_module(version: str) -> types.ModuleType:
             self.engine, self.shapes, self.addresses, self.rejected = engine, {}, {}, set()
 
         def set_input_shape(self, name, shape):
+            """False (as TensorRT) for an unknown input, a fixed dim changed, or a size outside the profile."""
             if name not in self.engine.inputs:
                 return False
+            dims = self.engine.inputs[name].shape.dim
+            fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+            if len(shape) != len(fixed) or any(f is not None and f != size for f, size in zip(fixed, shape)):
+                return False
+            if name in self.engine.profile:
+                low, _, high = self.engine.profile[name]
+                if any(not lo <= size <= hi for lo, size, hi in zip(low, shape, high)):
+                    trt.errors.append(f"set_input_shape({name!r}, {tuple(shape)}) outside the profile {low}..{high}")
+                    return False
             self.shapes[name] = tuple(shape)
             return True
 
@@ -202,7 +222,17 @@ def make_module(version: str) -> types.ModuleType:
             return True
 
         def _shape(self, name, tensor_type, dims):
-            return tuple(d.dim_value if d.HasField("dim_value") else dims[d.dim_param] for d in tensor_type.shape.dim)
+            """An output's shape: its dim_params are input sizes' names, or expressions of them."""
+            import sympy
+
+            def size(d):
+                if d.HasField("dim_value"):
+                    return d.dim_value
+                if d.dim_param in dims:
+                    return dims[d.dim_param]
+                return int(sympy.sympify(d.dim_param).subs({sympy.Symbol(k): v for k, v in dims.items()}))
+
+            return tuple(size(d) for d in tensor_type.shape.dim)
 
         def execute_async_v3(self, stream_handle):
             import numpy as np
