@@ -88,3 +88,49 @@ def test_a_static_file_needs_no_profile_and_takes_none():
         optimization_profile(metadata, {"x": ((1, 4),) * 3})
     with pytest.raises(ValueError, match=r"not tensor inputs of this file \(\['x'\]\)"):
         optimization_profile(metadata, {"y": ((1, 4),) * 3})
+
+
+def test_reference_model_one_capture_compiled_once_one_file(tmp_path):
+    """The bundled reference model (Wan-class, 4x4 patches) with dynamic frames, height and width: one
+    capture equals the static transform at 2 frame counts x 2 resolutions, one compiled graph and one
+    ONNX file serve them all, with the same computed steps."""
+    from helpers import counted_compile
+    from torch.export import Dim
+
+    from adacache_fx.tools import reference as ref
+
+    model, encoder = ref.load_reference_model()
+    steps = 10
+    text = encoder.encode_conditioning(["a red circle moving left fast"])
+
+    def sized(frames, size):
+        def make(step):
+            x = torch.randn(1, 3, frames, size, size, generator=torch.Generator().manual_seed(frames * 100 + size))
+            return {"hidden_states": x + 0.02 * step, "timestep": torch.tensor([1000.0 * (1 - step / steps)]),
+                    **text, "return_dict": False}
+        return make
+
+    dims = {"hidden_states": {2: Dim("frames", max=16), 3: 4 * Dim("h", max=16), 4: 4 * Dim("w", max=16)}}
+    dynamic = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=steps), dynamic_shapes=dims)
+    static = ax.transform(copy.deepcopy(model), ax.AdaCacheConfig(num_steps=steps))
+    compiled, counter = counted_compile(dynamic)
+    to_onnx(dynamic, sized(8, 32)(0), tmp_path / "reference.onnx")
+    runner = OnnxRunner(tmp_path / "reference.onnx")
+
+    def generation(model, make, context):
+        with torch.no_grad(), model.cache_context(context, num_steps=steps):
+            return [first_tensor(model(**make(s))).clone() for s in range(steps)]
+
+    skipped = 0
+    for frames, size in [(8, 32), (4, 16), (8, 16), (4, 32)]:
+        make, name = sized(frames, size), f"{frames}x{size}"
+        eager = generation(dynamic, make, name)
+        for other, context, tol in ((static, name, 0.0), (compiled, name + "-compiled", 1e-5),
+                                    (runner, name, 1e-4)):
+            got = generation(other, make, context)
+            assert max(float((x - y).abs().max()) for x, y in zip(got, eager)) <= tol, (name, context)
+            report = other.report(context) if other is runner else ax.report(dynamic if other is compiled else other, context)
+            assert report.computed_steps == ax.report(dynamic, name).computed_steps
+        skipped += steps - ax.report(dynamic, name).num_computed
+    assert skipped > 0
+    assert counter.frame_count == 1 and dynamic._captures == 1
