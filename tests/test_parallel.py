@@ -64,6 +64,26 @@ def run_cfg(model, make_inputs, codebook):
     return computed, outputs
 
 
+def two_videos(make_inputs):
+    """A batch of two: the fixture's video, and one whose latents change a lot between steps (it wants
+    every step computed where the first skips)."""
+    def inputs(step):
+        kwargs = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in make_inputs(step).items()}
+        h = kwargs["hidden_states"]
+        noise = torch.randn(h[1:].shape, generator=torch.Generator().manual_seed(step), dtype=h.dtype)
+        kwargs["hidden_states"] = torch.cat([h[:1], h[1:] + noise.to(h.device)])
+        return kwargs
+    return inputs
+
+
+def run_rows(model, make_inputs, codebook):
+    """A per-sample generation of a batch: ``(outputs, computed steps of each row)``."""
+    cached = adacache_fx.transform(model, adacache_fx.AdaCacheConfig(num_steps=NUM_STEPS, codebook=codebook,
+                                                                      batch_decisions="per_sample"))
+    outputs = [cached(**make_inputs(step))[0] for step in range(NUM_STEPS)]
+    return outputs, [r.computed_steps for r in adacache_fx.report(cached)]
+
+
 def _gain(cached) -> float | None:
     """The fitted forecast gain after the generation (``forecast_gain="fit"``), else None."""
     state = cached.state()
@@ -110,6 +130,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         outputs, _, computed, _ = run(plain, make_inputs, codebook, ContextParallelConfig(ulysses_degree=WORLD))
         result["wan", "transform first"] = {"outputs": outputs, "computed": computed}
         result["cfg"] = run_cfg(model, make_inputs, codebook)
+        result["rows"] = run_rows(model, two_videos(make_inputs), codebook)
         model16, inputs16 = parallel_model("wan", dtype=torch.bfloat16, ulysses_degree=WORLD)
         _, metric, _, _ = run(model16, inputs16, ALWAYS)
         codebook16 = {2 * float(metric[1]): 3, 1e9: 1}  # the reduced metric: the same on both ranks
@@ -160,6 +181,7 @@ def single(ranks):
     sums = found["wan", "fitted gain"]["gain_sums"]
     assert sums.shape == (NUM_STEPS, 2) and bool((sums[[4, 5], 1] > 0).all())  # fitted on steps 5 and 6
     found["cfg"] = run_cfg(model, make_inputs, ranks[0]["wan"]["codebook"])
+    found["rows"] = run_rows(model, two_videos(make_inputs), ranks[0]["wan"]["codebook"])
     return found
 
 
@@ -213,6 +235,18 @@ def test_cache_contexts_and_reset_decide_as_one_process(ranks, single):
     assert want_computed[0] == want_computed[1]  # a reset starts the same generation again
     for result in ranks:
         computed, outputs = result["cfg"]
+        assert computed == want_computed
+        for out, ref in zip(outputs, want_outputs):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+def test_per_sample_rows_of_a_batch_decide_as_one_process(ranks, single):
+    """Per-sample decisions of a batch of two under context parallelism: each row's metric is reduced over
+    the ranks on its own, so every rank computes each row's steps as one process does."""
+    want_outputs, want_computed = single["rows"]
+    assert want_computed[0] == [1, 2, 5, 6] and want_computed[1] != want_computed[0]
+    for result in ranks:
+        outputs, computed = result["rows"]
         assert computed == want_computed
         for out, ref in zip(outputs, want_outputs):
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
