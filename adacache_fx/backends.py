@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from .api import transform
-from .module import CachedModel, Program
+from .module import CachedModel
 from .policies import AdaCacheConfig
+from .program import Program
 
 BACKENDS = ("inductor", "tensorrt")
 

@@ -15,24 +15,22 @@ import logging
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
-import torch.fx as fx
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .adapters import ModelWatch
-from .capture import CapturedGraph, fast_path_note, signature
+from .capture import fast_path_note, signature
 from .capture.dynamic import DynamicShapes, SizedKey, input_sizes, mark_shapes
 from .capture.hooks import run_offload_hook
 from .config import CacheConfig
-from .eager import eager_module, plain_eager
+from .eager import plain_eager
 from .parallel import check_same_call, context_parallel_group
-from .passes import PassError, RewriteResult, rewrite
+from .passes import PassError, rewrite
+from .program import Program, SignatureKey
 from .report import Report, read_report
-from .state import StateLayout, StateStore
+from .state import StateStore
 from .steps import StepCountCheck, always_computed, user_stacklevel
 
 logger = logging.getLogger("adacache_fx")
@@ -40,50 +38,6 @@ logger = logging.getLogger("adacache_fx")
 
 class TransformError(RuntimeError):
     """The model's structure does not allow caching (no block stack, a block that cannot be skipped...)."""
-
-
-@dataclass
-class Program:
-    """A captured and rewritten call signature: the graph module and its state layout.
-
-    ``graph_module`` is what ``torch.compile`` and export trace; eager calls run :attr:`eager`, its
-    twin with fewer Python layers (:mod:`adacache_fx.eager`), rebuilt after a program hook runs.
-    """
-
-    captured: CapturedGraph
-    rewrite: RewriteResult
-    _eager: fx.GraphModule | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def graph_module(self) -> fx.GraphModule:
-        return self.rewrite.graph_module
-
-    @property
-    def eager(self) -> fx.GraphModule:
-        """The module eager calls run: :func:`~adacache_fx.eager.eager_module` of ``graph_module``."""
-        if self._eager is None:
-            self._eager = eager_module(self.graph_module)
-        return self._eager
-
-    def changed(self) -> None:
-        """Say that ``graph_module`` (or a branch of it) was changed: the eager twin is rebuilt."""
-        self._eager = None
-
-    def __getstate__(self):  # copies and pickles rebuild the twin (its code binds C++ callables)
-        return {**self.__dict__, "_eager": None}
-
-    @property
-    def layout(self) -> StateLayout:
-        return self.rewrite.layout
-
-
-class SignatureKey(NamedTuple):
-    """What a captured program is specialized to: the call's structure, shapes, dtypes, constants and
-    static inputs' values (:func:`~adacache_fx.capture.signature`), and the weights' dtype and device."""
-
-    call: tuple
-    dtype: torch.dtype | None
-    device: str
 
 
 class CachedModel(nn.Module):
@@ -113,6 +67,7 @@ class CachedModel(nn.Module):
     def __init__(self, model: nn.Module, config: CacheConfig, dynamic_shapes: dict | str | None = None):
         super().__init__()
         self._dynamic = DynamicShapes(dynamic_shapes)  # the sizes the programs keep symbolic
+        self._sized: dict[tuple, SizedKey] = {}  # (signature key, input shapes) -> state key (dynamic shapes)
         self.model = model
         self.adacache_config = config
         self._store = StateStore(config.num_steps)
@@ -165,6 +120,7 @@ class CachedModel(nn.Module):
         # .to()/.half() may replace buffers: captured graphs would keep the old ones.
         self._programs.clear()
         self._store.clear()
+        self._sized.clear()
         self._current = None
         return super()._apply(fn, recurse)
 
@@ -330,6 +286,7 @@ class CachedModel(nn.Module):
             hook(program)
         program.changed()
         self._programs[key] = program
+        self._sized.clear()  # a layout per size again (a new capture may have another)
         self._store.add_layout(key, result.layout, device=key.device)  # the state lives with the weights
         return program
 
@@ -347,12 +304,20 @@ class CachedModel(nn.Module):
             program = self._capture(key, args, kwargs)
             key = self.signature_key(args, kwargs)  # with the values of inputs the capture specialized
         if program.layout.symbolic:  # a state per concrete size
-            sizes = input_sizes(program.graph_module, program.captured.flatten_inputs(args, kwargs))
-            key = SizedKey(key, tuple(sorted(sizes.items())))
-            self._store.add_layout(key, program.layout.resolve(sizes), device=key.key.device)
+            key = self._sized_key(program, key, program.captured.flatten_inputs(args, kwargs))
         self._store.use(key)
         self._current = (program, self._store.bound(key))
         return self._current
+
+    def _sized_key(self, program: Program, key: SignatureKey, flat: list) -> SizedKey:
+        """The state key of a dynamic-shape call: its sizes solved, and the layout resolved, once per shapes."""
+        shapes = (key, tuple(tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)))
+        sized = self._sized.get(shapes)
+        if sized is None:
+            sizes = input_sizes(program.graph_module, flat)
+            sized = self._sized[shapes] = SizedKey(key, tuple(sorted(sizes.items())))
+            self._store.add_layout(sized, program.layout.resolve(sizes), device=key.device)
+        return sized
 
     def _infer_parameters(self, module, args, kwargs=None):
         """Called eagerly by ``torch.compile(module)`` before each compiled call (see ``_initialize_hook``)."""

@@ -125,7 +125,7 @@ def _taylorseer_schedule(bench, key, method, v, compiled=False):
                      compiled=compiled)
 
 
-register("adacache-taylorseer-schedule-compiled", "adacache-fx TaylorSeer schedule compiled", full=(4, 5, 6),
+register("adacache-taylorseer-schedule-compiled", "adacache-fx TaylorSeer schedule compiled", full=(4, 5, 6, 8, 10),
          quick=(3,))(
     lambda bench, key, method, v: _taylorseer_schedule(bench, key, method, v, compiled=True))
 
@@ -173,14 +173,15 @@ def magnitudes(bench) -> list[float]:
     return bench._cal["adacache-mag"]
 
 
-def _magcache(bench, key, method, v, compiled=False, gain=None):
+def _magcache(bench, key, method, v, compiled=False, gain=None, max_skip_steps=3, retention_ratio=0.2):
     n = bench.steps
-    label = f"threshold {v:g}, K 3, our calibration" + ("" if gain is None else f", order 1, gain {gain:g}")
+    label = f"threshold {v:g}, K {max_skip_steps}" + (f", retention {retention_ratio:g}" if retention_ratio != 0.2 else "")
+    label += ", our calibration" + ("" if gain is None else f", order 1, gain {gain:g}")
     label += ", inductor fullgraph" if compiled else ""
     forecast = {} if gain is None else {"extrapolation_order": 1, "forecast_gain": gain}
     return _adacache(bench, key, method, label,
-                     lambda: MagCacheConfig(num_steps=n, mag_ratios=magnitudes(bench), threshold=v, max_skip_steps=3,
-                                            **forecast),
+                     lambda: MagCacheConfig(num_steps=n, mag_ratios=magnitudes(bench), threshold=v,
+                                            max_skip_steps=max_skip_steps, retention_ratio=retention_ratio, **forecast),
                      compiled=compiled)
 
 
@@ -193,9 +194,12 @@ def _magcache_forecast(bench, key, method, v):
     return _magcache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
 
 
-@register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2,), quick=(0.2,))
+@register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2, 0.5, 1.0), quick=(0.2,))
 def _magcache_compiled(bench, key, method, v):
-    return _magcache(bench, key, method, v, compiled=True)
+    """Above threshold 0.2 (where runs of K 3 cap the speedup at ~2.5x compiled), runs of 6 and a tenth of
+    the steps computed first."""
+    long_runs = {"max_skip_steps": 6, "retention_ratio": 0.1} if v > 0.2 else {}
+    return _magcache(bench, key, method, v, compiled=True, **long_runs)
 
 
 def teacache_calibration(bench) -> tuple[tuple[float, ...], list[list[float]]]:
@@ -209,12 +213,13 @@ def teacache_calibration(bench) -> tuple[tuple[float, ...], list[list[float]]]:
     return bench._cal["adacache-tea"]
 
 
-def _teacache(bench, key, method, v, gain=None):
+def _teacache(bench, key, method, v, gain=None, compiled=False):
     """TeaCache's rule, its threshold fitted for ``v`` x fewer computed steps on the calibration captions."""
     n = bench.steps
     if v > n / 2:  # the first and the last step always compute
         return None
     label = f"target {v:g}x steps, our calibration" + ("" if gain is None else f", order 1, gain {gain:g}")
+    label += ", inductor fullgraph" if compiled else ""
     forecast = {} if gain is None else {"extrapolation_order": 1, "forecast_gain": gain}
 
     def config():
@@ -222,7 +227,7 @@ def _teacache(bench, key, method, v, gain=None):
         rule = TeaCacheConfig(num_steps=n, coefficients=coefficients, **forecast)
         return replace(rule, threshold=fit_teacache_threshold(signals, rule, v))
 
-    return _adacache(bench, key, method, label, config)
+    return _adacache(bench, key, method, label, config, compiled=compiled)
 
 
 register("adacache-teacache", "adacache-fx TeaCache rule", full=(1.5, 2.0, 2.5, 3.0), quick=(1.5,))(_teacache)
@@ -234,13 +239,20 @@ def _teacache_forecast(bench, key, method, v):
     return _teacache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
 
 
-@register("adacache-compiled", "adacache-fx compiled", full=("none", "fast"), quick=("none", "fast"))
+register("adacache-teacache-compiled", "adacache-fx TeaCache rule compiled", full=(2.5, 4.0, 5.0), quick=(2.0,))(
+    lambda bench, key, method, v: _teacache(bench, key, method, v, compiled=True))
+
+
+@register("adacache-compiled", "adacache-fx compiled", full=("none", "fast", "fast_100"), quick=("none", "fast"))
 def _compiled(bench, key, method, v):
-    """With the uncached model compiled alike, for reference."""
+    """With the uncached model compiled alike, for reference; ``fast_100``: the 100-step codebook (rates
+    up to 12), the fastest AdaCache codebook point."""
     if v == "none":
         return _adacache(bench, key, f"{BASELINE} compiled", "inductor", None, compiled=True)
-    config = AdaCacheConfig(num_steps=bench.steps, codebook=presets.FAST_30)
-    return _adacache(bench, key, method, "fast thresholds x1, inductor fullgraph", config, compiled=True)
+    codebook = presets.FAST_30 if v == "fast" else presets.FAST_100
+    label = "fast thresholds x1" if v == "fast" else "fast_100 codebook (rates up to 12)"
+    config = AdaCacheConfig(num_steps=bench.steps, codebook=codebook)
+    return _adacache(bench, key, method, f"{label}, inductor fullgraph", config, compiled=True)
 
 
 @register("adacache-fbcache", "adacache-fx FirstBlockCache", full=(0.05, 0.1, 0.2, 0.3), quick=(0.1,))
@@ -250,7 +262,7 @@ def _first_block_cache(bench, key, method, v):
                      FirstBlockCacheConfig(num_steps=bench.steps, threshold=v))
 
 
-@register("adacache-fbcache-compiled", "adacache-fx FirstBlockCache rule compiled", full=(0.1, 0.2, 0.4),
+@register("adacache-fbcache-compiled", "adacache-fx FirstBlockCache rule compiled", full=(0.1, 0.2, 0.4, 0.8),
           quick=(0.1,))
 def _first_block_cache_compiled(bench, key, method, v):
     return _adacache(bench, key, method, f"FirstBlockCache threshold {v:g}, inductor fullgraph",
@@ -260,13 +272,16 @@ def _first_block_cache_compiled(bench, key, method, v):
 @register("adacache-easycache", "adacache-fx EasyCache rule", full=(0.025, 0.05, 0.1, 0.2), quick=(0.05,))
 def _easycache(bench, key, method, v, compiled=False):
     """EasyCache's rule (no calibration: the transformation rate measured at run time), the official
-    retention (a fifth of the steps computes first)."""
-    return _adacache(bench, key, method, f"threshold {v:g}" + (", inductor fullgraph" if compiled else ""),
-                     EasyCacheConfig(num_steps=bench.steps, threshold=v), compiled=compiled)
+    retention (a fifth of the steps computes first); compiled thresholds above 0.5, where that retention
+    caps the speedup, a tenth."""
+    retention = 0.1 if compiled and v > 0.5 else 0.2
+    label = f"threshold {v:g}" + (f", retention {retention:g}" if retention != 0.2 else "")
+    return _adacache(bench, key, method, label + (", inductor fullgraph" if compiled else ""),
+                     EasyCacheConfig(num_steps=bench.steps, threshold=v, retention_ratio=retention), compiled=compiled)
 
 
-register("adacache-easycache-compiled", "adacache-fx EasyCache rule compiled", full=(0.05, 0.2, 0.5), quick=(0.05,))(
-    lambda bench, key, method, v: _easycache(bench, key, method, v, compiled=True))
+register("adacache-easycache-compiled", "adacache-fx EasyCache rule compiled", full=(0.05, 0.2, 0.5, 1.0, 2.0),
+         quick=(0.05,))(lambda bench, key, method, v: _easycache(bench, key, method, v, compiled=True))
 
 
 #: ``adacache-plus``: the first fifth of the steps computes, at most 3 cached steps in a row.
@@ -277,10 +292,11 @@ def _plus(bench, key, method, v, order=0, gain=1.0, compiled=False):
     """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions;
     ``order`` / ``gain``: the forecast a cached step adds (``extrapolation_order``, ``forecast_gain``).
     Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4, and where that is not
-    enough (3x at N = 50) a retention of a tenth of the steps, then runs of 6 (4x)."""
+    enough (3x at N = 50) a retention of a tenth of the steps, then runs of 6 (4x), then of 10 (5x)."""
     n = bench.steps
     rules = [{**PLUS_RULE, "max_skip_steps": 4}, {**PLUS_RULE, "max_skip_steps": 4, "retention_ratio": 0.1},
-             {**PLUS_RULE, "max_skip_steps": 6, "retention_ratio": 0.1}]
+             {**PLUS_RULE, "max_skip_steps": 6, "retention_ratio": 0.1},
+             {**PLUS_RULE, "max_skip_steps": 10, "retention_ratio": 0.1}]
     for fields in rules if v > 2.5 else [PLUS_RULE]:  # the first rule that can reach the target
         rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
         try:
@@ -322,7 +338,7 @@ def _plus_fit(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain="fit")
 
 
-@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0, 3.5, 4.0),
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0, 3.5, 4.0, 5.0),
           quick=(1.5,))
 def _plus_compiled(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN, compiled=True)
