@@ -147,3 +147,16 @@ def test_flat_cond_outputs_rewrites_only_a_dynamic_graph(wan):
         flat = [o for o in branch.graph.output_node().args[0] if o.target is torch.ops.aten.reshape.default]
         assert len(flat) == counts[name]
     assert counts["static"] == 0 and counts["dynamic"] > 0
+
+
+def test_dims_named_by_parameter_follow_a_positional_call(wan):
+    """``dynamic_shapes`` names the forward's parameters; a latent passed positionally keeps them too."""
+    model, make_inputs = wan
+    dynamic = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=WAN_DIMS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing specialized
+        for frames, size in SIZES[:2]:
+            kwargs = sized_inputs(make_inputs, frames, size)(0)
+            with torch.no_grad(), dynamic.cache_context(f"{frames}x{size}", num_steps=STEPS):
+                dynamic(kwargs.pop("hidden_states"), **kwargs)
+    assert dynamic._captures == 1 and dynamic._dynamic.dims == {"arg0": (2, 3, 4)}

@@ -157,12 +157,20 @@ def test_the_serving_example_prints_its_tables(capsys):
     spec.loader.exec_module(serve)
     threads = torch.get_num_threads()
     try:
-        assert serve.main(["--requests", "3", "--batch", "2", "--steps", "6", "8", "--repeats", "1"]) == 0
+        assert serve.main(["--requests", "4", "--batch", "2", "--steps", "6", "8", "--sizes", "4x16", "2x8",
+                           "--repeats", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    assert "captures {'shared': 1, 'per_sample': 1}" in out  # one capture for two sizes and two Ns
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
     assert {"uncached", "shared", "per_sample"} <= set(rows)
     assert rows["uncached"].split("|")[4].strip() == "1.00x"
-    requests = [line for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 2 |"))]
-    assert len(requests) == 3 and all(line.count("[1, 2") == 2 for line in requests)
+    requests = [line.split("|") for line in out.splitlines() if line.startswith(("| 0 |", "| 1 |", "| 2 |", "| 3 |"))]
+    assert [(r[3].strip(), r[4].strip()) for r in requests] == [("4x16x16", "6"), ("4x16x16", "8"), ("2x8x8", "6"),
+                                                                 ("2x8x8", "8")]
+    for request in requests:  # each request's computed steps: its N's first two and last two steps at least
+        n = int(request[4])
+        for computed in request[5:7]:
+            steps = [int(v) for v in computed.split(":")[1].strip(" []").split(",")]
+            assert steps[:2] == [1, 2] and steps[-2:] == [n - 1, n]

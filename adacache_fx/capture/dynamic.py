@@ -128,14 +128,23 @@ def _reason(error: BaseException) -> str:
     return " | ".join((keep or lines)[:6])[:1200]
 
 
-def _symbolic_dims(gm: fx.GraphModule, args, kwargs, requested) -> dict[str, tuple[int, ...]]:
-    """Of the ``requested`` dims, those the captured graph's inputs keep symbolic."""
-    names = [n for n, _ in named_leaves(args, kwargs)]
+def _aliases(model: nn.Module, args: tuple) -> dict[str, str]:
+    """The forward's parameter name of each positional leaf name (``arg0`` -> ``hidden_states``)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+    return {f"arg{i}": name for i, name in enumerate(parameters[:len(args)])}
+
+
+def _symbolic_dims(gm: fx.GraphModule, args, kwargs, requested, aliases) -> dict[str, tuple[int, ...]]:
+    """Of the ``requested`` dims (by the forward's parameter names), those the captured graph's inputs keep
+    symbolic, by the call's leaf names (``arg0`` for a tensor passed positionally)."""
     kept = {}
-    for name, node in zip(names, gm.graph.find_nodes(op="placeholder")):
-        fake = node.meta.get("val")
-        if name in requested and isinstance(fake, torch.Tensor):
-            dims = tuple(d for d in requested[name] if d < fake.dim() and isinstance(fake.shape[d], torch.SymInt))
+    for (name, _), node in zip(named_leaves(args, kwargs), gm.graph.find_nodes(op="placeholder")):
+        fake, wanted = node.meta.get("val"), requested.get(aliases.get(name, name))
+        if wanted and isinstance(fake, torch.Tensor):
+            dims = tuple(d for d in wanted if d < fake.dim() and isinstance(fake.shape[d], torch.SymInt))
             if dims:
                 kept[name] = dims
     return kept
@@ -166,11 +175,13 @@ class DynamicShapes:
             warnings.warn(f"adacache_fx: {name} cannot take the sizes {_dims_text(requested)} symbolically, so "
                           f"each input signature gets its own capture: {_reason(error)}", stacklevel=user_stacklevel())
             return captured
-        kept = _symbolic_dims(captured.graph_module, args, kwargs, requested)
-        static = {n: tuple(d for d in dims if d not in kept.get(n, ())) for n, dims in requested.items()}
+        aliases = _aliases(model, args)
+        kept = _symbolic_dims(captured.graph_module, args, kwargs, requested, aliases)  # by the call's leaf names
+        by_parameter = {aliases.get(n, n): dims for n, dims in kept.items()}
+        static = {n: tuple(d for d in dims if d not in by_parameter.get(n, ())) for n, dims in requested.items()}
         static = {n: d for n, d in static.items() if d}
         if static:
-            flat = dict(named_leaves(args, kwargs))
+            flat = {aliases.get(n, n): leaf for n, leaf in named_leaves(args, kwargs)}
             small = [f"{n} dim {d} is {flat[n].shape[d]}" for n, ds in static.items() for d in ds
                      if isinstance(flat.get(n), torch.Tensor) and flat[n].shape[d] <= 1]
             why = (f"; torch.export specializes a sample size of 0 or 1 ({', '.join(small)}): capture with a size of "
