@@ -84,8 +84,8 @@ class Report:
         ]
         lines += [" ".join(f"{v:>{w}}" for v, w in zip(row, widths)) for row in rows]
         if self.always_computed is not None:
-            lines.append(f"at most {self.max_cacheable} of {self.num_steps} steps can be cached (steps "
-                         f"{list(self.always_computed)} always compute)")
+            lines.append(f"at most {self.max_cacheable} of {self.num_steps} steps can be cached (the fewest this rule "
+                         f"computes, when nothing changes between steps: {list(self.always_computed)})")
         return "\n".join(lines)
 
 
