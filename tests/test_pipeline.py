@@ -66,3 +66,26 @@ def test_a_copy_of_an_enabled_transformer_leaves_the_pipeline_behind():
     assert clone.programs == {} and ax.report(cached, "cond").computed_steps == [1, 2, 5, 7, 8]
     generate(pipe, steps=10)  # the pipeline still drives the original only
     assert ax.report(cached, "cond").num_steps == 10
+
+
+def test_two_pipelines_sharing_one_scheduler_each_follow_their_own_generations():
+    """``WanPipeline(**pipe.components)`` shares the scheduler object: each enabled pipeline still gets its
+    own N and schedule, and a run of one leaves the other's next run as it would be alone."""
+    pipe_a = tiny_wan_pipeline()
+    pipe_b = diffusers.WanPipeline(**{**pipe_a.components, "transformer": copy.deepcopy(pipe_a.transformer)})
+    alone = tiny_wan_pipeline()
+    for pipe in (pipe_a, pipe_b, alone):
+        pipe.set_progress_bar_config(disable=True)
+    assert pipe_b.scheduler is pipe_a.scheduler
+    config = ax.AdaCacheConfig(codebook={100.0: 3})
+    cached_a, cached_b, cached_alone = (ax.enable(p, config) for p in (pipe_a, pipe_b, alone))
+    expected = generate(alone, steps=8)
+    first = generate(pipe_a, steps=8)
+    generate(pipe_b, steps=10)
+    assert ax.report(cached_b, "cond").num_steps == 10
+    assert ax.report(cached_b, "cond").computed_steps == [1, 2, 5, 8, 9, 10]
+    second = generate(pipe_a, steps=8)
+    for cached in (cached_a, cached_alone):
+        assert ax.report(cached, "cond").num_steps == 8
+        assert ax.report(cached, "cond").computed_steps == [1, 2, 5, 7, 8]
+    assert torch.equal(first, expected) and torch.equal(second, expected)
