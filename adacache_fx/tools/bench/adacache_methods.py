@@ -196,9 +196,9 @@ def _magcache_forecast(bench, key, method, v):
 
 @register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2, 0.5, 1.0), quick=(0.2,))
 def _magcache_compiled(bench, key, method, v):
-    """Above threshold 0.2 (where runs of K 3 cap the speedup at ~2.5x compiled), runs of 6 and a tenth of
-    the steps computed first."""
-    long_runs = {"max_skip_steps": 6, "retention_ratio": 0.1} if v > 0.2 else {}
+    """Above threshold 0.2 (where runs of K 3 cap the speedup at ~2.5x compiled), a tenth of the steps
+    computed first and runs of 6 (at least 11 of 50 steps compute), above 0.5 of 12 (8 of 50)."""
+    long_runs = {"max_skip_steps": 12 if v > 0.5 else 6, "retention_ratio": 0.1} if v > 0.2 else {}
     return _magcache(bench, key, method, v, compiled=True, **long_runs)
 
 
