@@ -199,3 +199,22 @@ def test_reference_model_batch_of_four_captions_decides_per_video():
     forced = ax.report(shared).computed_steps
     moved = [float((batch[i] - alone[i][0]).abs().max()) for i in range(4) if schedules[i] != forced]
     assert moved and min(moved) > 100 * max(diffs)
+
+
+def test_magcache_rows_keep_their_own_state():
+    """MagCache decides from its calibrated ratios alone (no metric of the video), so per sample every row
+    takes the schedule it takes alone; each row's accumulated error, run and output are its own."""
+    model, inputs_a, inputs_b, inputs_ab = make_videos()
+    ratios = [1.0] + [0.97 - 0.01 * s for s in range(N - 1)]
+    config = ax.MagCacheConfig(num_steps=N, mag_ratios=ratios, threshold=0.2, max_skip_steps=3)
+    expected = []
+    for make in (inputs_a, inputs_b):
+        cached = ax.transform(copy.deepcopy(model), config)
+        expected.append((run_steps(cached, make, N), ax.report(cached).computed_steps))
+    assert len(expected[0][1]) < N
+    cached = ax.transform(copy.deepcopy(model), replace(config, batch_decisions="per_sample"))
+    outputs = run_steps(cached, inputs_ab, N)
+    assert cached.state()["history"].shape[1] == 2  # a history row per video
+    for row, (out, steps) in enumerate(expected):
+        assert ax.report(cached)[row].computed_steps == steps
+        assert rows_diff(outputs, out, row) < ROUNDING
