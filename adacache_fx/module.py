@@ -66,7 +66,8 @@ class CachedModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: CacheConfig, dynamic_shapes: dict | str | None = None):
         super().__init__()
-        self._dynamic = DynamicShapes(dynamic_shapes)  # the sizes the programs keep symbolic
+        per_sample = getattr(config, "batch_decisions", "shared") == "per_sample"  # a static batch ("auto")
+        self._dynamic = DynamicShapes(dynamic_shapes, batch=not per_sample)  # the sizes the programs keep symbolic
         self._sized: dict[tuple, SizedKey] = {}  # (signature key, input shapes) -> state key (dynamic shapes)
         self.model = model
         self.adacache_config = config

@@ -4,6 +4,7 @@ in a warning and gets a capture per value."""
 
 import copy
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -160,3 +161,39 @@ def test_dims_named_by_parameter_follow_a_positional_call(wan):
             with torch.no_grad(), dynamic.cache_context(f"{frames}x{size}", num_steps=STEPS):
                 dynamic(kwargs.pop("hidden_states"), **kwargs)
     assert dynamic._captures == 1 and dynamic._dynamic.dims == {"arg0": (2, 3, 4)}
+
+
+def batched(make_inputs, batch):
+    """``batch`` videos at 2 frames x 8x8, each row's latents scaled apart."""
+    sized = sized_inputs(make_inputs, 2, 8)
+
+    def make(step):
+        kwargs = sized(step)
+        rows = {k: torch.cat([v] * batch) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        rows["hidden_states"] = torch.cat([kwargs["hidden_states"] * (1 + 0.1 * i) for i in range(batch)])
+        return rows
+    return make
+
+
+BATCH_DIMS = {name: {0: Dim("batch", min=2, max=8)} for name in ("hidden_states", "timestep", "encoder_hidden_states")}
+
+
+def test_a_dynamic_batch_with_shared_decisions_and_refused_per_sample(wan):
+    """Shared decisions: one capture serves batches of 2 and 3, each equal to its static transform. Per-sample
+    decisions keep a state row per video, so a symbolic batch is refused by name; "auto" leaves it static."""
+    model, make_inputs = wan
+    dynamic = ax.transform(copy.deepcopy(model), config(), dynamic_shapes=BATCH_DIMS)
+    for batch in (2, 3):
+        make = batched(make_inputs, batch)
+        static = ax.transform(copy.deepcopy(model), config())
+        a, b = run(dynamic, make, f"b{batch}"), run(static, make, "default")
+        assert max(float((x - y).abs().max()) for x, y in zip(a, b)) == 0.0
+        assert ax.report(dynamic, f"b{batch}").computed_steps == ax.report(static, "default").computed_steps
+    assert dynamic._captures == 1
+    rows = ax.transform(copy.deepcopy(model), replace(config(), batch_decisions="per_sample"),
+                        dynamic_shapes=BATCH_DIMS)
+    with pytest.raises(ax.TransformError, match=r"per_sample' needs a static batch size.*leave the batch"):
+        run(rows, batched(make_inputs, 2), "rows")
+    auto = ax.transform(copy.deepcopy(model), replace(config(), batch_decisions="per_sample"), dynamic_shapes="auto")
+    run(auto, batched(make_inputs, 2), "rows")
+    assert auto._dynamic.dims == {"hidden_states": (2, 3, 4)}

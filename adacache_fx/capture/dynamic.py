@@ -92,15 +92,16 @@ def mark_shapes(gm: fx.GraphModule, layout, flat: list, state: dict[str, torch.T
             torch._dynamo.maybe_mark_dynamic(state[spec.name], dims)
 
 
-def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict, batch: bool = True) -> dict:
     """``dynamic_shapes="auto"``: batch, frames, height and width (dims 0, 2, 3, 4) of the first 5-D tensor
     argument (the video latent ``[B, C, F, H, W]``), each ``Dim.AUTO`` (kept static where the forward
-    specializes it: :meth:`DynamicShapes.capture` warns)."""
+    specializes it: :meth:`DynamicShapes.capture` warns). ``batch=False``: the batch stays static
+    (per-sample decisions keep a state row per video)."""
 
     bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     for name, value in bound.items():
         if isinstance(value, torch.Tensor) and value.dim() == 5:
-            return {name: {d: torch.export.Dim.AUTO for d in (0, 2, 3, 4)}}
+            return {name: {d: torch.export.Dim.AUTO for d in ((0, 2, 3, 4) if batch else (2, 3, 4))}}
     return {}
 
 
@@ -153,16 +154,17 @@ def _symbolic_dims(gm: fx.GraphModule, args, kwargs, requested, aliases) -> dict
 class DynamicShapes:
     """The sizes a model's captures keep symbolic: ``spec`` as the user gave it, ``dims`` as captured."""
 
-    def __init__(self, spec: dict | str | None):
+    def __init__(self, spec: dict | str | None, batch: bool = True):
         if spec is not None and spec != "auto" and not isinstance(spec, dict):
             raise TypeError(f'dynamic_shapes must be a dict by argument name, "auto" or None, got {spec!r}')
         self.spec = spec
+        self.batch = batch  # whether "auto" makes the batch dynamic
         self.dims: dict[str, tuple[int, ...]] = {}  # by argument name, the tensor dims the programs keep symbolic
 
     def capture(self, model: nn.Module, args, kwargs, **options) -> CapturedGraph:
         """Export the call; with dynamic shapes, its sizes symbolic where the forward allows (a warning
         names each dimension it specializes, and why; those get a capture per value)."""
-        shapes = auto_dynamic_shapes(model, args, kwargs) if self.spec == "auto" else self.spec
+        shapes = auto_dynamic_shapes(model, args, kwargs, self.batch) if self.spec == "auto" else self.spec
         if not shapes:
             return capture(model, args, kwargs, **options)
         requested = _requested_dims(shapes)

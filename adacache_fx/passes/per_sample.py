@@ -37,7 +37,11 @@ def batch_size(ctx) -> int | None:
     odd = [s for s in shapes if not s or s[0] != batch]
     if batch is None or odd:
         raise PassError(f"batch_decisions='per_sample' needs the batch as dimension 0 of every cached value; "
-                        f"shapes {sorted(set(shapes))}")
+                        f"shapes {sorted(set(str(s) for s in shapes))}")
+    if isinstance(batch, torch.SymInt):
+        raise PassError("batch_decisions='per_sample' needs a static batch size (its state has a row per video), "
+                        f"and dynamic_shapes makes it symbolic ({batch}): leave the batch dimension out of "
+                        "dynamic_shapes (one capture per batch size; frames, height and width can stay dynamic)")
     latents = [fake(n) for n in ctx.graph.nodes if n.op == "placeholder" and fake(n) is not None
                and fake(n).is_floating_point() and fake(n).dim() >= 3][:1]
     if latents and latents[0].shape[0] != batch:
