@@ -194,11 +194,14 @@ def _magcache_forecast(bench, key, method, v):
     return _magcache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
 
 
-@register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2, 0.5, 1.0), quick=(0.2,))
+@register("adacache-magcache-compiled", "adacache-fx MagCache rule compiled", full=(0.2, 0.5, 1.0, 2.0),
+          quick=(0.2,))
 def _magcache_compiled(bench, key, method, v):
     """Above threshold 0.2 (where runs of K 3 cap the speedup at ~2.5x compiled), a tenth of the steps
-    computed first and runs of 6 (at least 11 of 50 steps compute), above 0.5 of 12 (8 of 50)."""
-    long_runs = {"max_skip_steps": 12 if v > 0.5 else 6, "retention_ratio": 0.1} if v > 0.2 else {}
+    computed first and runs of 6 (at least 11 of 50 steps compute), of 12 above 0.5 (8 of 50), of 24 above
+    1.0."""
+    runs = 24 if v > 1.0 else 12 if v > 0.5 else 6
+    long_runs = {"max_skip_steps": runs, "retention_ratio": 0.1} if v > 0.2 else {}
     return _magcache(bench, key, method, v, compiled=True, **long_runs)
 
 
@@ -239,18 +242,20 @@ def _teacache_forecast(bench, key, method, v):
     return _teacache(bench, key, method, v, gain=PLUS_FORECAST_GAIN)
 
 
-register("adacache-teacache-compiled", "adacache-fx TeaCache rule compiled", full=(2.5, 4.0, 5.0), quick=(2.0,))(
+register("adacache-teacache-compiled", "adacache-fx TeaCache rule compiled", full=(2.5, 4.0, 5.0, 7.0), quick=(2.0,))(
     lambda bench, key, method, v: _teacache(bench, key, method, v, compiled=True))
 
 
-@register("adacache-compiled", "adacache-fx compiled", full=("none", "fast", "fast_100"), quick=("none", "fast"))
+@register("adacache-compiled", "adacache-fx compiled", full=("none", "fast", "fast_100", "fast_100 x3"),
+          quick=("none", "fast"))
 def _compiled(bench, key, method, v):
     """With the uncached model compiled alike, for reference; ``fast_100``: the 100-step codebook (rates
-    up to 12), the fastest AdaCache codebook point."""
+    up to 12), ``x3``: its thresholds tripled (rate 12 on most steps), the fastest AdaCache points."""
     if v == "none":
         return _adacache(bench, key, f"{BASELINE} compiled", "inductor", None, compiled=True)
-    codebook = presets.FAST_30 if v == "fast" else presets.FAST_100
-    label = "fast thresholds x1" if v == "fast" else "fast_100 codebook (rates up to 12)"
+    scale = 3.0 if v.endswith("x3") else 1.0
+    codebook = presets.FAST_30 if v == "fast" else {t * scale: r for t, r in presets.FAST_100.items()}
+    label = "fast thresholds x1" if v == "fast" else f"fast_100 codebook (rates up to 12), thresholds x{scale:g}"
     config = AdaCacheConfig(num_steps=bench.steps, codebook=codebook)
     return _adacache(bench, key, method, f"{label}, inductor fullgraph", config, compiled=True)
 
@@ -292,11 +297,12 @@ def _plus(bench, key, method, v, order=0, gain=1.0, compiled=False):
     """AdaCache+ (this video's measured change accumulated), threshold fitted on the held-out captions;
     ``order`` / ``gain``: the forecast a cached step adds (``extrapolation_order``, ``forecast_gain``).
     Targets above 2.5x (out of reach with K 3 and the retention) allow runs of 4, and where that is not
-    enough (3x at N = 50) a retention of a tenth of the steps, then runs of 6 (4x), then of 10 (5x)."""
+    enough (3x at N = 50) a retention of a tenth of the steps, then runs of 6 (4x), of 10 (5x), of 16 (7x)."""
     n = bench.steps
     rules = [{**PLUS_RULE, "max_skip_steps": 4}, {**PLUS_RULE, "max_skip_steps": 4, "retention_ratio": 0.1},
              {**PLUS_RULE, "max_skip_steps": 6, "retention_ratio": 0.1},
-             {**PLUS_RULE, "max_skip_steps": 10, "retention_ratio": 0.1}]
+             {**PLUS_RULE, "max_skip_steps": 10, "retention_ratio": 0.1},
+             {**PLUS_RULE, "max_skip_steps": 16, "retention_ratio": 0.1}]
     for fields in rules if v > 2.5 else [PLUS_RULE]:  # the first rule that can reach the target
         rule = AdaCachePlusConfig(num_steps=n, extrapolation_order=order, forecast_gain=gain, **fields)
         try:
@@ -338,7 +344,8 @@ def _plus_fit(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain="fit")
 
 
-@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled", full=(1.5, 2.5, 3.0, 3.5, 4.0, 5.0),
+@register("adacache-plus-compiled", "adacache-fx AdaCache+ forecast compiled",
+          full=(1.5, 2.5, 3.0, 3.5, 4.0, 5.0, 7.0),
           quick=(1.5,))
 def _plus_compiled(bench, key, method, v):
     return _plus(bench, key, method, v, order=1, gain=PLUS_FORECAST_GAIN, compiled=True)
