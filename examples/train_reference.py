@@ -346,6 +346,15 @@ class Run:
         return row
 
 
+def _lineage(info: dict | None) -> list[dict]:
+    """The training stages behind an ``--init`` (its ``training`` record and theirs), earliest first."""
+    stages = []
+    while info:
+        stages.insert(0, info)
+        info = info.get("init_training")
+    return stages
+
+
 def export(run: Run, args: argparse.Namespace) -> None:
     """EMA weights (safetensors), config, model card, loss curve, caption-check curve and sample grid."""
     folder: Path = args.export_dir
@@ -356,7 +365,6 @@ def export(run: Run, args: argparse.Namespace) -> None:
         run.evaluate(args)
     result = run.history[-1]
     prior_steps = int(run.init_info.get("steps", 0))
-    prior_s = float(run.init_info.get("training_time_s", 0.0))
     training = {
         "steps": prior_steps + run.step,
         "steps_this_run": run.step,
@@ -394,22 +402,25 @@ def export(run: Run, args: argparse.Namespace) -> None:
     )
     config_json = json.dumps(json.loads((folder / "config.json").read_text())["transformer"], indent=2)
     if prior_steps:
-        origin = (
-            f"{prior_steps} steps of an earlier run ({prior_s / 60:.0f} min, t ~ sigmoid(N(0, 1)) without "
-            f"shift), then {run.step} steps fine-tuning from those weights (this run, below)"
-        )
+        stages = ", then ".join(
+            f"{st.get('steps_this_run', st.get('steps'))} steps ({st.get('training_time_s', 0.0) / 60:.0f} min, lr "
+            f"{st.get('lr')}, t shift {st.get('t_shift', 1.0)})" for st in _lineage(run.init_info))
+        origin = f"{stages} in earlier runs, then {run.step} steps fine-tuning from those weights (this run, below)"
     else:
         origin = f"{run.step} steps from scratch"
     n_eval = len(ref.evaluation_captions(args.eval_repeats))
+    single = getattr(ema_t.config, "num_single_layers", 0)  # HunyuanVideo: dual-stream then single-stream blocks
+    blocks = f"{ema_t.config.num_layers} + {single} single-stream blocks" if single else f"{ema_t.config.num_layers} blocks"
+    pooled = " and the pooled caption in the timestep modulation" if run.hyper.get("family") == "hunyuan" else ""
     card = f"""# adacache_fx reference video DiT
 
-A tiny text-to-video diffusion transformer (diffusers `WanTransformer3DModel`, pixel space) trained from
-scratch on synthetic clips, shipped so that AdaCache and the other passes of `adacache_fx` can be tested on a
-real (if small) trained model. Load it with `adacache_fx.tools.reference.load_reference_model()`.
+A tiny text-to-video diffusion transformer (diffusers `{type(ema_t).__name__}`, pixel space{pooled}) trained
+from scratch on synthetic clips, shipped so that AdaCache and the other passes of `adacache_fx` can be tested on
+a real (if small) trained model. Load it with `adacache_fx.tools.reference.load_reference_model()`.
 
 ## Model
 
-- Transformer: {n_params / 1e6:.2f} M parameters, {ema_t.config.num_layers} blocks, hidden
+- Transformer: {n_params / 1e6:.2f} M parameters, {blocks}, hidden
   {ema_t.config.num_attention_heads * ema_t.config.attention_head_dim}; input `[B, 3, 8, 32, 32]` in [-1, 1]
   is patchified 1x4x4 into 512 tokens.
 - Caption encoder: {n_enc / 1e3:.1f} k parameters; word embeddings + learned positions,
@@ -438,7 +449,7 @@ frame. Captions: "a large red circle moving left fast", "a small blue square sta
   (`examples/train_reference.py --resume`).
 - Final loss (EMA {LOSS_EMA} of the per-step loss): **{run.ema_loss:.4f}**.
 - Time of this run: {run.train_s / 60:.1f} min training + {run.eval_s / 60:.1f} min periodic evaluation (wall),
-  {run.cpu_s / 3600:.2f} CPU-hours in all, on CPU ({args.threads or torch.get_num_threads()} thread(s), {platform.processor() or platform.machine()}),
+  {run.cpu_s / 3600:.2f} CPU-hours in all, on CPU ({platform.processor() or platform.machine()}),
   torch {torch.__version__}.
 
 ![loss curve](loss_curve.png)
