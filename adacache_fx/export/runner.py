@@ -46,7 +46,6 @@ class StatefulRunner:
         if not self.layout.symbolic:
             self._store.add_layout(_PROGRAM, self.layout, self.device)
         self._spare: dict[tuple[str, Hashable], dict[str, torch.Tensor]] = {}  # by (context, key)
-        self._sized: set[Hashable] = set()  # the state keys of the input sizes seen (dynamic axes)
         self._by_shapes: dict[tuple, tuple[Hashable, list]] = {}  # input shapes -> (state key, output shapes)
 
     def _execute(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
@@ -187,13 +186,12 @@ class StatefulRunner:
         return sizes
 
     def _state_key(self, sizes: dict[str, int]) -> Hashable:
-        """The state key of a call: one per input size with dynamic axes (its layout resolved on first use)."""
+        """The state key of a call: one per input size with dynamic axes, its layout resolved (called once
+        per input shapes, see ``__call__``)."""
         if not sizes:
             return _PROGRAM
         key = (_PROGRAM, tuple(sorted(sizes.items())))
-        if key not in self._sized:
-            self._store.add_layout(key, self.layout.resolve(sizes), self.device)
-            self._sized.add(key)
+        self._store.add_layout(key, self.layout.resolve(sizes), self.device)
         return key
 
     def _output_shapes(self, feeds: dict[str, torch.Tensor], layout: StateLayout) -> list[list[int]]:
