@@ -71,7 +71,7 @@ EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_sl
 #: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
 HYPER = (
     "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
-    "init", "family",
+    "init", "family", "single_layers",
 )  # fmt: skip
 
 
@@ -92,6 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-dir", type=Path, default=ref.WEIGHTS_DIR, help="where --export writes")
     p.add_argument("--family", choices=("wan", "hunyuan"), default=None,
                    help="transformer class (default wan; hunyuan adds the pooled caption to the modulation)")
+    p.add_argument("--single-layers", type=int, default=None, metavar="N",
+                   help="hunyuan: single-stream blocks (default 4); above --init's count, the extra blocks are "
+                        "appended as identities (zero output projection)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 10%%")
@@ -120,6 +123,27 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def grow_into(transformer: torch.nn.Module, source: torch.nn.Module) -> int | None:
+    """Load ``source``'s weights into ``transformer``, which may have more single-stream blocks (HunyuanVideo's
+    ``single_transformer_blocks``): those are appended as identities (``proj_out`` zeroed, so each adds a zero
+    residual and the grown model computes exactly what ``source`` did). Returns ``source``'s block count when
+    it grew, else None."""
+    have = len(getattr(source, "single_transformer_blocks", ()))
+    want = len(getattr(transformer, "single_transformer_blocks", ()))
+    if want < have:
+        raise ValueError(f"--single-layers {want} is fewer than the {have} blocks of the --init weights")
+    missing, unexpected = transformer.load_state_dict(source.state_dict(), strict=False)
+    new = tuple(f"single_transformer_blocks.{i}." for i in range(have, want))
+    stray = [k for k in missing if not k.startswith(new)] + list(unexpected)
+    if stray:
+        raise ValueError(f"--init weights do not fit the model: {stray[:4]}")
+    with torch.no_grad():
+        for block in transformer.single_transformer_blocks[have:want] if want > have else ():
+            block.proj_out.weight.zero_()
+            block.proj_out.bias.zero_()
+    return have if want > have else None
 
 
 def save_atomic(path: Path, state: dict) -> None:
@@ -237,11 +261,15 @@ class Run:
     def __init__(self, hyper: dict) -> None:
         self.hyper = hyper
         torch.manual_seed(hyper["seed"])
-        self.transformer, self.encoder = ref.build_reference_model(hyper.get("family") or "wan")
+        family = hyper.get("family") or "wan"
+        single = hyper.get("single_layers")
+        overrides = {"num_single_layers": single} if single else {}
+        self.transformer, self.encoder = ref.build_reference_model(family, **overrides)
         self.init_info: dict = {}
+        self.grown_from: int | None = None
         if hyper["init"]:
             t_init, e_init = ref.load_reference_model(hyper["init"])
-            self.transformer.load_state_dict(t_init.state_dict())
+            self.grown_from = grow_into(self.transformer, t_init)
             self.encoder.load_state_dict(e_init.state_dict())
             config = json.loads((Path(hyper["init"]) / "config.json").read_text())
             self.init_info = config.get("training", {})
@@ -264,6 +292,7 @@ class Run:
         return {
             "hyper": json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in self.hyper.items()}),
             "init_info": json.dumps(self.init_info),
+            "grown_from": json.dumps(self.grown_from),
             "step": self.step,
             "transformer": self.transformer.state_dict(),
             "caption_encoder": self.encoder.state_dict(),
@@ -289,6 +318,7 @@ class Run:
         run = cls(hyper)
         run.hyper["init"] = json.loads(ckpt["hyper"])["init"]
         run.init_info = json.loads(ckpt["init_info"])
+        run.grown_from = json.loads(ckpt.get("grown_from", "null"))
         run.transformer.load_state_dict(ckpt["transformer"])
         run.encoder.load_state_dict(ckpt["caption_encoder"])
         run.ema_t.load_state_dict(ckpt["ema_transformer"])
@@ -377,6 +407,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
         "caption_dropout": h["caption_dropout"],
         "t_shift": h["t_shift"],
         "seed": h["seed"],
+        "grown_from_single_layers": run.grown_from,
         "final_loss_ema": run.ema_loss,
         "training_time_s": round(run.train_s, 1),
         "evaluation_time_s": round(run.eval_s, 1),

@@ -124,17 +124,23 @@ class CaptionEncoder(nn.Module):
         return self.conditioning(encode_captions(texts).to(self.position_embedding.device))
 
 
-def build_reference_model(family: str = "wan") -> tuple[nn.Module, CaptionEncoder]:
-    """Freshly initialised ``(transformer, caption_encoder)`` of a family in :data:`FAMILIES`."""
+def build_reference_model(family: str = "wan", **overrides) -> tuple[nn.Module, CaptionEncoder]:
+    """Freshly initialised ``(transformer, caption_encoder)`` of a family in :data:`FAMILIES`; ``overrides``
+    replace entries of the family's transformer kwargs (``num_single_layers=8``)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown reference family {family!r}; expected one of {sorted(FAMILIES)}")
     cls, t_cfg, e_cfg = FAMILIES[family]
-    return cls(**t_cfg), CaptionEncoder(**e_cfg)
+    unknown = sorted(set(overrides) - set(t_cfg))
+    if unknown:
+        raise ValueError(f"{family!r} reference model has no setting {unknown}; settings: {sorted(t_cfg)}")
+    return cls(**(t_cfg | overrides)), CaptionEncoder(**e_cfg)
 
 
-def _json_config(family: str) -> dict:
+def _json_config(family: str, transformer: nn.Module) -> dict:
+    """The family's settings as ``transformer`` holds them (overrides included), JSON-ready."""
     _, t_cfg, e_cfg = FAMILIES[family]
-    transformer = {k: list(v) if isinstance(v, tuple) else v for k, v in t_cfg.items()}
+    values = {k: transformer.config[k] for k in t_cfg}
+    transformer = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     return {"family": family, "transformer": transformer, "caption_encoder": e_cfg, "vocab": list(VOCAB)}
 
 
@@ -152,7 +158,7 @@ def save_reference_model(
         save_file(state, str(folder / name), metadata={"format": "pt"})
         (folder / name).chmod(0o644)  # safetensors creates files owner-only
     family = next(f for f, (cls, _, _) in FAMILIES.items() if isinstance(transformer, cls))
-    config = _json_config(family) | (extra_config or {})
+    config = _json_config(family, transformer) | (extra_config or {})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return folder
 
