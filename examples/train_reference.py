@@ -440,8 +440,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
     else:
         origin = f"{run.step} steps from scratch"
     n_eval = len(ref.evaluation_captions(args.eval_repeats))
-    single = getattr(ema_t.config, "num_single_layers", 0)  # HunyuanVideo: dual-stream then single-stream blocks
-    blocks = f"{ema_t.config.num_layers} + {single} single-stream blocks" if single else f"{ema_t.config.num_layers} blocks"
+    blocks = ref.describe_reference_model(ema_t).split(", ", 1)[1]  # "2 + 8 single-stream blocks"
     pooled = " and the pooled caption in the timestep modulation" if run.hyper.get("family") == "hunyuan" else ""
     card = f"""# adacache_fx reference video DiT
 

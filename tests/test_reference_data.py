@@ -244,3 +244,12 @@ def test_hunyuan_family_takes_the_pooled_caption_and_round_trips(tmp_path):
     assert torch.equal(out2, out)
     with pytest.raises(ValueError, match="unknown reference family"):
         build_reference_model("flux")
+
+
+def test_describe_reference_model_names_class_and_blocks():
+    from adacache_fx.tools.reference import build_reference_model, describe_reference_model
+
+    wan, _ = build_reference_model()
+    hunyuan, _ = build_reference_model("hunyuan", num_single_layers=8)
+    assert describe_reference_model(wan) == "WanTransformer3DModel, 6 blocks"
+    assert describe_reference_model(hunyuan) == "HunyuanVideoTransformer3DModel, 2 + 8 single-stream blocks"

@@ -63,3 +63,37 @@ def test_resumed_chunks_equal_one_run_and_export(train, tmp_path):
 
     transformer, _ = load_reference_model(export_dir)
     assert torch.equal(transformer.state_dict()["proj_out.weight"], two["ema_transformer"]["proj_out.weight"])
+
+
+def test_single_layers_grow_init_weights_by_identity_blocks(train, tmp_path):
+    """``--single-layers 6`` from 4-block weights: the grown model computes exactly what the init did (the
+    appended blocks add a zero residual), a training step then moves the new blocks, and the export's config
+    and card name 6 blocks, so ``load_reference_model`` rebuilds it."""
+    from adacache_fx.tools.reference import build_reference_model, load_reference_model, save_reference_model
+
+    torch.manual_seed(0)
+    small, encoder = build_reference_model("hunyuan")
+    save_reference_model(small, encoder, tmp_path / "init")
+    args = train.parse_args(["--family", "hunyuan", "--init", str(tmp_path / "init"), "--single-layers", "6",
+                             "--batch-size", "2", "--threads", "1"])
+    run = train.Run({k: getattr(args, k) for k in train.HYPER} | {"steps": 1})
+    assert len(run.transformer.single_transformer_blocks) == 6 and run.grown_from == 4
+    x = torch.randn(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([700.0, 30.0])
+    cond = encoder.encode_conditioning(["a large red circle moving left fast", ""])
+    with torch.no_grad():
+        assert torch.equal(run.transformer.eval()(x, t, **cond, return_dict=False)[0],
+                           small(x, t, **cond, return_dict=False)[0])
+    run.transformer.train()
+    run.train_step()
+    assert run.transformer.single_transformer_blocks[5].proj_out.weight.abs().max() > 0
+    save_reference_model(run.ema_t, run.ema_e, tmp_path / "grown")
+    config = json.loads((tmp_path / "grown" / "config.json").read_text())
+    assert config["transformer"]["num_single_layers"] == 6
+    assert len(load_reference_model(tmp_path / "grown")[0].single_transformer_blocks) == 6
+
+    with pytest.raises(ValueError, match="fewer than the 4 blocks"):
+        args = train.parse_args(["--family", "hunyuan", "--init", str(tmp_path / "init"), "--single-layers", "2"])
+        train.Run({k: getattr(args, k) for k in train.HYPER} | {"steps": 1})
+    with pytest.raises(ValueError, match="no setting"):
+        build_reference_model("wan", num_single_layers=2)

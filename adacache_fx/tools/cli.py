@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--all-variants", action="store_true", help="fast and slow codebooks, with and without MoReg")
     demo.add_argument("--captions", nargs="+", help="captions to generate (default: 4 built-in ones)")
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
+    demo.add_argument("--weights", default=None, help="folder of reference weights (default: bundled)")
     demo.add_argument("--out", default="adacache-fx-out", help="output folder")
     demo.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))
     demo.set_defaults(func=cmd_demo)

@@ -158,11 +158,14 @@ def run_demo(args) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = ReferencePipeline.from_reference()
+    pipe = ReferencePipeline.from_reference(args.weights)
     pipe.set_progress_bar_config(disable=True)
     variants = list(VARIANTS) if args.all_variants else [args.codebook + ("+moreg" if args.moreg else "")]
     captions = args.captions or list(DEMO_CAPTIONS)
-    print(f"reference model (Wan, 6 blocks, 512 tokens), {args.steps} steps, CFG, variants {variants}")
+    from .reference import describe_reference_model
+
+    print(f"reference model {args.weights or '(bundled)'} ({describe_reference_model(pipe.transformer)}, 512 tokens), "
+          f"{args.steps} steps, CFG, variants {variants}")
     rows, videos = run_variants(pipe, captions, variants, args.steps, args.repeats)
     table = format_table(rows)
     print(table)

@@ -173,10 +173,13 @@ def cli_motion(args) -> int:
     from .reference.pipeline import ReferencePipeline
 
     torch.set_num_threads(args.threads)
-    pipe = ReferencePipeline.from_reference()
+    from .reference import describe_reference_model
+
+    pipe = ReferencePipeline.from_reference(args.weights)
     pipe.set_progress_bar_config(disable=True)
     captions = evaluation_captions(repeats=args.repeats)
-    print(f"reference model, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seeds "
+    model = f"{args.weights or 'bundled'} ({describe_reference_model(pipe.transformer)})"
+    print(f"reference model {model}, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seeds "
           f"{args.seed}..{args.seed + len(captions) - 1} (one per caption)")
     import adacache_fx as ax
 
@@ -190,8 +193,9 @@ def cli_motion(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = f"adacache-fx motion --steps {args.steps} --repeats {args.repeats} --seed {args.seed}"
+    command += f" --weights {args.weights}" if args.weights else ""
     (out / "motion_classes.md").write_text(
-        f"`{command}`\n\n{table}\n\nDirection of the uncached videos (check_clip):\n\n{confusion}\n")
+        f"`{command}`\n\nWeights: {model}.\n\n{table}\n\nDirection of the uncached videos (check_clip):\n\n{confusion}\n")
     plot(out / "motion_classes.png", runs, args.steps)
     print(f"\nwrote motion_classes.md and motion_classes.png to {out.resolve()}")
     return 0
@@ -202,5 +206,6 @@ def add_motion_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=4,
                         help="evaluation set size / 12 (default 4: 48 captions, 16 per motion class)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--weights", default=None, help="folder of reference weights (default: bundled)")
     parser.add_argument("--out", default="adacache-fx-out", help="output folder")
     parser.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()))

@@ -26,6 +26,7 @@ _MODEL_NAMES = (
     "WEIGHTS_DIR",
     "CaptionEncoder",
     "build_reference_model",
+    "describe_reference_model",
     "load_reference_model",
     "save_reference_model",
 )
@@ -56,6 +57,7 @@ __all__ = [
     "check_clip",
     "check_clips",
     "decode_tokens",
+    "describe_reference_model",
     "encode_captions",
     "evaluation_captions",
     "load_reference_model",

@@ -136,6 +136,14 @@ def build_reference_model(family: str = "wan", **overrides) -> tuple[nn.Module, 
     return cls(**(t_cfg | overrides)), CaptionEncoder(**e_cfg)
 
 
+def describe_reference_model(transformer: nn.Module) -> str:
+    """One line naming the class and the blocks: ``HunyuanVideoTransformer3DModel, 2 + 8 single-stream blocks``."""
+    single = getattr(transformer.config, "num_single_layers", 0)
+    layers = transformer.config.num_layers
+    blocks = f"{layers} + {single} single-stream blocks" if single else f"{layers} blocks"
+    return f"{type(transformer).__name__}, {blocks}"
+
+
 def _json_config(family: str, transformer: nn.Module) -> dict:
     """The family's settings as ``transformer`` holds them (overrides included), JSON-ready."""
     _, t_cfg, e_cfg = FAMILIES[family]
