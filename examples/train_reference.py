@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=25, help="log line interval in steps")
     p.add_argument("--export", action="store_true", help="after training, write the shipped weights")
     p.add_argument("--export-only", action="store_true", help="export from --resume without training")
+    p.add_argument("--eval-only", action="store_true",
+                   help="print the caption check of the --resume (EMA) or --init weights at --guidance-scale / "
+                        "--sample-steps, without training")
     p.add_argument("--export-dir", type=Path, default=ref.WEIGHTS_DIR, help="where --export writes")
     p.add_argument("--family", choices=("wan", "hunyuan"), default=None,
                    help="transformer class (default wan; hunyuan adds the pooled caption to the modulation)")
@@ -108,7 +111,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.export_only and args.resume is None:
         p.error("--export-only needs --resume CKPT")
+    if args.eval_only and args.resume is None and args.init is None:
+        p.error("--eval-only needs --resume CKPT or --init DIR")
     return args
+
+
+def init_defaults(args: argparse.Namespace) -> dict:
+    """``family`` and ``single_layers`` of a new run: as given, else those of the ``--init`` weights."""
+    config = json.loads((Path(args.init) / "config.json").read_text()) if args.init else {}
+    family = args.family or config.get("family", "wan")
+    single = args.single_layers or config.get("transformer", {}).get("num_single_layers")
+    return {"family": family, "single_layers": single}
 
 
 def sample_t(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -527,10 +540,15 @@ def main(argv: list[str] | None = None) -> None:
         run = Run.from_checkpoint(args.resume, args.steps)
         print(f"resumed from {args.resume} at step {run.step} (loss EMA {run.ema_loss:.4f})", flush=True)
     else:
-        hyper = {k: getattr(args, k) for k in HYPER} | {"steps": args.steps or 4500, "family": args.family or "wan"}
+        hyper = {k: getattr(args, k) for k in HYPER} | {"steps": args.steps or 4500} | init_defaults(args)
         run = Run(hyper)
     if args.export_only:
         export(run, args)
+        return
+    if args.eval_only:
+        rates = evaluate(run.ema_t, run.ema_e, args)
+        print(json.dumps({"guidance_scale": args.guidance_scale, "sample_steps": args.sample_steps}
+                         | {k: round(v, 4) for k, v in rates.items()}), flush=True)
         return
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "checkpoint.pt"

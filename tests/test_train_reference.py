@@ -97,3 +97,18 @@ def test_single_layers_grow_init_weights_by_identity_blocks(train, tmp_path):
         train.Run({k: getattr(args, k) for k in train.HYPER} | {"steps": 1})
     with pytest.raises(ValueError, match="no setting"):
         build_reference_model("wan", num_single_layers=2)
+
+
+def test_eval_only_prints_the_check_of_init_weights_with_their_family(train, tmp_path, capsys):
+    from adacache_fx.tools.reference import build_reference_model, save_reference_model
+
+    torch.manual_seed(0)
+    save_reference_model(*build_reference_model("hunyuan", num_single_layers=5), tmp_path / "w")
+    train.main(["--threads", "1", "--init", str(tmp_path / "w"), "--eval-only", "--eval-repeats", "1",
+                "--sample-steps", "1", "--guidance-scale", "5"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["guidance_scale"] == 5.0 and line["sample_steps"] == 1
+    assert {"ok", "shape_ok", "ok_still", "ok_fast"} <= set(line)
+    assert not (tmp_path / "w" / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit):
+        train.parse_args(["--eval-only"])
