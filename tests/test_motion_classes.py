@@ -63,3 +63,21 @@ def test_run_captions_counts_the_computed_steps_of_each_config():
     assert [r.caption for r in runs] == [c.text for c in captions]
     assert [r.computed for r in runs] == [{"forced": 3}] * 2
     assert all(r.motion > 0 for r in runs)
+    assert all(set(r.metric) == {"forced"} for r in runs)  # the mean metric its policy recorded
+
+
+def test_follow_table_ranks_computed_steps_against_motion():
+    assert mc.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert mc.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert mc.rank_correlation([1, 2, 3], [9, 9, 9]) != mc.rank_correlation([1, 2, 3], [9, 9, 9])  # NaN
+    assert mc._ranks([5.0, 1.0, 5.0, 2.0]) == [3.5, 1.0, 3.5, 2.0]
+    runs = [
+        mc.CaptionRun("a", "still", 0.01, True, {"fast": 8, "moreg": 8}, metric={"fast": 0.02, "moreg": 0.01}),
+        mc.CaptionRun("b", "still", 0.02, True, {"fast": 9, "moreg": 9}, metric={"fast": 0.04, "moreg": 0.03}),
+        mc.CaptionRun("c", "fast", 0.30, True, {"fast": 9, "moreg": 14}, metric={"fast": 0.03, "moreg": 0.2}),
+    ]
+    lines = mc.follow_table(runs).splitlines()
+    assert lines[0] == ("| variant | rank correlation, computed steps vs motion | median metric, still | "
+                        "median metric, fast |")
+    assert lines[2] == "| fast | +0.87 | 0.03 | 0.03 |"
+    assert lines[3] == "| moreg | +1.00 | 0.02 | 0.2 |"

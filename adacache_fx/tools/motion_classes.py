@@ -9,7 +9,7 @@ caption check, and the median number of computed steps of each variant.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,6 +62,7 @@ class CaptionRun:
     measured_direction: str | None = None  # of the uncached video by check_clip (None: still or missing)
     speed_px: float = float("nan")  # fitted object speed of the uncached video, pixels per frame
     jitter_px: float = float("nan")  # RMS residual of its constant-velocity fit
+    metric: dict[str, float] = field(default_factory=dict)  # per variant: mean decision metric of its steps
 
 
 def frame_motion(frames: torch.Tensor) -> float:
@@ -88,13 +89,16 @@ def run_captions(pipe, captions, configs: dict, steps: int = 30, seed: int = 0, 
                 return pipe(caption.text, num_inference_steps=steps, generator=generator).frames[0]
 
             video = generate(baseline)
-            computed = {}
+            computed, metric = {}, {}
             for v in configs:
                 generate(cached[v])
-                computed[v] = ax.report(cached[v], "cond").num_computed
+                report = ax.report(cached[v], "cond")
+                computed[v] = report.num_computed
+                values = [m for m in report.column(report.columns[0]) if m is not None and m == m]
+                metric[v] = statistics.fmean(values) if values else float("nan")
             check = check_clip(video.permute(1, 0, 2, 3) * 2 - 1, caption)
             runs.append(CaptionRun(caption.text, caption.speed, frame_motion(video), check.ok, computed,
-                                   caption.direction, check.direction, check.speed_px, check.jitter_px))
+                                   caption.direction, check.direction, check.speed_px, check.jitter_px, metric))
             progress(f"  [{i + 1}/{len(captions)}] {caption.text}: computed {computed}")
     finally:
         pipe.transformer = baseline
@@ -124,6 +128,44 @@ def format_table(table: dict[str, dict[str, float]], steps: int) -> str:
     for speed, row in table.items():
         lines.append(f"| {speed} | {row['n']} | {row['motion']:.4f} | {row['ok']:.0%} | "
                      + " | ".join(f"{row[v]:g}" for v in variants) + " |")
+    return "\n".join(lines)
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            ranks[k] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def rank_correlation(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation of ``x`` and ``y`` (NaN when either is constant)."""
+    rx, ry = _ranks(list(x)), _ranks(list(y))
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
+def follow_table(runs: list[CaptionRun]) -> str:
+    """Markdown, a row per variant: does its schedule follow the video's motion? Spearman's rank correlation
+    of computed steps with the uncached video's motion over all captions, and the median (over videos) of
+    the mean decision metric the rule read, per motion class."""
+    classes = [c for c in SPEED_CLASSES if any(r.speed == c for r in runs)]
+    lines = ["| variant | rank correlation, computed steps vs motion | "
+             + " | ".join(f"median metric, {c}" for c in classes) + " |", "|---" * (2 + len(classes)) + "|"]
+    for v in runs[0].computed:
+        rho = rank_correlation([r.motion for r in runs], [r.computed[v] for r in runs])
+        medians = [statistics.median(r.metric.get(v, float("nan")) for r in runs if r.speed == c) for c in classes]
+        lines.append(f"| {v} | {rho:+.2f} | " + " | ".join(f"{m:.4g}" for m in medians) + " |")
     return "\n".join(lines)
 
 
@@ -187,7 +229,7 @@ def cli_motion(args) -> int:
     print("calibrated codebook (target 'fast', on " f"{NUM_CALIBRATION_CAPTIONS} captions outside the evaluation set): "
           + ", ".join(f"{t:.3g}: {r}" for t, r in codebook.items()))
     runs = run_captions(pipe, captions, variants(args.steps, codebook), args.steps, args.seed)
-    table = format_table(summarize(runs), args.steps)
+    table = format_table(summarize(runs), args.steps) + "\n\nDoes the schedule follow motion?\n\n" + follow_table(runs)
     confusion = direction_confusion(runs)
     print(table + "\n\nDirection of the uncached videos (check_clip):\n\n" + confusion)
     out = Path(args.out)
