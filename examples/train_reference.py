@@ -445,11 +445,15 @@ def export(run: Run, args: argparse.Namespace) -> None:
         for r in run.history
     )
     config_json = json.dumps(json.loads((folder / "config.json").read_text())["transformer"], indent=2)
+    grown = (f", grown from {run.grown_from} to {len(ema_t.single_transformer_blocks)} single-stream blocks "
+             "(the new ones appended as identities)") if run.grown_from else ""
     if prior_steps:
         stages = ", then ".join(
             f"{st.get('steps_this_run', st.get('steps'))} steps ({st.get('training_time_s', 0.0) / 60:.0f} min, lr "
             f"{st.get('lr')}, t shift {st.get('t_shift', 1.0)})" for st in _lineage(run.init_info))
-        origin = f"{stages} in earlier runs, then {run.step} steps fine-tuning from those weights (this run, below)"
+        origin = f"{stages} in earlier runs, then {run.step} steps fine-tuning from those weights{grown} (this run, below)"
+    elif h["init"]:
+        origin = f"{run.step} steps from the weights in `{h['init']}` (no training record){grown}"
     else:
         origin = f"{run.step} steps from scratch"
     n_eval = len(ref.evaluation_captions(args.eval_repeats))

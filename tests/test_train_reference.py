@@ -87,9 +87,13 @@ def test_single_layers_grow_init_weights_by_identity_blocks(train, tmp_path):
     run.transformer.train()
     run.train_step()
     assert run.transformer.single_transformer_blocks[5].proj_out.weight.abs().max() > 0
-    save_reference_model(run.ema_t, run.ema_e, tmp_path / "grown")
+    train.main(["--threads", "1", "--batch-size", "2", "--eval-repeats", "1", "--sample-steps", "1",
+                "--init", str(tmp_path / "init"), "--single-layers", "6", "--steps", "1", "--eval-every", "0",
+                "--out", str(tmp_path / "run"), "--export", "--export-dir", str(tmp_path / "grown")])
     config = json.loads((tmp_path / "grown" / "config.json").read_text())
     assert config["transformer"]["num_single_layers"] == 6
+    assert config["training"]["grown_from_single_layers"] == 4
+    assert "grown from 4 to 6 single-stream blocks" in (tmp_path / "grown" / "README.md").read_text()
     assert len(load_reference_model(tmp_path / "grown")[0].single_transformer_blocks) == 6
 
     with pytest.raises(ValueError, match="fewer than the 4 blocks"):
