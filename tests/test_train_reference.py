@@ -116,3 +116,20 @@ def test_eval_only_prints_the_check_of_init_weights_with_their_family(train, tmp
     assert not (tmp_path / "w" / "checkpoint.pt").exists()
     with pytest.raises(SystemExit):
         train.parse_args(["--eval-only"])
+
+
+def test_object_weights_cover_the_object_and_its_edge(train):
+    from adacache_fx.tools.reference.data import BACKGROUND
+
+    clips = torch.full((1, 3, 2, 9, 9), BACKGROUND)
+    clips[0, 0, 0, 4, 4] = 1.0  # one red pixel in frame 0 only
+    w = train.object_weights(clips, 4.0)
+    assert w.shape == (1, 1, 2, 9, 9)
+    assert torch.all(w[0, 0, 0, 2:7, 2:7] == 5.0)  # the pixel and 2 pixels around it
+    assert float(w[0, 0, 0].sum()) == 25 * 5.0 + (81 - 25) * 1.0
+    assert torch.all(w[0, 0, 1] == 1.0)  # frames are weighted on their own
+    pred, target = torch.zeros_like(clips), torch.zeros_like(clips)
+    pred[0, :, 0, 0, 0] = 1.0  # error on the background only
+    plain = train.flow_loss(pred, target, clips, 0.0)
+    assert float(plain) == pytest.approx(3 / clips.numel())
+    assert float(train.flow_loss(pred, target, clips, 4.0)) == pytest.approx(3 / float(w.sum() * 3))
