@@ -71,7 +71,8 @@ GRID_CAPTIONS = (
 )
 LOSS_EMA = 0.98
 CHECK_KEYS = ("ok", "direction_ok", "speed_ok", "colour_ok", "size_ok", "shape_ok", "visible")
-EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_slow", "ok_fast")
+EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_slow", "ok_fast",
+                "shape_ok_circle", "shape_ok_square", "shape_ok_triangle")
 #: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
 HYPER = (
     "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
@@ -277,6 +278,8 @@ def evaluate(transformer, caption_encoder, args: argparse.Namespace) -> dict[str
     rates = ref.check_clips(torch.cat(clips), captions)
     for speed in ref.SPEEDS:
         rates[f"ok_{speed}"] = float(np.mean([r.ok for r in results if r.caption.speed == speed]))
+    for shape in ref.SHAPES:
+        rates[f"shape_ok_{shape}"] = float(np.mean([r.shape_ok for r in results if r.caption.shape == shape]))
     return rates
 
 
@@ -472,7 +475,9 @@ def export(run: Run, args: argparse.Namespace) -> None:
     if prior_steps:
         stages = ", then ".join(
             f"{st.get('steps_this_run', st.get('steps'))} steps ({st.get('training_time_s', 0.0) / 60:.0f} min, lr "
-            f"{st.get('lr')}, t shift {st.get('t_shift', 1.0)})" for st in _lineage(run.init_info))
+            f"{st.get('lr')}, t shift {st.get('t_shift', 1.0)}"
+            + (f", object weight {st['object_weight']}" if st.get("object_weight") else "") + ")"
+            for st in _lineage(run.init_info))
         origin = f"{stages} in earlier runs, then {run.step} steps fine-tuning from those weights{grown} (this run, below)"
     elif h["init"]:
         origin = f"{run.step} steps from the weights in `{h['init']}` (no training record){grown}"

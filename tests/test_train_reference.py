@@ -112,7 +112,8 @@ def test_eval_only_prints_the_check_of_init_weights_with_their_family(train, tmp
                 "--sample-steps", "1", "--guidance-scale", "5"])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["guidance_scale"] == 5.0 and line["sample_steps"] == 1
-    assert {"ok", "shape_ok", "ok_still", "ok_fast"} <= set(line)
+    assert {"ok", "shape_ok", "ok_still", "ok_fast", "shape_ok_circle", "shape_ok_triangle"} <= set(line)
+    assert all(0.0 <= line[f"shape_ok_{s}"] <= 1.0 for s in ("circle", "square", "triangle"))  # no NaN
     assert not (tmp_path / "w" / "checkpoint.pt").exists()
     with pytest.raises(SystemExit):
         train.parse_args(["--eval-only"])
