@@ -25,6 +25,8 @@ Examples (from the repository root)::
     # next chunk (hyper-parameters come from the checkpoint)
     python examples/train_reference.py --threads 1 --out runs/reference \\
         --resume runs/reference/checkpoint.pt --minutes 90
+    # a new model with 2x2 patches (2048 tokens, about 8x the time per step), in chunks
+    python examples/train_reference.py --threads 1 --family hunyuan --patch-size 2 --out runs/ref-p2 --minutes 90
     # write the EMA weights, model card, loss curve, caption-check curve and sample grid
     python examples/train_reference.py --threads 1 --resume runs/reference/checkpoint.pt --export-only
 
@@ -58,6 +60,7 @@ except ImportError:  # running from a checkout without an installed package
     from adacache_fx.tools import reference as ref
 from adacache_fx.tools.fixtures import euler_flow, flow_sigmas
 from adacache_fx.tools.reference.data import BACKGROUND
+from adacache_fx.tools.reference.model import FAMILIES
 
 GRID_CAPTIONS = (
     "a large red circle moving right fast",
@@ -76,7 +79,7 @@ EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_sl
 #: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
 HYPER = (
     "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
-    "init", "family", "single_layers", "object_weight",
+    "init", "family", "single_layers", "patch_size", "object_weight",
 )  # fmt: skip
 
 
@@ -103,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--single-layers", type=int, default=None, metavar="N",
                    help="hunyuan: single-stream blocks (default 4); above --init's count, the extra blocks are "
                         "appended as identities (zero output projection)")
+    p.add_argument("--patch-size", type=int, default=None, metavar="P",
+                   help="spatial patch size of a new model (default: the family's 4, or that of the --init weights; "
+                        "2 gives 4x the tokens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then cosine decay to 10%%")
@@ -124,11 +130,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def init_defaults(args: argparse.Namespace) -> dict:
-    """``family`` and ``single_layers`` of a new run: as given, else those of the ``--init`` weights."""
+    """``family``, ``single_layers`` and ``patch_size`` of a new run: as given, else those of the ``--init``
+    weights. Weights of another patch size cannot initialise the model (patch embedding and output projection
+    change shape): that is an error, not a partial load."""
     config = json.loads((Path(args.init) / "config.json").read_text()) if args.init else {}
     family = args.family or config.get("family", "wan")
     single = args.single_layers or config.get("transformer", {}).get("num_single_layers")
-    return {"family": family, "single_layers": single}
+    patch = spatial_patch(config.get("transformer", {}).get("patch_size"))
+    if args.patch_size and patch and args.patch_size != patch:
+        raise SystemExit(f"--patch-size {args.patch_size} does not fit the --init weights in {args.init} "
+                         f"(patch size {patch}); train a new patch size from scratch (no --init)")
+    return {"family": family, "single_layers": single, "patch_size": args.patch_size or patch}
+
+
+def spatial_patch(patch, size: int | None = None):
+    """The spatial patch size of a family's ``patch_size`` setting (an int, or Wan's ``(t, h, w)``); with
+    ``size``: that setting with its spatial size replaced."""
+    if size is None:
+        return patch[-1] if isinstance(patch, list | tuple) else patch
+    return (*patch[:-2], size, size) if isinstance(patch, list | tuple) else size
 
 
 def sample_t(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -301,6 +321,8 @@ class Run:
         family = hyper.get("family") or "wan"
         single = hyper.get("single_layers")
         overrides = {"num_single_layers": single} if single else {}
+        if hyper.get("patch_size"):
+            overrides["patch_size"] = spatial_patch(FAMILIES[family][1]["patch_size"], hyper["patch_size"])
         self.transformer, self.encoder = ref.build_reference_model(family, **overrides)
         self.init_info: dict = {}
         self.grown_from: int | None = None
@@ -484,6 +506,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
     else:
         origin = f"{run.step} steps from scratch"
     n_eval = len(ref.evaluation_captions(args.eval_repeats))
+    ps = spatial_patch(ema_t.config.patch_size)
     w = h.get("object_weight", 0.0)
     weighting = (f"; squared error weighted `1 + {w}` in and within 2 pixels of the object, normalised by the "
                  "total weight") if w else ""
@@ -499,7 +522,7 @@ a real (if small) trained model. Load it with `adacache_fx.tools.reference.load_
 
 - Transformer: {n_params / 1e6:.2f} M parameters, {blocks}, hidden
   {ema_t.config.num_attention_heads * ema_t.config.attention_head_dim}; input `[B, 3, 8, 32, 32]` in [-1, 1]
-  is patchified 1x4x4 into 512 tokens.
+  is patchified 1x{ps}x{ps} into {8 * (32 // ps) ** 2} tokens.
 - Caption encoder: {n_enc / 1e3:.1f} k parameters; word embeddings + learned positions,
   `[B, 8] -> [B, 8, 64]`, padding positions zeroed (the empty caption `""` is the unconditional input).
 - Weights: exponential moving average (decay {h["ema_decay"]}) of the trained weights, safetensors.

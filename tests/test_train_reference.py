@@ -134,3 +134,25 @@ def test_object_weights_cover_the_object_and_its_edge(train):
     plain = train.flow_loss(pred, target, clips, 0.0)
     assert float(plain) == pytest.approx(3 / clips.numel())
     assert float(train.flow_loss(pred, target, clips, 4.0)) == pytest.approx(3 / float(w.sum() * 3))
+
+
+def test_patch_size_of_a_new_model_and_a_clear_error_against_init_weights(train, tmp_path):
+    from adacache_fx.tools.reference import build_reference_model, load_reference_model, save_reference_model
+
+    train.main(["--threads", "1", "--batch-size", "2", "--eval-repeats", "1", "--sample-steps", "1",
+                "--family", "hunyuan", "--patch-size", "8", "--steps", "1", "--eval-every", "0",
+                "--out", str(tmp_path / "run"), "--export", "--export-dir", str(tmp_path / "p8")])
+    config = json.loads((tmp_path / "p8" / "config.json").read_text())
+    assert config["transformer"]["patch_size"] == 8 and config["family"] == "hunyuan"
+    assert "patchified 1x8x8 into 128 tokens" in (tmp_path / "p8" / "README.md").read_text()
+    assert load_reference_model(tmp_path / "p8")[0].config.patch_size == 8
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert json.loads(ckpt["hyper"])["patch_size"] == 8  # a resumed run rebuilds the same model
+
+    torch.manual_seed(0)
+    save_reference_model(*build_reference_model("hunyuan"), tmp_path / "init")
+    with pytest.raises(SystemExit, match="patch size 4"):
+        train.main(["--threads", "1", "--init", str(tmp_path / "init"), "--patch-size", "2", "--steps", "1",
+                    "--out", str(tmp_path / "bad")])
+    assert train.spatial_patch((1, 4, 4), 2) == (1, 2, 2) and train.spatial_patch([1, 4, 4]) == 4  # Wan's form
+    assert train.spatial_patch(4, 2) == 2 and train.spatial_patch(None) is None
