@@ -156,3 +156,24 @@ def test_patch_size_of_a_new_model_and_a_clear_error_against_init_weights(train,
                     "--out", str(tmp_path / "bad")])
     assert train.spatial_patch((1, 4, 4), 2) == (1, 2, 2) and train.spatial_patch([1, 4, 4]) == 4  # Wan's form
     assert train.spatial_patch(4, 2) == 2 and train.spatial_patch(None) is None
+
+
+def test_evaluate_groups_the_shape_check_by_captioned_shape(train, monkeypatch):
+    """Ground-truth clips, squares drawn as circles: every check passes except shape on the square captions."""
+    import dataclasses
+
+    import numpy as np
+
+    from adacache_fx.tools.reference import render_clip
+
+    def drawn(_t, _e, captions, _steps, _g, seed):
+        rng = np.random.default_rng(seed)
+        wrong = [dataclasses.replace(c, shape="circle") if c.shape == "square" else c for c in captions]
+        return torch.stack([render_clip(c, rng) for c in wrong])
+
+    monkeypatch.setattr(train, "sample", drawn)
+    args = train.parse_args(["--eval-repeats", "1"])
+    rates = train.evaluate(torch.nn.Linear(1, 1), None, args)
+    assert (rates["shape_ok_circle"], rates["shape_ok_square"], rates["shape_ok_triangle"]) == (1.0, 0.0, 1.0)
+    assert rates["shape_ok"] == pytest.approx(2 / 3) and rates["ok"] == 1.0
+    assert rates["ok_still"] == rates["ok_slow"] == rates["ok_fast"] == 1.0

@@ -1,7 +1,7 @@
 """Reference video DiT for adacache_fx: synthetic captioned clips, a tiny Wan transformer, a diffusers-style
 pipeline and a caption-faithfulness check."""
 
-from .checks import ClipCheck, check_clip, check_clips
+from .checks import ClipCheck, check_clip, check_clips, check_rates
 from .data import (
     COLOURS,
     DIRECTIONS,
@@ -56,6 +56,7 @@ __all__ = [
     "build_reference_model",
     "check_clip",
     "check_clips",
+    "check_rates",
     "decode_tokens",
     "describe_reference_model",
     "encode_captions",

@@ -173,7 +173,11 @@ def check_clip(clip: torch.Tensor, caption: Caption) -> ClipCheck:
 
 def check_clips(clips: torch.Tensor, captions: list[Caption]) -> dict[str, float]:
     """Fraction of ``clips`` ``[B, 3, T, H, W]`` passing each check (keys ``ok``, ``direction_ok``, ...)."""
-    results = [check_clip(c, cap) for c, cap in zip(clips, captions, strict=True)]
+    return check_rates([check_clip(c, cap) for c, cap in zip(clips, captions, strict=True)])
+
+
+def check_rates(results: list[ClipCheck]) -> dict[str, float]:
+    """The pass rates of :func:`check_clips` from clips already checked."""
     keys = ("ok", "direction_ok", "speed_ok", "colour_ok", "size_ok", "shape_ok")
     rates = {k: float(np.mean([getattr(r, k) for r in results])) for k in keys}
     rates["visible"] = float(np.mean([r.visible_frames == NUM_FRAMES for r in results]))
