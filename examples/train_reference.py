@@ -79,7 +79,7 @@ EVAL_COLUMNS = ("step", "train_min", "loss_ema", *CHECK_KEYS, "ok_still", "ok_sl
 #: Training hyper-parameters; stored in the checkpoint and restored by --resume (--steps may be overridden).
 HYPER = (
     "steps", "batch_size", "seed", "lr", "warmup", "weight_decay", "ema_decay", "caption_dropout", "t_shift",
-    "init", "family", "single_layers", "patch_size", "object_weight",
+    "init", "family", "single_layers", "patch_size", "object_weight", "shape_mix",
 )  # fmt: skip
 
 
@@ -118,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--t-shift", type=float, default=2.5, help="shift of the logit-normal t (1: none)")
     p.add_argument("--object-weight", type=float, default=0.0, metavar="W",
                    help="extra loss weight of the pixels in and near the object (0: plain MSE)")
+    p.add_argument("--shape-mix", type=shape_mix_arg, default=None, metavar="C,S,T",
+                   help="relative training frequencies of circle, square, triangle (default: uniform)")
     p.add_argument("--sample-steps", type=int, default=30, help="Euler steps for samples and evaluation")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="CFG scale for samples and evaluation")
     p.add_argument("--eval-repeats", type=int, default=4, help="evaluation set size / 12 (4: 48 captions)")
@@ -127,6 +129,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_only and args.resume is None and args.init is None:
         p.error("--eval-only needs --resume CKPT or --init DIR")
     return args
+
+
+def shape_mix_arg(text: str) -> list[float]:
+    """``--shape-mix C,S,T``: one non-negative weight per shape (circle, square, triangle)."""
+    try:
+        mix = [float(v) for v in text.split(",")]
+        ref.data.shape_probabilities(mix)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}") from None
+    return mix
+
+
+def _mix_text(mix) -> str:
+    return ", ".join(f"{shape} {p:.0%}" for shape, p in zip(ref.SHAPES, ref.data.shape_probabilities(mix), strict=True))
 
 
 def init_defaults(args: argparse.Namespace) -> dict:
@@ -401,7 +417,7 @@ class Run:
 
     def train_step(self) -> tuple[float, float]:
         h = self.hyper
-        clips, captions = ref.sample_batch(self.data_rng, h["batch_size"])
+        clips, captions = ref.sample_batch(self.data_rng, h["batch_size"], h.get("shape_mix"))
         drop = torch.rand(h["batch_size"], generator=self.gen) < h["caption_dropout"]
         texts = ["" if d else c.text for c, d in zip(captions, drop.tolist(), strict=True)]
         noise = torch.randn(clips.shape, generator=self.gen)
@@ -466,6 +482,7 @@ def export(run: Run, args: argparse.Namespace) -> None:
         "caption_dropout": h["caption_dropout"],
         "t_shift": h["t_shift"],
         "object_weight": h.get("object_weight", 0.0),
+        "shape_mix": h.get("shape_mix"),
         "seed": h["seed"],
         "grown_from_single_layers": run.grown_from,
         "final_loss_ema": run.ema_loss,
@@ -498,7 +515,8 @@ def export(run: Run, args: argparse.Namespace) -> None:
         stages = ", then ".join(
             f"{st.get('steps_this_run', st.get('steps'))} steps ({st.get('training_time_s', 0.0) / 60:.0f} min, lr "
             f"{st.get('lr')}, t shift {st.get('t_shift', 1.0)}"
-            + (f", object weight {st['object_weight']}" if st.get("object_weight") else "") + ")"
+            + (f", object weight {st['object_weight']}" if st.get("object_weight") else "")
+            + (f", shape mix {_mix_text(st['shape_mix'])}" if st.get("shape_mix") else "") + ")"
             for st in _lineage(run.init_info))
         origin = f"{stages} in earlier runs, then {run.step} steps fine-tuning from those weights{grown} (this run, below)"
     elif h["init"]:
@@ -510,6 +528,8 @@ def export(run: Run, args: argparse.Namespace) -> None:
     w = h.get("object_weight", 0.0)
     weighting = (f"; squared error weighted `1 + {w}` in and within 2 pixels of the object, normalised by the "
                  "total weight") if w else ""
+    mix = (f" This run drew the shapes {_mix_text(h['shape_mix'])} (uniform otherwise)."
+           if h.get("shape_mix") else "")
     blocks = ref.describe_reference_model(ema_t).split(", ", 1)[1]  # "2 + 8 single-stream blocks"
     pooled = " and the pooled caption in the timestep modulation" if run.hyper.get("family") == "hunyuan" else ""
     card = f"""# adacache_fx reference video DiT
@@ -536,7 +556,7 @@ a real (if small) trained model. Load it with `adacache_fx.tools.reference.load_
 Generated on the fly by `adacache_fx.tools.reference.data` (no downloads): 8 frames of 32x32 RGB, one anti-aliased
 object on a dark background. Shape in {{circle, square, triangle}}, colour in {{{", ".join(ref.COLOURS)}}},
 size in {{small, large}}, and either static or moving left/right/up/down at 1 (slow) or 3 (fast) pixels per
-frame. Captions: "a large red circle moving left fast", "a small blue square staying still".
+frame. Captions: "a large red circle moving left fast", "a small blue square staying still".{mix}
 
 ## Training
 

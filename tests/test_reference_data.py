@@ -253,3 +253,20 @@ def test_describe_reference_model_names_class_and_blocks():
     hunyuan, _ = build_reference_model("hunyuan", num_single_layers=8)
     assert describe_reference_model(wan) == "WanTransformer3DModel, 6 blocks"
     assert describe_reference_model(hunyuan) == "HunyuanVideoTransformer3DModel, 2 + 8 single-stream blocks"
+
+
+def test_shape_mix_draws_shapes_in_proportion_and_keeps_the_uniform_stream():
+    rng = np.random.default_rng(3)
+    assert [sample_caption(rng).text for _ in range(4)] == [  # no mix: the draws of the code before the option
+        "a small green circle moving left fast", "a small red square moving down fast",
+        "a small yellow square staying still", "a large white circle staying still",
+    ]
+    rng = np.random.default_rng(0)
+    counts = Counter(sample_caption(rng, (1, 2, 1)).shape for _ in range(4000))
+    assert counts["square"] / 4000 == pytest.approx(0.5, abs=0.03)
+    assert counts["circle"] / 4000 == pytest.approx(0.25, abs=0.03)
+    _, captions = sample_batch(np.random.default_rng(1), 8, (0, 1, 0))
+    assert {c.shape for c in captions} == {"square"}
+    for bad in ((1, 1), (1, -1, 1), (0, 0, 0), (1, float("nan"), 1)):
+        with pytest.raises(ValueError, match="one non-negative weight per shape"):
+            sample_caption(rng, bad)

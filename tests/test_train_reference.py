@@ -177,3 +177,25 @@ def test_evaluate_groups_the_shape_check_by_captioned_shape(train, monkeypatch):
     assert (rates["shape_ok_circle"], rates["shape_ok_square"], rates["shape_ok_triangle"]) == (1.0, 0.0, 1.0)
     assert rates["shape_ok"] == pytest.approx(2 / 3) and rates["ok"] == 1.0
     assert rates["ok_still"] == rates["ok_slow"] == rates["ok_fast"] == 1.0
+
+
+def test_shape_mix_reaches_the_training_batches_checkpoint_and_card(train, tmp_path, monkeypatch):
+    drawn = []
+    sample_batch = train.ref.sample_batch
+
+    def recording(rng, batch_size, shape_mix=None):
+        clips, captions = sample_batch(rng, batch_size, shape_mix)
+        drawn.extend(c.shape for c in captions)
+        return clips, captions
+
+    monkeypatch.setattr(train.ref, "sample_batch", recording)
+    train.main(["--threads", "1", "--batch-size", "4", "--eval-repeats", "1", "--sample-steps", "1",
+                "--family", "hunyuan", "--patch-size", "8", "--steps", "2", "--eval-every", "0",
+                "--shape-mix", "0,1,0", "--out", str(tmp_path / "run"), "--export", "--export-dir", str(tmp_path / "w")])
+    assert drawn == ["square"] * 8
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert json.loads(ckpt["hyper"])["shape_mix"] == [0.0, 1.0, 0.0]
+    assert "drew the shapes circle 0%, square 100%, triangle 0%" in (tmp_path / "w" / "README.md").read_text()
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["training"]["shape_mix"] == [0.0, 1.0, 0.0]
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shape-mix", "1,2"])

@@ -15,6 +15,7 @@ Everything is deterministic given an explicit :class:`numpy.random.Generator`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,12 +112,17 @@ def parse_caption(text: str) -> Caption:
     raise ValueError(f"caption outside the grammar: {text!r}")
 
 
-def sample_caption(rng: np.random.Generator) -> Caption:
-    """Uniformly random caption (speed uniform over still/slow/fast)."""
+def sample_caption(rng: np.random.Generator, shape_mix: Sequence[float] | None = None) -> Caption:
+    """Uniformly random caption (speed uniform over still/slow/fast); ``shape_mix``: relative frequencies of
+    :data:`SHAPES` instead of uniform shapes (the uniform draw, and its random stream, without it)."""
     speed = SPEEDS[rng.integers(len(SPEEDS))]
     direction = None if speed == "still" else DIRECTIONS[rng.integers(len(DIRECTIONS))]
+    if shape_mix is None:
+        shape = SHAPES[rng.integers(len(SHAPES))]
+    else:
+        shape = SHAPES[rng.choice(len(SHAPES), p=shape_probabilities(shape_mix))]
     return Caption(
-        shape=SHAPES[rng.integers(len(SHAPES))],
+        shape=shape,
         colour=tuple(COLOURS)[rng.integers(len(COLOURS))],
         size=SIZES[rng.integers(len(SIZES))],
         direction=direction,
@@ -184,9 +190,19 @@ def render_clip(caption: Caption, rng: np.random.Generator) -> torch.Tensor:
     return torch.from_numpy(clip.astype(np.float32))
 
 
-def sample_batch(rng: np.random.Generator, batch_size: int) -> tuple[torch.Tensor, list[Caption]]:
-    """Random captions and their clips: ``([B, 3, 8, 32, 32], captions)``."""
-    captions = [sample_caption(rng) for _ in range(batch_size)]
+def shape_probabilities(shape_mix: Sequence[float]) -> np.ndarray:
+    """``shape_mix`` (one non-negative weight per shape of :data:`SHAPES`, not all zero) as probabilities."""
+    mix = np.asarray(shape_mix, dtype=np.float64)
+    if mix.shape != (len(SHAPES),) or not np.isfinite(mix).all() or (mix < 0).any() or mix.sum() <= 0:
+        raise ValueError(f"shape mix {tuple(shape_mix)}: one non-negative weight per shape {SHAPES}, not all zero")
+    return mix / mix.sum()
+
+
+def sample_batch(
+    rng: np.random.Generator, batch_size: int, shape_mix: Sequence[float] | None = None
+) -> tuple[torch.Tensor, list[Caption]]:
+    """Random captions (:func:`sample_caption`) and their clips: ``([B, 3, 8, 32, 32], captions)``."""
+    captions = [sample_caption(rng, shape_mix) for _ in range(batch_size)]
     clips = torch.stack([render_clip(c, rng) for c in captions])
     return clips, captions
 
