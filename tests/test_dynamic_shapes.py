@@ -12,6 +12,7 @@ from helpers import first_tensor
 from torch.export import Dim
 
 import adacache_fx as ax
+from adacache_fx.passes.graph_utils import cond_nodes
 from adacache_fx.tools.fixtures import build, tiny_dit
 
 STEPS = 12
@@ -67,6 +68,29 @@ def test_one_capture_serves_two_resolutions_and_frame_counts(wan, spec):
         assert len(notes) == 1 and "hidden_states dim 0" in notes[0] and "hidden_states dim 0 is 1" in notes[0]
     else:
         assert notes == []
+
+
+def test_symbolic_sizes_read_inside_the_stack_are_recomputed_in_its_branch():
+    """HunyuanVideo's single-stream blocks split the joint sequence at the video token count, a symbolic
+    size computed outside the stack from ``hidden_states``: the compute branch recomputes it from that
+    tensor (a ``torch.cond`` operand is a tensor), and the dynamic capture equals the static transform."""
+    model, make_inputs = build("hunyuan_video", num_layers=2)
+    wide = ax.AdaCacheConfig(num_steps=STEPS, codebook={1.0: 3, 1e9: 1})  # reuses on the untrained model
+    dims = {"hidden_states": {2: Dim("frames", max=16), 3: 2 * Dim("h", max=32), 4: 2 * Dim("w", max=32)}}
+    dynamic = ax.transform(copy.deepcopy(model), wide, dynamic_shapes=dims)
+    skipped = 0
+    for frames, size in SIZES[:2]:
+        make = sized_inputs(make_inputs, frames, size)
+        static = ax.transform(copy.deepcopy(model), wide)
+        name = f"{frames}x{size}"
+        a, b = run(dynamic, make, name), run(static, make, "default")
+        assert max(float((x - y).abs().max()) for x, y in zip(a, b)) == 0.0
+        assert ax.report(dynamic, name).computed_steps == ax.report(static, "default").computed_steps
+        skipped += STEPS - ax.report(dynamic, name).num_computed
+    assert dynamic._captures == 1 and len(dynamic._programs) == 1
+    (program,) = dynamic._programs.values()
+    assert len(cond_nodes(program.graph_module.graph)) == 1  # the whole stack, dual- and single-stream blocks
+    assert skipped > 0
 
 
 class ShapeBranch(torch.nn.Module):

@@ -125,6 +125,8 @@ def _build_branches(gm, region: Region, sites: list[tuple[int, MetricSite]], lay
     # compute: the region itself; it reads the caches only to hand them on as the previous ones
     ops = placeholders(compute)
     env: dict[fx.Node, fx.Node] = dict(zip(region.inputs, ops["inputs"]))
+    for node in region.sizes:  # symbolic sizes from outside: recomputed from the tensor operands
+        env[node] = compute.node_copy(node, lambda arg: env[arg])
     for node in region.nodes:
         for arg in node.all_input_nodes:
             if arg not in env and arg.op == "get_attr":

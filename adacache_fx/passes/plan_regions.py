@@ -5,7 +5,9 @@ it hands to the rest of the graph must be a stream update ``out = inp + residual
 :mod:`find_streams`), so that a cached step can produce ``inp + cached_residual``. The stack is tried as
 one region; where a value leaving it is not such an update (a reshape between interleaved spatial
 and temporal blocks, a concatenation of two streams), the run is split at the glue between blocks,
-then into single blocks. Rewrites nothing.
+then into single blocks. A region's operands are tensors: a symbolic size it reads from outside (a
+dynamic capture's ``sym_size`` arithmetic, e.g. the video token count where joint blocks split the
+sequence) is recomputed in its compute branch from the tensor it was read from. Rewrites nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from .find_blocks import Block
@@ -28,6 +31,9 @@ class Region:
     inputs: list[fx.Node] = field(repr=False)  # tensor live-ins, parameters excluded
     streams: list[Stream] = field(repr=False)
     values: list[fx.Node] = field(default_factory=list, repr=False)  # outputs cached as values (branches)
+    #: Nodes outside the region computing the symbolic sizes it reads (graph order); the compute branch
+    #: recomputes them from the tensors in ``inputs`` (a ``torch.cond`` operand is a tensor).
+    sizes: list[fx.Node] = field(default_factory=list, repr=False)
 
     @property
     def name(self) -> str:
@@ -64,19 +70,52 @@ def region_nodes(blocks: list[Block], pos: dict[fx.Node, int]) -> list[fx.Node]:
     return members
 
 
+def _size_nodes(node: fx.Node) -> set[fx.Node] | None:
+    """The nodes computing the symbolic int ``node`` from tensors (``sym_size`` of an input and the
+    arithmetic on it, as a dynamic-shape capture has them), or None when it is some other value."""
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        if current.op != "call_function" or not isinstance(current.meta.get("val"), (int, torch.SymInt)):
+            return None
+        found.add(current)
+        stack.extend(arg for arg in current.all_input_nodes if fake(arg) is None)
+    return found
+
+
+def region_inputs(nodes: list[fx.Node], pos) -> tuple[list[fx.Node], list[fx.Node], list[fx.Node]]:
+    """``(inputs, sizes, bad)`` of a region over ``nodes``: its tensor live-ins (parameters excluded) plus
+    the tensors its symbolic-size live-ins are computed from; the nodes computing those sizes (graph
+    order); the live-ins that are neither tensors nor such sizes."""
+    inputs, sizes, bad = [], set(), []
+    for node in live_ins(nodes):
+        if node.op == "get_attr":
+            continue
+        if fake(node) is not None:
+            inputs.append(node)
+        elif (found := _size_nodes(node)) is not None:
+            sizes |= found
+        else:
+            bad.append(node)
+    roots = sorted({a for n in sizes for a in n.all_input_nodes if fake(a) is not None}, key=pos.__getitem__)
+    inputs += [r for r in roots if r not in inputs]
+    return inputs, sorted(sizes, key=pos.__getitem__), bad
+
+
 def _build(blocks: list[Block], pos) -> tuple[Region | None, list[fx.Node]]:
     nodes = region_nodes(blocks, pos)
     streams, unpaired = pair_streams(nodes, pos)
     if unpaired:
         return None, unpaired
-    inputs = [n for n in live_ins(nodes) if n.op != "get_attr"]
-    bad = [n for n in inputs if fake(n) is None]
+    inputs, sizes, bad = region_inputs(nodes, pos)
     if bad:
         raise PassError(
             f"region {blocks[0].path}..{blocks[-1].path} takes non-tensor values from outside: "
             f"{[n.name for n in bad]}; it cannot become a conditional subgraph"
         )
-    return Region(blocks, nodes, inputs, streams), []
+    return Region(blocks, nodes, inputs, streams, sizes=sizes), []
 
 
 def _split_runs(blocks: list[Block], pos) -> list[list[Block]]:
@@ -135,10 +174,10 @@ def _branch_regions(block: Block, pos) -> list[Region]:
     for stream in streams:
         for _, stream_value, branch in stream.adds:
             nodes = branch_nodes(members, stream_value, branch, pos)
-            inputs = [n for n in live_ins(nodes) if n.op != "get_attr"]
-            if any(fake(n) is None for n in inputs):
+            inputs, sizes, bad = region_inputs(nodes, pos)
+            if bad:
                 continue
-            regions.append(Region([block], nodes, inputs, [], [branch]))
+            regions.append(Region([block], nodes, inputs, [], [branch], sizes=sizes))
     regions.sort(key=lambda r: pos[r.values[0]])
     return regions
 
