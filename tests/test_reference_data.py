@@ -255,6 +255,21 @@ def test_describe_reference_model_names_class_and_blocks():
     assert describe_reference_model(hunyuan) == "HunyuanVideoTransformer3DModel, 2 + 8 single-stream blocks"
 
 
+def test_weights_label_names_the_folder_the_model_and_the_weights_digest(tmp_path):
+    import hashlib
+
+    from adacache_fx.tools.reference import WEIGHTS_DIR, build_reference_model, save_reference_model, weights_label
+
+    torch.manual_seed(0)
+    model, encoder = build_reference_model("hunyuan")
+    save_reference_model(model, encoder, tmp_path)
+    digest = hashlib.sha256((tmp_path / "transformer.safetensors").read_bytes()).hexdigest()[:12]
+    label = weights_label(str(tmp_path), model)
+    assert label == f"{tmp_path} (HunyuanVideoTransformer3DModel, 2 + 4 single-stream blocks, sha256 {digest})"
+    bundled = hashlib.sha256((WEIGHTS_DIR / "transformer.safetensors").read_bytes()).hexdigest()[:12]
+    assert weights_label(None, model).startswith("bundled (") and bundled in weights_label(None, model)
+
+
 def test_shape_mix_draws_shapes_in_proportion_and_keeps_the_uniform_stream():
     rng = np.random.default_rng(3)
     assert [sample_caption(rng).text for _ in range(4)] == [  # no mix: the draws of the code before the option

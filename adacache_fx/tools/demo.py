@@ -162,9 +162,9 @@ def run_demo(args) -> int:
     pipe.set_progress_bar_config(disable=True)
     variants = list(VARIANTS) if args.all_variants else [args.codebook + ("+moreg" if args.moreg else "")]
     captions = args.captions or list(DEMO_CAPTIONS)
-    from .reference import describe_reference_model
+    from .reference import weights_label
 
-    print(f"reference model {args.weights or '(bundled)'} ({describe_reference_model(pipe.transformer)}, 512 tokens), "
+    print(f"reference model {weights_label(args.weights, pipe.transformer)}, "
           f"{args.steps} steps, CFG, variants {variants}")
     rows, videos = run_variants(pipe, captions, variants, args.steps, args.repeats)
     table = format_table(rows)

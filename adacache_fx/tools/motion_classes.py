@@ -215,12 +215,12 @@ def cli_motion(args) -> int:
     from .reference.pipeline import ReferencePipeline
 
     torch.set_num_threads(args.threads)
-    from .reference import describe_reference_model
+    from .reference import weights_label
 
     pipe = ReferencePipeline.from_reference(args.weights)
     pipe.set_progress_bar_config(disable=True)
     captions = evaluation_captions(repeats=args.repeats)
-    model = f"{args.weights or 'bundled'} ({describe_reference_model(pipe.transformer)})"
+    model = weights_label(args.weights, pipe.transformer)
     print(f"reference model {model}, {len(captions)} evaluation captions, {args.steps} steps, CFG 3.0, seeds "
           f"{args.seed}..{args.seed + len(captions) - 1} (one per caption)")
     import adacache_fx as ax

@@ -38,7 +38,9 @@ def cli_bench(args) -> int:
         description = "untrained weights, seed 0"
     else:
         pipe = ReferencePipeline.from_reference(args.weights)
-        description = f"weights {args.weights or 'bundled'}"
+        from ..reference import weights_label
+
+        description = f"weights {weights_label(args.weights, pipe.transformer)}"
     captions = None
     if args.captions is not None:
         captions = list(EVAL_CAPTIONS[: args.captions]) if args.captions <= len(EVAL_CAPTIONS) else list(

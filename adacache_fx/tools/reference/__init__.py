@@ -29,6 +29,7 @@ _MODEL_NAMES = (
     "describe_reference_model",
     "load_reference_model",
     "save_reference_model",
+    "weights_label",
 )
 
 
@@ -67,4 +68,5 @@ __all__ = [
     "sample_batch",
     "sample_caption",
     "save_reference_model",
+    "weights_label",
 ]

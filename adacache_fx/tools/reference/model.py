@@ -12,6 +12,7 @@ Weights live in ``adacache_fx/tools/reference/weights/`` as safetensors (``trans
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -142,6 +143,14 @@ def describe_reference_model(transformer: nn.Module) -> str:
     layers = transformer.config.num_layers
     blocks = f"{layers} + {single} single-stream blocks" if single else f"{layers} blocks"
     return f"{type(transformer).__name__}, {blocks}"
+
+
+def weights_label(path: str | Path | None, transformer: nn.Module) -> str:
+    """How a result table names its model: the folder (or ``bundled``), :func:`describe_reference_model` and
+    the first 12 hex digits of the transformer file's sha256 (which bundled weights, after they change)."""
+    folder = Path(path) if path is not None else WEIGHTS_DIR
+    digest = hashlib.sha256((folder / TRANSFORMER_FILE).read_bytes()).hexdigest()[:12]
+    return f"{path or 'bundled'} ({describe_reference_model(transformer)}, sha256 {digest})"
 
 
 def _json_config(family: str, transformer: nn.Module) -> dict:
