@@ -6,7 +6,7 @@ uncached video of the same caption and seed, generated in the same process:
 
 * ``computed``: transformer steps that ran the block stack, per generation and CFG context (mean). adacache-fx:
   ``adacache_fx.report``. Peers: executions of the self-attention of the middle block (a forward hook on
-  ``blocks[mid].attn1.to_q``, which only runs when the block really computes) times N over the uncached
+  the first ``to_q`` of the middle block of the first block list, which only runs when the block really computes) times N over the uncached
   count; for PAB, which skips attention only, it counts computed attentions (the FFNs always run).
 * ``speedup``: median over (caption, seed) of uncached time / method time; the settings run round-robin per
   caption (rotated order), so drift of the machine affects them alike. ``time_s``: median seconds per video.

@@ -43,13 +43,17 @@ class Bench:
 
     @contextlib.contextmanager
     def probes(self):
-        """Count middle-block attention executions."""
-        mid = self.base.blocks[len(self.base.blocks) // 2]
+        """Count executions of the first attention query projection of the middle block of the model's
+        first block list (``blocks`` of a Wan, ``transformer_blocks`` of a HunyuanVideo)."""
+        blocks = next(m for name, m in self.base.named_children()
+                      if name.endswith("blocks") and isinstance(m, torch.nn.ModuleList))
+        mid = blocks[len(blocks) // 2]
+        query = next(m for name, m in mid.named_modules() if name.endswith("to_q"))
 
         def count(*_):
             self.calls += 1
 
-        handle = mid.attn1.to_q.register_forward_hook(count)
+        handle = query.register_forward_hook(count)
         try:
             yield
         finally:

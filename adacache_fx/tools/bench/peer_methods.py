@@ -118,11 +118,12 @@ def _pab(bench, key, method, v, compiled=False):
 def _taylorseer(bench, key, method, v, compiled=False):
     from diffusers.hooks import TaylorSeerCacheConfig
 
-    # The default identifiers ("^blocks.*attn", fullmatch) match no Wan module (attn1/attn2): name the blocks.
+    # The default identifiers ("^blocks.*attn", fullmatch) match no Wan module (attn1/attn2): name the blocks
+    # (Wan's blocks.N; HunyuanVideo's transformer_blocks.N and single_transformer_blocks.N).
     return _diffusers_hook(
         bench, key, method, f"interval {v}, order 1, blocks",
         lambda: TaylorSeerCacheConfig(cache_interval=v, max_order=1, taylor_factors_dtype=torch.float32,
-                                      cache_identifiers=[r"blocks\.\d+"]),
+                                      cache_identifiers=[r"(\w+_)?blocks\.\d+"]),
         note="block outputs predicted (its default identifiers match no Wan module: a no-op)", compiled=compiled)
 
 
