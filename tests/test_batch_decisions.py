@@ -193,7 +193,9 @@ def test_reference_model_batch_of_four_captions_decides_per_video():
     batch = generate(per_sample, range(4))
     assert [r.computed_steps for r in ax.report(per_sample)] == schedules
     diffs = [float((batch[i] - alone[i][0]).abs().max()) for i in range(4)]
-    assert max(diffs) <= 2 * rounding, (diffs, rounding)  # measured: 1.6e-5 per sample, 2.7e-5 uncached
+    # batching changes the float rounding; a cached run carries it in its residuals over 20 steps (bundled v2
+    # weights: 2.2e-6 to 5.6e-5 per video, 2.3e-5 for the uncached batch; v1: 1.6e-5 and 2.7e-5)
+    assert max(diffs) <= 5 * rounding, (diffs, rounding)
     shared = transformed("shared")
     batch = generate(shared, range(4))
     forced = ax.report(shared).computed_steps

@@ -91,7 +91,7 @@ def test_a_static_file_needs_no_profile_and_takes_none():
 
 
 def test_reference_model_one_capture_compiled_once_one_file(tmp_path):
-    """The bundled reference model (Wan-class, 4x4 patches) with dynamic frames, height and width: one
+    """The bundled reference model (4x4 patches) with dynamic frames, height and width: one
     capture equals the static transform at 2 frame counts x 2 resolutions, one compiled graph and one
     ONNX file serve them all, with the same computed steps."""
     from helpers import counted_compile
