@@ -40,7 +40,7 @@ class Batch:
     requests: list[int]
     num_steps: int
     latents: torch.Tensor
-    text: torch.Tensor
+    text: dict[str, torch.Tensor]  # the transformer's caption keyword arguments
     scheduler: FlowMatchEulerDiscreteScheduler
     step: int = 0
     computed: list[list[int]] = field(default_factory=list)
@@ -81,7 +81,7 @@ def batches_of(queue, encoder, batch_size: int) -> list[Batch]:
             scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
             scheduler.set_timesteps(n)
             with torch.no_grad():
-                text = encoder.encode([queue[i][0] for i in chunk])
+                text = encoder.encode_conditioning([queue[i][0] for i in chunk])
             batches.append(Batch(f"batch-{len(batches)}", chunk, n, noise, text, scheduler))
     return batches
 
@@ -97,9 +97,9 @@ def serve(model, batches: list[Batch]) -> dict[int, torch.Tensor]:
             timestep = t.expand(batch.latents.shape[0])
             if cached:
                 with model.cache_context(batch.name, num_steps=batch.num_steps):
-                    v = model(batch.latents, timestep, batch.text, return_dict=False)[0]
+                    v = model(batch.latents, timestep, **batch.text, return_dict=False)[0]
             else:
-                v = model(batch.latents, timestep, batch.text, return_dict=False)[0]
+                v = model(batch.latents, timestep, **batch.text, return_dict=False)[0]
             batch.latents = batch.scheduler.step(v.float(), t, batch.latents, return_dict=False)[0]
             batch.step += 1
             if batch.step == batch.num_steps:

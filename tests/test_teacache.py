@@ -239,7 +239,9 @@ def test_calibrate_teacache_fits_output_change_against_input_change():
     assert pipe.transformer is not None and not isinstance(pipe.transformer, ax.CachedModel)  # restored
     # the same pairs, read by hooks on the untransformed model
     inputs, outputs = [], []
-    h1 = pipe.transformer.blocks[0].attn1.to_q.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().double()))
+    first = next(m for n, m in pipe.transformer.named_children() if n.endswith("blocks"))[0]
+    to_q = next(m for name, m in first.named_modules() if name.endswith("to_q"))  # its modulated input
+    h1 = to_q.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().double()))
     h2 = pipe.transformer.register_forward_hook(lambda m, args, kwargs, out: outputs.append(
         first_tensor(out).detach().double()), with_kwargs=True)
     try:
