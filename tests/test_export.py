@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -188,6 +189,16 @@ def test_cli_prints_stages(exported):
                   "ORT session + one step", "1 If node"):
         assert stage in output
     assert "max relative error" in output
+
+
+def test_cli_exports_the_bundled_reference_model(tmp_path):
+    """``--model reference``: the bundled model with its caption keywords (a HunyuanVideo needs the mask and
+    the pooled embedding), one If over the whole stack, ONNX Runtime within float rounding of torch."""
+    code, output = _cli("--model", "reference", "--out", str(tmp_path / "reference.onnx"))
+    assert code == 0 and (tmp_path / "reference.onnx").is_file(), output
+    assert "1 If node(s) for regions ['transformer_blocks.0..single_transformer_blocks.3']" in output
+    error = float(re.search(r"max relative error ([0-9.e+-]+)", output).group(1))
+    assert error < 1e-4
 
 
 def test_cli_reference_without_weights_says_how_to_get_them(tmp_path):

@@ -39,10 +39,10 @@ def build_model(name: str, num_layers: int = 4, seed: int = 0, weights=None) -> 
         generator = torch.Generator().manual_seed(seed)
         transformer, caption_encoder = load_reference_model(weights)  # FileNotFoundError says how to get them
         with torch.no_grad():
-            text = caption_encoder.encode(["a red circle moving right slowly", ""])
+            text = caption_encoder.encode_conditioning(["a large red circle moving right slow", ""])
         latents = torch.randn(2, 3, 8, 32, 32, generator=generator)  # conditional and unconditional (CFG)
-        return transformer, {"hidden_states": latents, "timestep": torch.full((2,), 999.0),
-                             "encoder_hidden_states": text, "return_dict": False}
+        return transformer, {"hidden_states": latents, "timestep": torch.full((2,), 999.0), **text,
+                             "return_dict": False}
     model, make_inputs = build(name, num_layers, seed=seed)
     return model, {**make_inputs(0), "return_dict": False}
 
